@@ -1,0 +1,185 @@
+"""The shard-set format: what the ETL writes and what the reader and scorer trust.
+
+A shard set is a directory (local path or any ``pyarrow.fs`` URI) whose commit point is
+``manifest.json``. A directory without one is refused. Paths inside the manifest are
+relative to the shard-set root. Shard files carry a generation suffix
+(``train/part-00000-<gen>.parquet``) so that a rebuild into the same directory writes new
+files beside the old ones and replaces the old commit with one atomic manifest write:
+a reader holding the previous manifest still finds every file it names until cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline import storage
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SPLITS",
+    "ShardInfo",
+    "ShardSet",
+    "ShardSetError",
+    "SplitInfo",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+FEATURES_COLUMN = "features"
+LABEL_COLUMN = "label"
+KEY_COLUMN = "key"
+# Files under this size are sha256-verified by default (``verify: auto``).
+FULL_VERIFY_LIMIT_BYTES = 1 << 30
+
+
+class ShardSetError(RuntimeError):
+    """A shard set is missing, uncommitted, or does not match its manifest."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    """One shard file as the manifest records it (``path`` is relative to the root)."""
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class SplitInfo:
+    """All shards of one split."""
+
+    name: str
+    rows: int
+    shards: tuple[ShardInfo, ...]
+
+
+class ShardSet:
+    """A committed shard set, opened from its manifest."""
+
+    def __init__(self, uri: str, manifest: dict[str, Any]) -> None:
+        self.uri = uri
+        self.fs, self.root = storage.resolve(uri)
+        self.manifest = manifest
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardSetError(
+                f"{storage.join(uri, MANIFEST_NAME)}: format_version {version!r} is not "
+                f"supported (this build reads version {FORMAT_VERSION})"
+            )
+        self.splits: dict[str, SplitInfo] = {
+            name: SplitInfo(
+                name=name,
+                rows=int(s["rows"]),
+                shards=tuple(ShardInfo(**sh) for sh in s["shards"]),
+            )
+            for name, s in manifest["splits"].items()
+        }
+
+    @classmethod
+    def open(cls, uri: str) -> ShardSet:
+        """Open the shard set at ``uri``; refuse a directory without a committed manifest."""
+        fs, root = storage.resolve(uri)
+        path = storage.join(root, MANIFEST_NAME)
+        if not storage.exists(fs, path):
+            raise ShardSetError(
+                f"{uri} is not a committed shard set: {MANIFEST_NAME} is missing "
+                "(the ETL writes it last; an interrupted ETL leaves none)"
+            )
+        try:
+            manifest = json.loads(storage.read_bytes(fs, path))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ShardSetError(f"{storage.join(uri, MANIFEST_NAME)} is not valid JSON: {e}") from e
+        return cls(uri, manifest)
+
+    # -- schema ---------------------------------------------------------------
+    @property
+    def file_format(self) -> str:
+        """``parquet`` or ``tfrecord``."""
+        return str(self.manifest.get("file_format", "parquet"))
+
+    def column(self, name: str) -> dict[str, Any]:
+        """The schema entry ``{name, dtype, shape}`` of one column."""
+        for c in self.manifest["schema"]:
+            if c["name"] == name:
+                return dict(c)
+        raise ShardSetError(f"{self.uri}: manifest schema has no column {name!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of the fixed-size ``features`` vector."""
+        return int(self.column(FEATURES_COLUMN)["shape"][0])
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Name of each position of the feature vector."""
+        return list(self.manifest.get("feature_names", []))
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``regression``."""
+        return str(self.manifest["label"]["task"])
+
+    @property
+    def classes(self) -> list[Any]:
+        """Original class values, in the order of the integer codes stored in shards."""
+        return list(self.manifest["label"].get("classes") or [])
+
+    @property
+    def features_model_uri(self) -> str:
+        """URI of the fitted Spark ML ``PipelineModel``."""
+        return storage.join(self.uri, self.manifest["features_model"])
+
+    def split(self, name: str) -> SplitInfo:
+        """One split; a clear error names the splits that exist."""
+        if name not in self.splits:
+            raise ShardSetError(
+                f"{self.uri}: no split {name!r} (has: {', '.join(sorted(self.splits))})"
+            )
+        return self.splits[name]
+
+    def shard_path(self, shard: ShardInfo) -> str:
+        """Filesystem path (for :attr:`fs`) of a shard."""
+        return storage.join(self.root, shard.path)
+
+    # -- verification ---------------------------------------------------------
+    def verify_shards(self, shards: list[ShardInfo] | tuple[ShardInfo, ...], mode: str = "auto") -> None:
+        """Check shards against the manifest: existence and size always, sha256 per ``mode``.
+
+        ``mode`` is ``size`` (size only), ``full`` (sha256 of every file) or ``auto``
+        (sha256 for files under 1 GiB). Raises :class:`ShardSetError` naming the file.
+        """
+        if mode not in ("size", "full", "auto"):
+            raise ValueError(f"verify mode must be size, full or auto, got {mode!r}")
+        for shard in shards:
+            verify_one(self.fs, self.shard_path(shard), shard, mode, display=self._display(shard))
+
+    def _display(self, shard: ShardInfo) -> str:
+        return storage.join(self.uri, shard.path)
+
+
+def verify_one(fs: pafs.FileSystem, path: str, shard: ShardInfo, mode: str, display: str) -> None:
+    """Verify one shard file against its manifest entry (see :meth:`ShardSet.verify_shards`)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ShardSetError(f"shard {display} is missing (listed in the manifest)")
+    if info.size != shard.bytes:
+        raise ShardSetError(
+            f"shard {display} has {info.size} bytes, the manifest says {shard.bytes} "
+            "(truncated or replaced after the ETL committed)"
+        )
+    full = mode == "full" or (mode == "auto" and shard.bytes < FULL_VERIFY_LIMIT_BYTES)
+    if full:
+        digest, _ = storage.sha256_file(fs, path)
+        if digest != shard.sha256:
+            raise ShardSetError(
+                f"shard {display} is corrupt: sha256 {digest[:16]}… does not match the "
+                f"manifest's {shard.sha256[:16]}…"
+            )

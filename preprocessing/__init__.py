@@ -1,0 +1,1 @@
+"""Spark side of spark-train: schema validation, quarantine, split, featurization, shard writing."""
