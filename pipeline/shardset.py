@@ -149,6 +149,10 @@ class ShardSet:
         """Filesystem path (for :attr:`fs`) of a shard."""
         return storage.join(self.root, shard.path)
 
+    def shard_uri(self, shard: ShardInfo) -> str:
+        """The shard as users should see it in messages (under the URI the set was opened with)."""
+        return storage.join(self.uri, shard.path)
+
     # -- verification ---------------------------------------------------------
     def verify_shards(self, shards: list[ShardInfo] | tuple[ShardInfo, ...], mode: str = "auto") -> None:
         """Check shards against the manifest: existence and size always, sha256 per ``mode``.
@@ -159,10 +163,7 @@ class ShardSet:
         if mode not in ("size", "full", "auto"):
             raise ValueError(f"verify mode must be size, full or auto, got {mode!r}")
         for shard in shards:
-            verify_one(self.fs, self.shard_path(shard), shard, mode, display=self._display(shard))
-
-    def _display(self, shard: ShardInfo) -> str:
-        return storage.join(self.uri, shard.path)
+            verify_one(self.fs, self.shard_path(shard), shard, mode, display=self.shard_uri(shard))
 
 
 def verify_one(fs: pafs.FileSystem, path: str, shard: ShardInfo, mode: str, display: str) -> None:

@@ -1,8 +1,8 @@
 """Filesystem access through ``pyarrow.fs``: local paths and any URI pyarrow knows (hdfs://, s3://, gs://).
 
 Every writer in the project that must be atomic goes through :func:`atomic_write_bytes`
-or :func:`atomic_rename_dir`, so the rule "write to a temporary name, then rename" lives in
-one place.
+(one file) or :func:`atomic_dir` (a directory of files), so the rule "write to a temporary
+name, then rename" lives in one place.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import IO, cast
 
 import pyarrow.fs as pafs
 
+
 __all__ = [
+    "TMP_PREFIX",
+    "HashingWriter",
+    "atomic_dir",
     "atomic_write_bytes",
     "exists",
     "join",
@@ -30,6 +34,8 @@ __all__ = [
 # Object stores have no rename, but a single PUT is atomic: write the final name directly.
 _OBJECT_STORES = frozenset({"s3", "gcs"})
 _HASH_CHUNK = 1 << 20
+# Name prefix of everything written under a temporary name; listings skip these.
+TMP_PREFIX = ".tmp-"
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -78,7 +84,7 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    tmp = join(parent, f".tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}")
+    tmp = join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}")
     try:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
@@ -87,6 +93,47 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         if exists(fs, tmp):
             fs.delete_file(tmp)
         raise
+
+
+@contextmanager
+def atomic_dir(fs: pafs.FileSystem, path: str) -> Iterator[str]:
+    """Yield a directory to fill; it appears at ``path`` complete, or not at all.
+
+    Where the filesystem can rename, the directory is a temporary sibling
+    (``.tmp-<uuid>-<name>``) renamed to ``path`` when the block exits cleanly, replacing an
+    existing ``path``; if the block raises, it is deleted. Object stores cannot rename a
+    directory: there an existing ``path`` is emptied and the files go to ``path`` directly,
+    so the caller must write a marker file last and readers must treat a directory without
+    the marker as incomplete.
+    """
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    if _is_object_store(fs):
+        if exists(fs, path):
+            fs.delete_dir_contents(path)
+        fs.create_dir(path, recursive=True)
+        yield path
+        return
+    tmp = join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    fs.create_dir(tmp, recursive=True)
+    try:
+        yield tmp
+        _replace_dir(fs, tmp, path)
+    except BaseException:
+        if exists(fs, tmp):
+            fs.delete_dir(tmp)
+        raise
+
+
+def _replace_dir(fs: pafs.FileSystem, new: str, final: str) -> None:
+    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
+    if not exists(fs, final):
+        fs.move(new, final)
+        return
+    parent, name = final.rsplit("/", 1)
+    old = join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-old-{name}")
+    fs.move(final, old)
+    fs.move(new, final)
+    fs.delete_dir(old)
 
 
 def sha256_stream(stream: IO[bytes] | pafs.NativeFile) -> tuple[str, int]:
@@ -108,15 +155,7 @@ def sha256_file(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
         return sha256_stream(f)
 
 
-@contextmanager
-def hashing_output(fs: pafs.FileSystem, path: str) -> Iterator[_HashingWriter]:
-    """An output stream that hashes what passes through it (one pass: write and checksum)."""
-    with fs.open_output_stream(path) as raw:
-        w = _HashingWriter(raw)
-        yield w
-
-
-class _HashingWriter:
+class HashingWriter:
     """File-like wrapper computing sha256 and size of the bytes written."""
 
     def __init__(self, raw: pafs.NativeFile) -> None:

@@ -1,0 +1,154 @@
+"""``spark-train``: one console script whose subcommands are the spark-submit jobs.
+
+``spark-submit jobs/etl.py --config c.yaml`` runs exactly ``spark-train etl --config c.yaml``
+(the job files call :func:`main` with the subcommand prepended). Exit codes: 0 success,
+2 bad usage or config (the message names the key or argument), 1 runtime failure.
+``--debug`` shows tracebacks instead of one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("spark_train")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (sections spark, etl, train)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set etl.num_shards=16 (repeatable)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spark-train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("make-data", help="write a synthetic raw table (demo/benchmark data)")
+    _common(p)
+    p.add_argument("--rows", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--dirty-fraction", type=float, default=0.01)
+    p = sub.add_parser("etl", help="validate, split, featurize and shard the raw table")
+    _common(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p = sub.add_parser("inspect", help="summarize a shard set, checkpoint dir or bundle")
+    _common(p)
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def spark_session(cfg: Config, *, under_submit: bool) -> Any:
+    """The SparkSession for a command; under spark-submit the master comes from spark-submit."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not under_submit:
+        builder = builder.master(cfg.spark.master)
+    conf = {"spark.ui.showConsoleProgress": "false", **dict(cfg.spark.conf)}
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("SPARK_TRAIN_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def _cmd_make_data(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from preprocessing.make_data import make_data
+
+    if args.rows < 1:
+        raise UsageError(f"--rows must be >= 1, got {args.rows}")
+    spark = spark_session(cfg, under_submit=under_submit)
+    n = make_data(spark, args.rows, args.output, seed=args.seed, fmt=args.format,
+                  dirty_fraction=args.dirty_fraction)
+    print(f"wrote {n} rows ({args.format}, seed {args.seed}) to {args.output}")
+    return EXIT_OK
+
+
+def _cmd_etl(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from preprocessing.etl import run_etl
+
+    etl = cfg.etl
+    spark = spark_session(cfg, under_submit=under_submit)
+    result = _with_input_errors(lambda: run_etl(spark, etl, force=args.force))
+    print(result.summary())
+    return EXIT_OK
+
+
+def _with_input_errors(fn: Callable[[], Any]) -> Any:
+    """Turn Spark's 'path does not exist' into a config error naming ``etl.input.path``."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        return fn()
+    except AnalysisException as e:
+        if getattr(e, "getCondition", lambda: None)() == "PATH_NOT_FOUND":
+            raise ConfigError("etl.input.path", str(e).splitlines()[0]) from e
+        raise
+
+
+def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.inspect import describe, render
+
+    d = describe(args.path)
+    print(json.dumps(d, indent=2, default=str) if args.json else render(d))
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
+    "make-data": _cmd_make_data,
+    "etl": _cmd_etl,
+    "inspect": _cmd_inspect,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None) -> int:
+    """Run one subcommand; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    if under_submit is None:
+        under_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return COMMANDS[args.command](args, cfg, under_submit)
+    except (ConfigError, UsageError) as e:
+        if args.debug:
+            raise
+        print(f"spark-train {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the CLI's one place that turns failures into exit 1
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"spark-train {args.command}: error: {type(e).__name__}: {first}", file=sys.stderr)
+        print("  (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

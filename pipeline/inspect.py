@@ -1,0 +1,102 @@
+"""``spark-train inspect PATH``: summarize a shard set, a checkpoint directory or a bundle.
+
+Spark-free: it reads only manifests and metadata files.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline import storage
+from pipeline.shardset import MANIFEST_NAME, ShardSet
+
+__all__ = ["describe", "render"]
+
+
+def describe(uri: str) -> dict[str, Any]:
+    """Machine-readable description of what is at ``uri`` (``kind`` says what it is)."""
+    fs, root = storage.resolve(uri)
+    if storage.exists(fs, storage.join(root, MANIFEST_NAME)):
+        return _describe_shardset(ShardSet.open(uri))
+    if storage.exists(fs, storage.join(root, "model.safetensors")):
+        spec = json.loads(storage.read_bytes(fs, storage.join(root, "model.json")))
+        metrics_path = storage.join(root, "metrics.json")
+        metrics = json.loads(storage.read_bytes(fs, metrics_path)) if storage.exists(fs, metrics_path) else {}
+        return {"kind": "bundle", "uri": uri, "spec": spec, "metrics": metrics}
+    steps = sorted(
+        e.base_name for e in storage.list_dir(fs, root) if e.base_name.startswith("step-")
+    )
+    if steps:
+        return {"kind": "checkpoints", "uri": uri, "checkpoints": steps, "latest": steps[-1]}
+    if not storage.exists(fs, root):
+        raise FileNotFoundError(f"{uri} does not exist")
+    raise ValueError(
+        f"{uri} is neither a shard set ({MANIFEST_NAME}), a bundle (model.safetensors) nor a "
+        "checkpoint directory (step-* entries)"
+    )
+
+
+def _describe_shardset(ss: ShardSet) -> dict[str, Any]:
+    m = ss.manifest
+    splits = {}
+    for name, split in ss.splits.items():
+        rows = [s.rows for s in split.shards]
+        splits[name] = {
+            "rows": split.rows,
+            "shards": len(rows),
+            "min_rows": min(rows, default=0),
+            "max_rows": max(rows, default=0),
+            "skew": (max(rows) - min(rows)) if rows else 0,
+            "bytes": sum(s.bytes for s in split.shards),
+        }
+    return {
+        "kind": "shardset",
+        "uri": ss.uri,
+        "created_at": m.get("created_at"),
+        "created_by": m.get("created_by"),
+        "generation": m.get("generation"),
+        "file_format": ss.file_format,
+        "feature_dim": ss.feature_dim,
+        "label": m.get("label"),
+        "splits": splits,
+        "reconciliation": m.get("reconciliation"),
+        "quarantine": m.get("quarantine"),
+        "feature_stats": m.get("feature_stats"),
+    }
+
+
+def render(d: dict[str, Any]) -> str:
+    """Human-readable text for :func:`describe`'s result."""
+    if d["kind"] != "shardset":
+        return json.dumps(d, indent=2, default=str)
+    lines = [
+        f"shard set {d['uri']}  ({d['file_format']}, generation {d['generation']}, {d['created_at']})",
+        f"features: {d['feature_dim']} float32   label: {d['label']['column']} "
+        f"({d['label']['task']}, classes={d['label'].get('classes')})",
+        "split   rows        shards  rows/shard (min..max, skew)   MiB",
+    ]
+    for name, s in d["splits"].items():
+        lines.append(
+            f"{name:<7} {s['rows']:<11} {s['shards']:<7} {s['min_rows']}..{s['max_rows']} "
+            f"(skew {s['skew']}){'':<8} {s['bytes'] / 2**20:.1f}"
+        )
+    rec = d["reconciliation"]
+    lines.append(
+        f"reconciliation: rows_in={rec['rows_in']} = rows_ok={rec['rows_ok']} + "
+        f"rows_quarantined={rec['rows_quarantined']}"
+    )
+    q = d["quarantine"]
+    for reason, n in q["by_reason"].items():
+        lines.append(f"  quarantined {reason:<20} {n}")
+    for col, n in q.get("by_column", {}).items():
+        lines.append(f"  quarantined by column {col:<10} {n}")
+    stats = d.get("feature_stats") or {}
+    for name, st in (stats.get("numeric") or {}).items():
+        lines.append(
+            f"  {name:<6} mean={st['train_mean']:.4g} std={st['train_std']:.4g} "
+            f"impute={st['impute_value']}"
+        )
+    for name, st in (stats.get("categorical") or {}).items():
+        lines.append(f"  {name:<6} levels={st['levels']} top={st['top']}{' one-hot' if st['onehot'] else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""Deterministic split and balanced shard writing.
+
+Split: ``xxhash64(seed, key)`` mapped to [0, 1) decides train/val/test, so a row lands in
+the same split whatever the partitioning or cluster size.
+
+Balance without extra passes: the ETL's single counting aggregation already yields the
+number of good rows per (input partition, split). From it every row gets a global index
+inside its split (partition offset + ``monotonically_increasing_id``'s in-partition
+counter, all in the JVM), and ``shard = index mod num_shards`` — so the row counts of a
+split's shards differ by at most one. One shuffle by (split, shard) then puts each shard in
+exactly one task, which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
+``fixed_size_list<float32>`` feature column, sha256 computed while writing). Each writer
+reports (shard, rows, bytes, sha256) and the driver checks every count against the plan
+before anything is committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from pipeline import storage
+from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
+from preprocessing.config import EtlConfig
+
+__all__ = ["SPLIT", "ShardPlan", "assign_split", "shard_schema", "write_shards"]
+
+SPLIT = "_split"
+BUCKET = "_bucket"
+_ID_BITS = 33  # monotonically_increasing_id: partition id in the upper 31 bits
+_HASH_RANGE = 1_000_000
+
+
+def assign_split(df: DataFrame, cfg: EtlConfig) -> DataFrame:
+    """Add ``_split`` from a seeded hash of the key (null key → train; such rows are quarantined)."""
+    h = F.xxhash64(F.lit(cfg.split.seed), F.col(cfg.key))
+    u = F.pmod(h, F.lit(_HASH_RANGE)) / F.lit(float(_HASH_RANGE))
+    split = (
+        F.when(u < F.lit(cfg.split.test), F.lit("test"))
+        .when(u < F.lit(cfg.split.test + cfg.split.val), F.lit("val"))
+        .otherwise(F.lit("train"))
+    )
+    return df.withColumn(SPLIT, split)
+
+
+def shard_schema(dim: int, key_dtype: str, task: str) -> pa.Schema:
+    """Arrow schema of a shard file."""
+    key_type = pa.int64() if key_dtype in {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"} else pa.string()
+    label_type = pa.int64() if task == "classification" else pa.float32()
+    return pa.schema(
+        [
+            pa.field(KEY_COLUMN, key_type, nullable=False),
+            pa.field(FEATURES_COLUMN, pa.list_(pa.float32(), dim), nullable=False),
+            pa.field(LABEL_COLUMN, label_type, nullable=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rows per (input partition, split) and the shard layout derived from them."""
+
+    counts: Mapping[tuple[str, int], int]  # (split, partition id) → good rows
+    num_shards: int
+
+    def split_rows(self, split: str) -> int:
+        """Good rows in ``split``."""
+        return sum(n for (s, _), n in self.counts.items() if s == split)
+
+    def expected_rows(self, split: str, shard: int) -> int:
+        """Rows shard ``shard`` of ``split`` must hold (round-robin over the global index)."""
+        n, k = self.split_rows(split), self.num_shards
+        return n // k + (1 if shard < n % k else 0)
+
+    def offsets(self, split: str) -> list[int]:
+        """Global index of the first row of each input partition, for ``split``."""
+        pids = [p for (s, p) in self.counts if s == split]
+        size = max(pids, default=-1) + 1
+        per = [0] * size
+        for (s, p), n in self.counts.items():
+            if s == split:
+                per[p] = n
+        return [int(x) for x in np.concatenate([[0], np.cumsum(per)[:-1]])] if size else []
+
+
+def _bucket_column(plan: ShardPlan, split: str) -> Column:
+    mid = F.monotonically_increasing_id()
+    pid = F.shiftright(mid, _ID_BITS).cast("int")
+    local = mid.bitwiseAND(F.lit((1 << _ID_BITS) - 1))
+    offsets = F.array(*[F.lit(o).cast("long") for o in plan.offsets(split)] or [F.lit(0).cast("long")])
+    global_index = F.element_at(offsets, pid + 1) + local
+    shard = F.pmod(global_index, F.lit(plan.num_shards))
+    return (F.lit(SPLITS.index(split) * plan.num_shards) + shard).cast("int")
+
+
+def with_buckets(df: DataFrame, plan: ShardPlan) -> DataFrame:
+    """Add ``_bucket`` = split index × num_shards + shard to every (good) row.
+
+    ``df`` must have the partitioning that ``plan.counts`` was computed on (narrow
+    transformations of the same cached DataFrame), which the writer checks row for row.
+    """
+    parts = []
+    for split in SPLITS:
+        if plan.split_rows(split) == 0:
+            continue
+        part = df.filter(F.col(SPLIT) == split)
+        parts.append(part.withColumn(BUCKET, _bucket_column(plan, split)))
+    if not parts:
+        return df.limit(0).withColumn(BUCKET, F.lit(0))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def shard_relpath(split: str, shard: int, generation: str) -> str:
+    """Path of a shard relative to the shard-set root."""
+    return f"{split}/part-{shard:05d}-{generation}.parquet"
+
+
+_RESULT_SCHEMA = pa.schema(
+    [("bucket", pa.int32()), ("tmp_path", pa.string()), ("rows", pa.int64()),
+     ("bytes", pa.int64()), ("sha256", pa.string())]
+)
+
+
+class _ShardFile:
+    """One open shard: buffers batches up to a row group, writes through a hashing stream."""
+
+    def __init__(self, fs: Any, path: str, schema: pa.Schema, row_group_rows: int) -> None:
+        self.path = path
+        self._schema = schema
+        self._rg = row_group_rows
+        self._buf: list[pa.RecordBatch] = []
+        self._buffered = 0
+        self.rows = 0
+        self._raw = fs.open_output_stream(path)
+        self._sink = storage.HashingWriter(self._raw)
+        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self._buf.append(batch)
+        self._buffered += batch.num_rows
+        while self._buffered >= self._rg:
+            self._flush(self._rg)
+
+    def _flush(self, n: int) -> None:
+        table = pa.Table.from_batches(self._buf, schema=self._schema)
+        self._writer.write_table(table.slice(0, n), row_group_size=n)
+        rest = table.slice(n)
+        self._buf = rest.to_batches()
+        self._buffered = rest.num_rows
+        self.rows += n
+
+    def close(self) -> tuple[int, int, str]:
+        if self._buffered:
+            self._flush(self._buffered)
+        self._writer.close()
+        self._raw.close()
+        return self.rows, self._sink.size, self._sink.sha256
+
+
+def write_empty_shard(fs: Any, path: str, schema: pa.Schema) -> tuple[int, str]:
+    """Write a zero-row shard (a split with fewer rows than shards); returns (bytes, sha256)."""
+    f = _ShardFile(fs, path, schema, 1)
+    _, size, digest = f.close()
+    return size, digest
+
+
+def _to_shard_batch(batch: pa.RecordBatch, schema: pa.Schema, dim: int) -> pa.RecordBatch:
+    feats = batch.column(FEATURES_COLUMN)
+    values = feats.flatten()
+    if feats.null_count or len(values) != len(feats) * dim:
+        raise ValueError(f"feature arrays must all have length {dim} and no nulls")
+    fixed = pa.FixedSizeListArray.from_arrays(values.cast(pa.float32()), dim)
+    return pa.RecordBatch.from_arrays(
+        [
+            batch.column(KEY_COLUMN).cast(schema.field(KEY_COLUMN).type),
+            fixed,
+            batch.column(LABEL_COLUMN).cast(schema.field(LABEL_COLUMN).type),
+        ],
+        schema=schema,
+    )
+
+
+def _shard_writer(
+    root_uri: str, generation: str, num_shards: int, row_group_rows: int, schema: pa.Schema
+) -> Any:
+    dim = schema.field(FEATURES_COLUMN).type.list_size
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs, root = storage.resolve(root_uri)
+        files: dict[int, _ShardFile] = {}
+        token = uuid.uuid4().hex[:12]
+        for batch in batches:
+            buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
+            for b in np.unique(buckets):
+                rows = batch.filter(pa.array(buckets == b))
+                if int(b) not in files:
+                    split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
+                    name = f".tmp-{token}-{shard_relpath(split, shard, generation).replace('/', '-')}"
+                    fs.create_dir(storage.join(root, split), recursive=True)
+                    files[int(b)] = _ShardFile(fs, storage.join(root, split, name), schema, row_group_rows)
+                files[int(b)].add(_to_shard_batch(rows, schema, dim))
+        out = {k: [] for k in _RESULT_SCHEMA.names}
+        for b, f in sorted(files.items()):
+            rows, size, digest = f.close()
+            for k, v in zip(_RESULT_SCHEMA.names, (b, f.path, rows, size, digest), strict=True):
+                out[k].append(v)
+        yield pa.RecordBatch.from_pydict(out, schema=_RESULT_SCHEMA)
+
+    return write
+
+
+def write_shards(
+    df: DataFrame, plan: ShardPlan, cfg: EtlConfig, schema: pa.Schema, generation: str
+) -> dict[str, list[ShardInfo]]:
+    """Write every split as exactly ``num_shards`` balanced files; returns manifest entries.
+
+    ``df`` holds good rows with ``key``, ``features``, ``label`` and ``_split`` columns.
+    """
+    k = cfg.num_shards
+    bucketed = with_buckets(df, plan).select(KEY_COLUMN, FEATURES_COLUMN, LABEL_COLUMN, BUCKET)
+    shuffled = bucketed.repartition(len(SPLITS) * k, F.col(BUCKET))
+    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema)
+    results = shuffled.mapInArrow(writer, _spark_result_schema()).collect()
+    fs, root = storage.resolve(cfg.output)
+    written = {int(r["bucket"]): r for r in results}
+    out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        for shard in range(k):
+            rel = shard_relpath(split, shard, generation)
+            path = storage.join(root, rel)
+            r = written.get(SPLITS.index(split) * k + shard)
+            expected = plan.expected_rows(split, shard)
+            if r is None:
+                fs.create_dir(storage.join(root, split), recursive=True)
+                size, digest = write_empty_shard(fs, path, schema)
+                rows = 0
+            else:
+                fs.move(r["tmp_path"], path)
+                rows, size, digest = int(r["rows"]), int(r["bytes"]), str(r["sha256"])
+            if rows != expected:
+                raise RuntimeError(
+                    f"shard {rel} has {rows} rows, the balance plan expects {expected}: the input "
+                    "partitioning changed between counting and writing (was the input modified "
+                    "during the ETL?)"
+                )
+            out[split].append(ShardInfo(path=rel, rows=rows, bytes=size, sha256=digest))
+    return out
+
+
+def _spark_result_schema() -> str:
+    return "bucket int, tmp_path string, rows long, bytes long, sha256 string"

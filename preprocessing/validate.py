@@ -1,0 +1,175 @@
+"""Read the raw table and validate every row against the declared schema.
+
+Text inputs (CSV, JSON) are read with every declared column as a string plus Spark's
+corrupt-record column, then cast with ``try_cast``: this is what lets a bad value be
+quarantined with the column it came from, instead of Spark silently nulling it. Typed
+inputs (Parquet, tables) are cast from their stored type the same way.
+
+Each row gets ``_reason`` (null when the row is good) and ``_reason_column``. Reasons, in
+priority order (the first that applies wins):
+
+=====================  ===============================================================
+``malformed_record``   the parser could not split the line into the declared fields
+                       (too few / too many fields, unterminated quote, broken JSON)
+``repeated_header``    a header line in the middle of the data
+``key_missing``        the split key is null or empty
+``label_missing``      the label is null or empty
+``label_invalid``      the label does not parse as its type (``0.5`` for an int label),
+                       is not one of ``etl.classes``, or is not finite (regression)
+``value_invalid``      a feature value does not parse as its declared type
+``value_out_of_range`` a numeric feature with ``|x| > etl.max_abs_value``
+``value_not_finite``   NaN / ±inf in a numeric feature, with ``missing: quarantine``
+``value_missing``      a null numeric feature, with ``missing: quarantine``
+=====================  ===============================================================
+
+With ``missing: impute`` (the default) null / NaN / ±inf numeric values become null here and
+are imputed later with the train-split statistic. Blank lines are not records to Spark's CSV
+reader and are not counted; every record the reader produces is counted exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from preprocessing.config import EtlConfig
+
+__all__ = ["CORRUPT", "REASON", "REASON_COLUMN", "SOURCE", "SchemaMismatchError", "read_raw", "validate"]
+
+CORRUPT = "_corrupt_record"
+REASON = "_reason"
+REASON_COLUMN = "_reason_column"
+SOURCE = "_source_file"
+RAW_PREFIX = "_raw_"
+
+
+class SchemaMismatchError(ValueError):
+    """A typed input lacks a declared column (names the column and the input)."""
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """The raw DataFrame and what is known about how it was read."""
+
+    df: DataFrame
+    text: bool  # every declared column arrived as a string
+
+
+def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
+    """Read ``etl.input`` with the declared columns (strings for text formats)."""
+    inp = cfg.input
+    if inp.format in ("csv", "json"):
+        fields = [T.StructField(c, T.StringType(), True) for c in cfg.schema]
+        schema = T.StructType([*fields, T.StructField(CORRUPT, T.StringType(), True)])
+        reader = (
+            spark.read.schema(schema)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .options(**dict(inp.options))
+        )
+        if inp.format == "csv":
+            df = reader.option("header", str(inp.header).lower()).csv(inp.path)
+        else:
+            df = reader.json(inp.path)
+        df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
+        return RawInput(df, text=True)
+    if inp.format == "parquet":
+        df = spark.read.options(**dict(inp.options)).parquet(inp.path)
+        df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
+    else:
+        df = spark.read.table(inp.path).withColumn(SOURCE, F.lit(inp.path))
+    missing = [c for c in cfg.schema if c not in df.columns]
+    if missing:
+        raise SchemaMismatchError(
+            f"etl.input {inp.path!r} ({inp.format}) has no column(s) {missing} declared in "
+            f"etl.schema; it has: {', '.join(c for c in df.columns if c != SOURCE)}"
+        )
+    df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
+    return RawInput(df, text=False)
+
+
+def _blank(c: Column) -> Column:
+    return c.isNull() | (F.trim(c.cast("string")) == "")
+
+
+def _first(*pairs: tuple[Column, str]) -> Column:
+    """The label of the first condition that holds (null when none does)."""
+    return F.coalesce(*[F.when(cond, F.lit(label)) for cond, label in pairs])
+
+
+def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
+    """Typed declared columns + ``_reason`` / ``_reason_column`` + raw strings for quarantine.
+
+    Output columns: every declared column with its declared type, ``_reason``,
+    ``_reason_column``, ``_source_file``, ``_corrupt_record`` and ``_raw_<col>`` (the value as
+    read, as a string, kept only on quarantined rows).
+    """
+    df = raw.df
+    typed = {c: _typed(df, c, cfg.dtype(c)) for c in cfg.schema}
+    checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
+    if raw.text:
+        header = F.lit(True)
+        for c in cfg.schema:
+            header = header & (F.trim(F.col(c)) == F.lit(c))
+        checks.append((header, "repeated_header", ""))
+    checks.append((_blank(F.col(cfg.key)), "key_missing", cfg.key))
+    checks.append((typed[cfg.key].isNull(), "value_invalid", cfg.key))
+    checks.append((_blank(F.col(cfg.label)), "label_missing", cfg.label))
+    checks.append((_label_invalid(typed[cfg.label], cfg), "label_invalid", cfg.label))
+    features = [*cfg.numeric, *cfg.categorical]
+    for c in features:
+        checks.append((~_blank(F.col(c)) & typed[c].isNull(), "value_invalid", c))
+    for c in cfg.numeric:
+        x = typed[c].cast("double")
+        finite = ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))
+        checks.append((finite & (F.abs(x) > F.lit(cfg.max_abs_value)), "value_out_of_range", c))
+        if cfg.missing == "quarantine":
+            checks.append((x.isNotNull() & ~finite, "value_not_finite", c))
+            checks.append((x.isNull(), "value_missing", c))
+    reason = _first(*[(cond, r) for cond, r, _ in checks])
+    reason_col = _first(*[(cond, col) for cond, _, col in checks])
+    out = [typed[c].alias(c) for c in cfg.schema if c not in cfg.numeric]
+    out += [_finite_or_null(typed[c].cast("double")).alias(c) for c in cfg.numeric]
+    raw_cols = [
+        F.when(reason.isNotNull(), F.col(c).cast("string")).alias(RAW_PREFIX + c) for c in cfg.schema
+    ]
+    return df.select(
+        *out,
+        reason.alias(REASON),
+        F.when(reason.isNotNull(), reason_col).alias(REASON_COLUMN),
+        F.col(SOURCE),
+        F.col(CORRUPT),
+        *raw_cols,
+    )
+
+
+def _typed(df: DataFrame, column: str, dtype: str) -> Column:
+    c = F.col(column)
+    if dtype == "string":
+        return F.when(~_blank(c), c.cast("string"))
+    if dtype == "boolean":
+        return F.lower(F.trim(c.cast("string"))).try_cast("boolean")
+    src = df.schema[column].dataType
+    if isinstance(src, T.StringType):
+        c = F.trim(c)
+    return c.try_cast(dtype)
+
+
+def _finite_or_null(x: Column) -> Column:
+    """NaN / ±inf become null so that the Imputer treats them as missing."""
+    return F.when(~F.isnan(x) & (F.abs(x) != F.lit(float("inf"))), x)
+
+
+def _label_invalid(label: Column, cfg: EtlConfig) -> Column:
+    if cfg.resolved_task == "regression":
+        x = label.cast("double")
+        return label.isNull() | F.isnan(x) | (F.abs(x) == F.lit(float("inf")))
+    bad = label.isNull()
+    if cfg.classes is not None:
+        allowed = [F.lit(v).cast(cfg.dtype(cfg.label)) for v in cfg.classes]
+        bad = bad | ~label.isin(*allowed)
+    return bad
+
