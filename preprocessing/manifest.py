@@ -35,17 +35,24 @@ def input_listing(spark: SparkSession, df: DataFrame) -> list[tuple[str, int, in
     jvm = spark.sparkContext._jvm
     assert jvm is not None, "fingerprinting runs on the driver"
     conf = spark.sparkContext._jsc.hadoopConfiguration()
+    hpath = jvm.org.apache.hadoop.fs.Path
+    # inputFiles() and listStatus() spell URIs differently (file:///x vs file:/x): compare
+    # the path component, per parent directory.
     by_dir: dict[str, set[str]] = {}
     for f in files:
-        parent, _, _ = f.rpartition("/")
-        by_dir.setdefault(parent, set()).add(f)
+        p = hpath(f)
+        by_dir.setdefault(p.getParent().toString(), set()).add(p.toUri().getPath())
     out = []
     for parent, wanted in by_dir.items():
-        path = jvm.org.apache.hadoop.fs.Path(parent)
+        path = hpath(parent)
         for st in path.getFileSystem(conf).listStatus(path):
-            name = st.getPath().toString()
+            name = st.getPath().toUri().getPath()
             if name in wanted:
                 out.append((name, int(st.getLen()), int(st.getModificationTime())))
+    if len(out) != len(files):
+        raise RuntimeError(
+            f"could not stat every input file for the fingerprint ({len(out)} of {len(files)})"
+        )
     return sorted(out)
 
 

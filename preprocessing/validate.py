@@ -62,7 +62,8 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
     """Read ``etl.input`` with the declared columns (strings for text formats)."""
     inp = cfg.input
     if inp.format in ("csv", "json"):
-        fields = [T.StructField(c, T.StringType(), True) for c in cfg.schema]
+        columns = _csv_header(spark, cfg) if inp.format == "csv" and inp.header else list(cfg.schema)
+        fields = [T.StructField(c, T.StringType(), True) for c in columns]
         schema = T.StructType([*fields, T.StructField(CORRUPT, T.StringType(), True)])
         reader = (
             spark.read.schema(schema)
@@ -71,7 +72,9 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
             .options(**dict(inp.options))
         )
         if inp.format == "csv":
-            df = reader.option("header", str(inp.header).lower()).csv(inp.path)
+            # enforceSchema=false: Spark checks every file's header against these names.
+            df = reader.option("header", str(inp.header).lower()).option("enforceSchema", "false")
+            df = df.csv(inp.path)
         else:
             df = reader.json(inp.path)
         df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
@@ -89,6 +92,19 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
         )
     df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
     return RawInput(df, text=False)
+
+
+def _csv_header(spark: SparkSession, cfg: EtlConfig) -> list[str]:
+    """Column names in file order, from the header: CSV columns match the schema by name."""
+    inp = cfg.input
+    found = spark.read.options(**dict(inp.options)).option("header", "true").csv(inp.path).columns
+    missing = [c for c in cfg.schema if c not in found]
+    if missing:
+        raise SchemaMismatchError(
+            f"etl.input {inp.path!r}: the CSV header has no column(s) {missing} declared in "
+            f"etl.schema; the header is: {', '.join(found)}"
+        )
+    return list(found)
 
 
 def _blank(c: Column) -> Column:

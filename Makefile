@@ -1,0 +1,45 @@
+# One-command set-up: every target creates/reuses .venv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+JAVA_ENV := $(VENV)/java.env
+RUN := set -euo pipefail; . $(JAVA_ENV); export PYSPARK_PYTHON=$(abspath $(BIN))/python PYSPARK_DRIVER_PYTHON=$(abspath $(BIN))/python SPARK_LOCAL_IP=127.0.0.1;
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile .ci/java-env
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# The CPU build of torch lies on this disk; a GPU machine gets the default (CUDA) build
+	@# through pyproject's range instead.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA device present: torch comes from pyproject's range (CUDA build)"; \
+	else \
+	  $(BIN)/python -m pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	bash .ci/java-env $(BIN)/python > $(JAVA_ENV)
+	@touch $@
+
+test: $(STAMP)
+	@$(RUN) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline preprocessing jobs tests bench
+	$(BIN)/ruff format --check pipeline preprocessing jobs tests bench
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	@$(RUN) $(BIN)/spark-train demo --config jobs/configs/demo.yaml
+
+bench: $(STAMP)
+	@$(RUN) for b in bench/etl.py bench/reader.py bench/launch.py bench/epoch.py; do \
+	  [ -f $$b ] && $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) out data bench/_work .pytest_cache .mypy_cache .ruff_cache

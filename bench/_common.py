@@ -1,0 +1,54 @@
+"""Shared by the benchmarks: the machine/version line and section-wise RESULTS.md updates."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo where available)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else "unknown"
+
+
+def environment() -> str:
+    """Machine, versions and date, as one Markdown paragraph."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    try:
+        import pyspark
+
+        spark = f", pyspark {pyspark.__version__}"
+    except ImportError:
+        spark = ""
+    return (
+        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()}. "
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, pyarrow "
+        f"{pa.__version__}, numpy {np.__version__}{spark}. Date: "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC."
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the ``## name`` section of RESULTS.md, leaving the others."""
+    header = f"## {name}"
+    text = f"{header}\n\n{body.strip()}\n"
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(header)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text + "\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new.rstrip("\n") + "\n")

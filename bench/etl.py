@@ -1,0 +1,132 @@
+"""ETL vs a plain Spark ``read.csv → write.parquet`` of the same files.
+
+Each measurement runs in a fresh process (its own JVM), the two kinds alternating, so that
+drift on a shared machine hits both alike; the figure is the median of per-pair ratios.
+Only the job is timed (session start-up is excluded from both).
+
+    python bench/etl.py [--rows 1000000,5000000] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from bench._common import environment, write_section  # noqa: E402
+
+
+def _session(master: str = "local[2]"):  # type: ignore[no-untyped-def]
+    from pyspark.sql import SparkSession
+
+    spark = (
+        SparkSession.builder.master(master)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "6g")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def child(kind: str, raw: str, out: str) -> None:
+    """Run one measurement in this (fresh) process and print its seconds as JSON."""
+    from preprocessing.make_data import SCHEMA, demo_etl_section
+
+    spark = _session()
+    started = time.perf_counter()
+    if kind == "plain":
+        ddl = ", ".join(f"`{c}` {t}" for c, t in SCHEMA.items())
+        df = spark.read.schema(ddl).option("header", "true").csv(raw)
+        df.write.mode("overwrite").parquet(out)
+    else:
+        from preprocessing.config import EtlConfig
+        from preprocessing.etl import run_etl
+
+        cfg = EtlConfig.from_mapping(demo_etl_section(raw, out))
+        run_etl(spark, cfg, force=True)
+    seconds = time.perf_counter() - started
+    spark.stop()
+    print(json.dumps({"kind": kind, "seconds": seconds}))
+
+
+def _run_child(kind: str, raw: Path, out: Path) -> float:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--raw", str(raw), "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=3600, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def _ensure_data(rows: int, work: Path) -> Path:
+    raw = work / f"raw-{rows}"
+    if not (raw / "_SUCCESS").exists():
+        from preprocessing.make_data import make_data
+
+        spark = _session()
+        t = time.perf_counter()
+        make_data(spark, rows, str(raw), seed=0)
+        print(f"make-data {rows} rows: {time.perf_counter() - t:.1f}s", flush=True)
+        spark.stop()
+    return raw
+
+
+def main() -> None:
+    """Run the benchmark and update bench/RESULTS.md."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1000000,5000000")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--child", choices=("etl", "plain"))
+    ap.add_argument("--raw")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.raw, args.out)
+        return
+    work = HERE / "_work"
+    rows_list = [int(r) for r in args.rows.split(",")]
+    datasets = {rows: _ensure_data(rows, work) for rows in rows_list}
+    table = ["| rows | plain read.csv→write.parquet (s, median) | ETL (s, median) | ETL / plain (median of pairs) |",
+             "|---:|---:|---:|---:|"]
+    for rows, raw in datasets.items():
+        plain, etl, ratios = [], [], []
+        for rep in range(args.reps):
+            p = _run_child("plain", raw, work / "plain-out")
+            e = _run_child("etl", raw, work / "etl-out")
+            plain.append(p)
+            etl.append(e)
+            ratios.append(e / p)
+            print(f"rows={rows} rep={rep}: plain {p:.1f}s etl {e:.1f}s ratio {e / p:.2f}", flush=True)
+        table.append(
+            f"| {rows:,} | {statistics.median(plain):.1f} | {statistics.median(etl):.1f} | "
+            f"**{statistics.median(ratios):.2f}×** |"
+        )
+    body = "\n".join([
+        "ETL (`run_etl`, demo config: validation + quarantine, split, Spark ML features fitted on "
+        "train, 8 balanced shards per split, manifest) vs plain `spark.read.csv(schema) → "
+        "write.parquet` of the same `make-data` files; local[2], fresh process per run, "
+        f"alternating, {args.reps} pairs. Target ≤ 1.5×.",
+        "",
+        *table,
+        "",
+        environment(),
+    ])
+    write_section("ETL", body)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
