@@ -64,7 +64,11 @@ def _run_child(kind: str, raw: Path, out: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--raw", str(raw), "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=3600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
@@ -99,8 +103,10 @@ def main() -> None:
     work = HERE / "_work"
     rows_list = [int(r) for r in args.rows.split(",")]
     datasets = {rows: _ensure_data(rows, work) for rows in rows_list}
-    table = ["| rows | plain read.csv→write.parquet (s, median) | ETL (s, median) | ETL / plain (median of pairs) |",
-             "|---:|---:|---:|---:|"]
+    table = [
+        "| rows | plain read.csv→write.parquet (s, median) | ETL (s, median) | ETL / plain (median of pairs) |",
+        "|---:|---:|---:|---:|",
+    ]
     for rows, raw in datasets.items():
         plain, etl, ratios = [], [], []
         for rep in range(args.reps):
@@ -109,21 +115,25 @@ def main() -> None:
             plain.append(p)
             etl.append(e)
             ratios.append(e / p)
-            print(f"rows={rows} rep={rep}: plain {p:.1f}s etl {e:.1f}s ratio {e / p:.2f}", flush=True)
+            print(
+                f"rows={rows} rep={rep}: plain {p:.1f}s etl {e:.1f}s ratio {e / p:.2f}", flush=True
+            )
         table.append(
             f"| {rows:,} | {statistics.median(plain):.1f} | {statistics.median(etl):.1f} | "
             f"**{statistics.median(ratios):.2f}×** |"
         )
-    body = "\n".join([
-        "ETL (`run_etl`, demo config: validation + quarantine, split, Spark ML features fitted on "
-        "train, 8 balanced shards per split, manifest) vs plain `spark.read.csv(schema) → "
-        "write.parquet` of the same `make-data` files; local[2], fresh process per run, "
-        f"alternating, {args.reps} pairs. Target ≤ 1.5×.",
-        "",
-        *table,
-        "",
-        environment(),
-    ])
+    body = "\n".join(
+        [
+            "ETL (`run_etl`, demo config: validation + quarantine, split, Spark ML features fitted on "
+            "train, 8 balanced shards per split, manifest) vs plain `spark.read.csv(schema) → "
+            "write.parquet` of the same `make-data` files; local[2], fresh process per run, "
+            f"alternating, {args.reps} pairs. Target ≤ 1.5×.",
+            "",
+            *table,
+            "",
+            environment(),
+        ]
+    )
     write_section("ETL", body)
     print("\n".join(table))
 

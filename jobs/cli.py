@@ -32,7 +32,11 @@ class UsageError(Exception):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (sections spark, etl, train)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set etl.num_shards=16 (repeatable)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -79,8 +83,14 @@ def _cmd_make_data(args: argparse.Namespace, cfg: Config, under_submit: bool) ->
     if args.rows < 1:
         raise UsageError(f"--rows must be >= 1, got {args.rows}")
     spark = spark_session(cfg, under_submit=under_submit)
-    n = make_data(spark, args.rows, args.output, seed=args.seed, fmt=args.format,
-                  dirty_fraction=args.dirty_fraction)
+    n = make_data(
+        spark,
+        args.rows,
+        args.output,
+        seed=args.seed,
+        fmt=args.format,
+        dirty_fraction=args.dirty_fraction,
+    )
     print(f"wrote {n} rows ({args.format}, seed {args.seed}) to {args.output}")
     return EXIT_OK
 
@@ -141,7 +151,7 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
             raise
         print(f"spark-train {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - the CLI's one place that turns failures into exit 1
+    except Exception as e:
         if args.debug:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

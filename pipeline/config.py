@@ -93,7 +93,8 @@ def parse_config(data: Any, source: str = "<memory>", overrides: Sequence[str] =
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(
-            str(unknown[0]), f"unknown section(s) {unknown} in {source}; known: {', '.join(SECTIONS)}"
+            str(unknown[0]),
+            f"unknown section(s) {unknown} in {source}; known: {', '.join(SECTIONS)}",
         )
     for name in ("etl", "train"):
         if name in data and not isinstance(data[name], dict):

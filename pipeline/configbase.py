@@ -73,7 +73,7 @@ def _dotted(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch per kind of type
+def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
@@ -159,7 +159,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a sub-key")
+                raise ConfigError(
+                    ".".join(parts[: i + 1]), "is not a section; cannot set a sub-key"
+                )
             node = child
         node[parts[-1]] = value
     return out

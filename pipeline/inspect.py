@@ -22,7 +22,11 @@ def describe(uri: str) -> dict[str, Any]:
     if storage.exists(fs, storage.join(root, "model.safetensors")):
         spec = json.loads(storage.read_bytes(fs, storage.join(root, "model.json")))
         metrics_path = storage.join(root, "metrics.json")
-        metrics = json.loads(storage.read_bytes(fs, metrics_path)) if storage.exists(fs, metrics_path) else {}
+        metrics = (
+            json.loads(storage.read_bytes(fs, metrics_path))
+            if storage.exists(fs, metrics_path)
+            else {}
+        )
         return {"kind": "bundle", "uri": uri, "spec": spec, "metrics": metrics}
     steps = sorted(
         e.base_name for e in storage.list_dir(fs, root) if e.base_name.startswith("step-")
@@ -98,5 +102,7 @@ def render(d: dict[str, Any]) -> str:
             f"impute={st['impute_value']}"
         )
     for name, st in (stats.get("categorical") or {}).items():
-        lines.append(f"  {name:<6} levels={st['levels']} top={st['top']}{' one-hot' if st['onehot'] else ''}")
+        lines.append(
+            f"  {name:<6} levels={st['levels']} top={st['top']}{' one-hot' if st['onehot'] else ''}"
+        )
     return "\n".join(lines)

@@ -154,7 +154,9 @@ class ShardSet:
         return storage.join(self.uri, shard.path)
 
     # -- verification ---------------------------------------------------------
-    def verify_shards(self, shards: list[ShardInfo] | tuple[ShardInfo, ...], mode: str = "auto") -> None:
+    def verify_shards(
+        self, shards: list[ShardInfo] | tuple[ShardInfo, ...], mode: str = "auto"
+    ) -> None:
         """Check shards against the manifest: existence and size always, sha256 per ``mode``.
 
         ``mode`` is ``size`` (size only), ``full`` (sha256 of every file) or ``auto``

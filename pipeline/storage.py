@@ -16,7 +16,6 @@ from typing import IO, cast
 
 import pyarrow.fs as pafs
 
-
 __all__ = [
     "TMP_PREFIX",
     "HashingWriter",

@@ -121,7 +121,9 @@ class EtlConfig:
         check(bool(self.output.strip()), "etl.output", "must not be empty")
         if self.classes is not None:
             check(self.resolved_task == "classification", "etl.classes", "only for classification")
-            check(len(set(self.classes)) == len(self.classes) > 0, "etl.classes", "must be distinct")
+            check(
+                len(set(self.classes)) == len(self.classes) > 0, "etl.classes", "must be distinct"
+            )
 
     def _check_columns(self) -> None:
         cols = set(self.schema)
@@ -129,8 +131,14 @@ class EtlConfig:
             for n in names:
                 check(n in cols, key, f"column {n!r} is not declared in etl.schema")
         for n in self.numeric:
-            check(is_numeric(self.dtype(n)), "etl.numeric", f"{n!r} has non-numeric type {self.dtype(n)}")
-        check(self.label in cols, "etl.label", f"column {self.label!r} is not declared in etl.schema")
+            check(
+                is_numeric(self.dtype(n)),
+                "etl.numeric",
+                f"{n!r} has non-numeric type {self.dtype(n)}",
+            )
+        check(
+            self.label in cols, "etl.label", f"column {self.label!r} is not declared in etl.schema"
+        )
         check(self.key in cols, "etl.key", f"column {self.key!r} is not declared in etl.schema")
         both = set(self.numeric) & set(self.categorical)
         check(not both, "etl.categorical", f"{sorted(both)} also listed under etl.numeric")

@@ -27,7 +27,15 @@ from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
 from preprocessing.features import apply_features, fit_features
 from preprocessing.shards import SPLIT, ShardPlan, assign_split, shard_schema, write_shards
-from preprocessing.validate import CORRUPT, RAW_PREFIX, REASON, REASON_COLUMN, SOURCE, read_raw, validate
+from preprocessing.validate import (
+    CORRUPT,
+    RAW_PREFIX,
+    REASON,
+    REASON_COLUMN,
+    SOURCE,
+    read_raw,
+    validate,
+)
 
 __all__ = ["EtlError", "EtlResult", "run_etl"]
 
@@ -79,10 +87,18 @@ class _Tally:
 
 
 def _tally(df: DataFrame, cfg: EtlConfig) -> _Tally:
-    label = F.when(F.col(REASON).isNull(), F.col(cfg.label)) if cfg.resolved_task == "classification" else F.lit(None)
+    label = (
+        F.when(F.col(REASON).isNull(), F.col(cfg.label))
+        if cfg.resolved_task == "classification"
+        else F.lit(None)
+    )
     rows = (
         df.groupBy(
-            F.spark_partition_id().alias("pid"), F.col(SPLIT), F.col(REASON), F.col(REASON_COLUMN), label.alias("lbl")
+            F.spark_partition_id().alias("pid"),
+            F.col(SPLIT),
+            F.col(REASON),
+            F.col(REASON_COLUMN),
+            label.alias("lbl"),
         )
         .count()
         .collect()
@@ -109,7 +125,11 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     cfg_dict = to_dict(cfg)
     fp = mf.fingerprint(spark, raw.df, cfg_dict)
     existing = mf.read_existing(cfg.output)
-    if not force and existing is not None and mf.is_up_to_date(cfg.output, existing, fp["combined"]):
+    if (
+        not force
+        and existing is not None
+        and mf.is_up_to_date(cfg.output, existing, fp["combined"])
+    ):
         return EtlResult(cfg.output, "up_to_date", existing)
     started = time.monotonic()
     generation = uuid.uuid4().hex[:10]
@@ -125,8 +145,12 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
 
 
 def _build(
-    spark: SparkSession, validated: DataFrame, cfg: EtlConfig, generation: str,
-    cfg_dict: dict[str, Any], fp: dict[str, str],
+    spark: SparkSession,
+    validated: DataFrame,
+    cfg: EtlConfig,
+    generation: str,
+    cfg_dict: dict[str, Any],
+    fp: dict[str, str],
 ) -> dict[str, Any]:
     tally = _tally(validated, cfg)
     quarantine_rel = f"quarantine/{generation}"
@@ -161,7 +185,11 @@ def _build(
         schema=[
             {"name": KEY_COLUMN, "dtype": str(schema.field(KEY_COLUMN).type), "shape": []},
             {"name": FEATURES_COLUMN, "dtype": "float32", "shape": [fitted.dim]},
-            {"name": LABEL_COLUMN, "dtype": "int64" if classes is not None else "float32", "shape": []},
+            {
+                "name": LABEL_COLUMN,
+                "dtype": "int64" if classes is not None else "float32",
+                "shape": [],
+            },
         ],
         feature_names=fitted.names,
         label={"column": cfg.label, "task": cfg.resolved_task, "classes": classes},

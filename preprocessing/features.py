@@ -147,5 +147,7 @@ def apply_features(model: PipelineModel, df: DataFrame) -> DataFrame:
     """Apply a fitted feature model; adds ``features`` (array<float>) and drops intermediates."""
     out = model.transform(df)
     out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_SCALED], "float32"))
-    tmp = [c for c in out.columns if c.startswith(("_imp_", "_idx_", "_ohe_")) or c in (_VEC, _SCALED)]
+    tmp = [
+        c for c in out.columns if c.startswith(("_imp_", "_idx_", "_ohe_")) or c in (_VEC, _SCALED)
+    ]
     return out.drop(*tmp)

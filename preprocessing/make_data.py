@@ -29,11 +29,24 @@ CHUNK_ROWS = 250_000
 NUMERIC = [f"f{i}" for i in range(NUM_NUMERIC)]
 CATEGORICAL = list(CATEGORICAL_LEVELS)
 COLUMNS = ["id", *NUMERIC, *CATEGORICAL, "label"]
-SCHEMA: dict[str, str] = {"id": "long", **dict.fromkeys(NUMERIC, "double"), **dict.fromkeys(CATEGORICAL, "string"), "label": "int"}
+SCHEMA: dict[str, str] = {
+    "id": "long",
+    **dict.fromkeys(NUMERIC, "double"),
+    **dict.fromkeys(CATEGORICAL, "string"),
+    "label": "int",
+}
 # Kinds of dirt for CSV output (text-level); Parquet output gets the value-level ones.
 DIRT_KINDS = (
-    "text_in_numeric", "nan", "inf", "huge", "label_missing", "label_out_of_range",
-    "label_not_integer", "too_few_fields", "too_many_fields", "key_missing",
+    "text_in_numeric",
+    "nan",
+    "inf",
+    "huge",
+    "label_missing",
+    "label_out_of_range",
+    "label_not_integer",
+    "too_few_fields",
+    "too_many_fields",
+    "key_missing",
 )
 _VALUE_DIRT = ("nan", "inf", "label_missing", "label_out_of_range")
 
@@ -48,7 +61,9 @@ def _chunk_columns(rng: np.random.Generator, start: int, n: int) -> dict[str, np
     x = rng.standard_normal((n, NUM_NUMERIC)).astype(np.float64)
     x[:, 5] = np.abs(x[:, 5]) * 3.0  # a skewed, positive column
     x[:, 6] = np.round(x[:, 6] * 2.0)  # a discrete-looking one
-    cats = {c: rng.choice(k, size=n, p=_zipf_probabilities(k)) for c, k in CATEGORICAL_LEVELS.items()}
+    cats = {
+        c: rng.choice(k, size=n, p=_zipf_probabilities(k)) for c, k in CATEGORICAL_LEVELS.items()
+    }
     cat_effect = 0.8 * (cats["c0"] == 0) - 0.6 * (cats["c0"] == 2) + 0.7 * (cats["c3"] == 1)
     cat_effect += 0.5 * (cats["c1"] < 3) - 0.4 * (cats["c2"] < 10)
     logit = (
@@ -86,7 +101,7 @@ def _csv_lines(cols: dict[str, np.ndarray], dirty: np.ndarray, kinds: np.ndarray
     return pa.array(lines, pa.string())
 
 
-def _spoil_line(fields: list[str], kind: str, i: int) -> str:  # noqa: PLR0911 - one branch per kind
+def _spoil_line(fields: list[str], kind: str, i: int) -> str:
     pos = {c: j for j, c in enumerate(COLUMNS)}
     f = 1 + i % NUM_NUMERIC
     if kind == "text_in_numeric":
@@ -112,7 +127,9 @@ def _spoil_line(fields: list[str], kind: str, i: int) -> str:  # noqa: PLR0911 -
     return ",".join(fields)
 
 
-def _chunk_table(seed: int, chunk: int, rows: int, fmt: str, dirty_fraction: float) -> pa.RecordBatch:
+def _chunk_table(
+    seed: int, chunk: int, rows: int, fmt: str, dirty_fraction: float
+) -> pa.RecordBatch:
     rng = np.random.default_rng([seed, chunk])
     start = chunk * CHUNK_ROWS
     n = min(CHUNK_ROWS, rows - start)
@@ -138,11 +155,18 @@ def _chunk_table(seed: int, chunk: int, rows: int, fmt: str, dirty_fraction: flo
 
 
 def _parquet_ddl() -> str:
-    return ", ".join(f"`{c}` {'long' if t == 'long' else 'int' if t == 'int' else t}" for c, t in SCHEMA.items())
+    return ", ".join(
+        f"`{c}` {'long' if t == 'long' else 'int' if t == 'int' else t}" for c, t in SCHEMA.items()
+    )
 
 
 def make_data(
-    spark: SparkSession, rows: int, output: str, *, seed: int = 0, fmt: str = "csv",
+    spark: SparkSession,
+    rows: int,
+    output: str,
+    *,
+    seed: int = 0,
+    fmt: str = "csv",
     dirty_fraction: float = 0.01,
 ) -> int:
     """Write ``rows`` rows to ``output`` (overwritten) as CSV (one file per chunk) or Parquet."""

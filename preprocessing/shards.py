@@ -53,7 +53,11 @@ def assign_split(df: DataFrame, cfg: EtlConfig) -> DataFrame:
 
 def shard_schema(dim: int, key_dtype: str, task: str) -> pa.Schema:
     """Arrow schema of a shard file."""
-    key_type = pa.int64() if key_dtype in {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"} else pa.string()
+    key_type = (
+        pa.int64()
+        if key_dtype in {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"}
+        else pa.string()
+    )
     label_type = pa.int64() if task == "classification" else pa.float32()
     return pa.schema(
         [
@@ -95,7 +99,9 @@ def _bucket_column(plan: ShardPlan, split: str) -> Column:
     mid = F.monotonically_increasing_id()
     pid = F.shiftright(mid, _ID_BITS).cast("int")
     local = mid.bitwiseAND(F.lit((1 << _ID_BITS) - 1))
-    offsets = F.array(*[F.lit(o).cast("long") for o in plan.offsets(split)] or [F.lit(0).cast("long")])
+    offsets = F.array(
+        *[F.lit(o).cast("long") for o in plan.offsets(split)] or [F.lit(0).cast("long")]
+    )
     global_index = F.element_at(offsets, pid + 1) + local
     shard = F.pmod(global_index, F.lit(plan.num_shards))
     return (F.lit(SPLITS.index(split) * plan.num_shards) + shard).cast("int")
@@ -127,8 +133,13 @@ def shard_relpath(split: str, shard: int, generation: str) -> str:
 
 
 _RESULT_SCHEMA = pa.schema(
-    [("bucket", pa.int32()), ("tmp_path", pa.string()), ("rows", pa.int64()),
-     ("bytes", pa.int64()), ("sha256", pa.string())]
+    [
+        ("bucket", pa.int32()),
+        ("tmp_path", pa.string()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
 )
 
 
@@ -206,11 +217,15 @@ def _shard_writer(
                 rows = batch.filter(pa.array(buckets == b))
                 if int(b) not in files:
                     split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
-                    name = f".tmp-{token}-{shard_relpath(split, shard, generation).replace('/', '-')}"
+                    name = (
+                        f".tmp-{token}-{shard_relpath(split, shard, generation).replace('/', '-')}"
+                    )
                     fs.create_dir(storage.join(root, split), recursive=True)
-                    files[int(b)] = _ShardFile(fs, storage.join(root, split, name), schema, row_group_rows)
+                    files[int(b)] = _ShardFile(
+                        fs, storage.join(root, split, name), schema, row_group_rows
+                    )
                 files[int(b)].add(_to_shard_batch(rows, schema, dim))
-        out = {k: [] for k in _RESULT_SCHEMA.names}
+        out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
         for b, f in sorted(files.items()):
             rows, size, digest = f.close()
             for k, v in zip(_RESULT_SCHEMA.names, (b, f.path, rows, size, digest), strict=True):

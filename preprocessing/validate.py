@@ -37,7 +37,15 @@ from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
 
-__all__ = ["CORRUPT", "REASON", "REASON_COLUMN", "SOURCE", "SchemaMismatchError", "read_raw", "validate"]
+__all__ = [
+    "CORRUPT",
+    "REASON",
+    "REASON_COLUMN",
+    "SOURCE",
+    "SchemaMismatchError",
+    "read_raw",
+    "validate",
+]
 
 CORRUPT = "_corrupt_record"
 REASON = "_reason"
@@ -62,7 +70,9 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
     """Read ``etl.input`` with the declared columns (strings for text formats)."""
     inp = cfg.input
     if inp.format in ("csv", "json"):
-        columns = _csv_header(spark, cfg) if inp.format == "csv" and inp.header else list(cfg.schema)
+        columns = (
+            _csv_header(spark, cfg) if inp.format == "csv" and inp.header else list(cfg.schema)
+        )
         fields = [T.StructField(c, T.StringType(), True) for c in columns]
         schema = T.StructType([*fields, T.StructField(CORRUPT, T.StringType(), True)])
         reader = (
@@ -73,8 +83,8 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
         )
         if inp.format == "csv":
             # enforceSchema=false: Spark checks every file's header against these names.
-            df = reader.option("header", str(inp.header).lower()).option("enforceSchema", "false")
-            df = df.csv(inp.path)
+            reader = reader.option("header", str(inp.header).lower())
+            df = reader.option("enforceSchema", "false").csv(inp.path)
         else:
             df = reader.json(inp.path)
         df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
@@ -135,9 +145,10 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     checks.append((typed[cfg.key].isNull(), "value_invalid", cfg.key))
     checks.append((_blank(F.col(cfg.label)), "label_missing", cfg.label))
     checks.append((_label_invalid(typed[cfg.label], cfg), "label_invalid", cfg.label))
-    features = [*cfg.numeric, *cfg.categorical]
-    for c in features:
-        checks.append((~_blank(F.col(c)) & typed[c].isNull(), "value_invalid", c))
+    checks += [
+        (~_blank(F.col(c)) & typed[c].isNull(), "value_invalid", c)
+        for c in (*cfg.numeric, *cfg.categorical)
+    ]
     for c in cfg.numeric:
         x = typed[c].cast("double")
         finite = ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))
@@ -150,7 +161,8 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     out = [typed[c].alias(c) for c in cfg.schema if c not in cfg.numeric]
     out += [_finite_or_null(typed[c].cast("double")).alias(c) for c in cfg.numeric]
     raw_cols = [
-        F.when(reason.isNotNull(), F.col(c).cast("string")).alias(RAW_PREFIX + c) for c in cfg.schema
+        F.when(reason.isNotNull(), F.col(c).cast("string")).alias(RAW_PREFIX + c)
+        for c in cfg.schema
     ]
     return df.select(
         *out,
@@ -188,4 +200,3 @@ def _label_invalid(label: Column, cfg: EtlConfig) -> Column:
         allowed = [F.lit(v).cast(cfg.dtype(cfg.label)) for v in cfg.classes]
         bad = bad | ~label.isin(*allowed)
     return bad
-

@@ -59,7 +59,7 @@ def write_corpus(path: Path, *, good: int = 400, copies: int = 2, seed: int = 0)
     expected_reasons: dict[str, int] = {}
     ok = good
     next_id = 100_000
-    for case, (template, reason) in CASES.items():
+    for template, reason in CASES.values():
         for _ in range(copies):
             lines.append(template.format(id=next_id))
             next_id += 1

@@ -23,9 +23,13 @@ def _write_config(path: Path, etl: dict[str, Any]) -> Path:
 def test_etl_with_set_overrides_and_inspect(spark: Any, tmp_path: Path, capsys: Any) -> None:
     raw = tmp_path / "raw" / "data.csv"
     corpus.write_corpus(raw, good=120, copies=1)
-    cfg = _write_config(tmp_path / "c.yaml", corpus.etl_section(str(raw.parent), str(tmp_path / "out")))
-    rc = main(["etl", "--config", str(cfg), "--set", "etl.num_shards=3", "--set", "etl.split.val=0.2"],
-              under_submit=False)
+    cfg = _write_config(
+        tmp_path / "c.yaml", corpus.etl_section(str(raw.parent), str(tmp_path / "out"))
+    )
+    rc = main(
+        ["etl", "--config", str(cfg), "--set", "etl.num_shards=3", "--set", "etl.split.val=0.2"],
+        under_submit=False,
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "rows_in=" in out and "rows_quarantined=" in out
@@ -33,7 +37,12 @@ def test_etl_with_set_overrides_and_inspect(spark: Any, tmp_path: Path, capsys: 
     assert m["config"]["num_shards"] == 3 and m["config"]["split"]["val"] == 0.2
     assert all(len(s["shards"]) == 3 for s in m["splits"].values())
 
-    assert main(["etl", "--config", str(cfg), "--set", "etl.num_shards=3", "--set", "etl.split.val=0.2"]) == 0
+    assert (
+        main(
+            ["etl", "--config", str(cfg), "--set", "etl.num_shards=3", "--set", "etl.split.val=0.2"]
+        )
+        == 0
+    )
     assert "up to date" in capsys.readouterr().out
 
     assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
@@ -65,7 +74,9 @@ def test_unknown_key_exits_2_naming_it(tmp_path: Path, capsys: Any) -> None:
         ("train2.x=1", "train2"),
     ],
 )
-def test_bad_values_exit_2_naming_the_key(tmp_path: Path, capsys: Any, override: str, key: str) -> None:
+def test_bad_values_exit_2_naming_the_key(
+    tmp_path: Path, capsys: Any, override: str, key: str
+) -> None:
     cfg = _write_config(tmp_path / "c.yaml", corpus.etl_section("x", str(tmp_path / "out")))
     assert main(["etl", "--config", str(cfg), "--set", override]) == 2
     assert f"'{key}" in capsys.readouterr().err
@@ -73,7 +84,9 @@ def test_bad_values_exit_2_naming_the_key(tmp_path: Path, capsys: Any, override:
 
 def test_missing_input_names_the_path(spark: Any, tmp_path: Path, capsys: Any) -> None:
     missing = tmp_path / "does-not-exist"
-    cfg = _write_config(tmp_path / "c.yaml", corpus.etl_section(str(missing), str(tmp_path / "out")))
+    cfg = _write_config(
+        tmp_path / "c.yaml", corpus.etl_section(str(missing), str(tmp_path / "out"))
+    )
     assert main(["etl", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "etl.input.path" in err and str(missing) in err
@@ -93,7 +106,10 @@ def test_make_data_is_deterministic_and_dirty(spark: Any, tmp_path: Path, capsys
     from preprocessing.make_data import COLUMNS
 
     for name in ("a", "b"):
-        assert main(["make-data", "--rows", "3000", "--output", str(tmp_path / name), "--seed", "5"]) == 0
+        assert (
+            main(["make-data", "--rows", "3000", "--output", str(tmp_path / name), "--seed", "5"])
+            == 0
+        )
     files = sorted((tmp_path / "a").glob("part-*"))
     assert files and [f.read_bytes() for f in files] == [
         f.read_bytes() for f in sorted((tmp_path / "b").glob("part-*"))
@@ -102,8 +118,19 @@ def test_make_data_is_deterministic_and_dirty(spark: Any, tmp_path: Path, capsys
     assert lines[0] == ",".join(COLUMNS)
     body = [ln for ln in lines if ln != lines[0]]
     assert len(body) == 3000
-    bad = [ln for ln in body if ln.count(",") != len(COLUMNS) - 1 or "n/a" in ln or ",," in ln
-           or "NaN" in ln or "inf" in ln.lower() or "1e308" in ln or ln.startswith(",")
-           or ln.endswith(",") or ln.endswith(",2") or ln.endswith(",0.5")]
+    bad = [
+        ln
+        for ln in body
+        if ln.count(",") != len(COLUMNS) - 1
+        or "n/a" in ln
+        or ",," in ln
+        or "NaN" in ln
+        or "inf" in ln.lower()
+        or "1e308" in ln
+        or ln.startswith(",")
+        or ln.endswith(",")
+        or ln.endswith(",2")
+        or ln.endswith(",0.5")
+    ]
     assert 0.004 < len(bad) / len(body) < 0.02
     assert main(["make-data", "--rows", "0", "--output", str(tmp_path / "c")]) == 2

@@ -49,7 +49,11 @@ def _cfg(raw: Path, out: Path, **kw: Any) -> EtlConfig:
 
 def _keys_by_split(ss: ShardSet) -> dict[str, set[int]]:
     return {
-        name: {k for s in split.shards for k in pq.read_table(ss.shard_path(s), columns=["key"])["key"].to_pylist()}
+        name: {
+            k
+            for s in split.shards
+            for k in pq.read_table(ss.shard_path(s), columns=["key"])["key"].to_pylist()
+        }
         for name, split in ss.splits.items()
     }
 
@@ -112,7 +116,11 @@ def test_shard_balance_for_awkward_sizes(spark: Any, tmp_path: Path) -> None:
 
     cfg2 = _cfg(tmp_path / "raw", tmp_path / "out2", split={"val": 0.0, "test": 0.0, "seed": 7})
     ss2 = assert_consistent(run_etl(spark, cfg2).output)
-    assert ss2.splits["train"].rows == 9 and ss2.splits["val"].rows == 0 and ss2.splits["test"].rows == 0
+    assert (
+        ss2.splits["train"].rows == 9
+        and ss2.splits["val"].rows == 0
+        and ss2.splits["test"].rows == 0
+    )
     for shard in ss2.splits["val"].shards:
         assert pq.ParquetFile(ss2.shard_path(shard)).metadata.num_rows == 0
 
@@ -156,7 +164,10 @@ def test_rerun_is_a_noop_force_rebuilds_and_changes_rebuild(spark: Any, tmp_path
         f.write("999999,0.1,0.2,paris,1\n")
     changed = run_etl(spark, cfg)
     assert changed.status == "built"
-    assert changed.manifest["reconciliation"]["rows_in"] == first.manifest["reconciliation"]["rows_in"] + 1
+    assert (
+        changed.manifest["reconciliation"]["rows_in"]
+        == first.manifest["reconciliation"]["rows_in"] + 1
+    )
     assert_consistent(changed.output)
 
 
@@ -168,8 +179,17 @@ def test_features_model_and_manifest_contents(spark: Any, tmp_path: Path) -> Non
     result = run_etl(spark, _cfg(raw.parent, tmp_path / "out", onehot=["city"]))
     ss = assert_consistent(result.output)
     m = ss.manifest
-    for key in ("format_version", "created_by", "config", "fingerprint", "schema", "splits",
-                "quarantine", "reconciliation", "feature_stats"):
+    for key in (
+        "format_version",
+        "created_by",
+        "config",
+        "fingerprint",
+        "schema",
+        "splits",
+        "quarantine",
+        "reconciliation",
+        "feature_stats",
+    ):
         assert key in m
     assert m["label"] == {"column": "label", "task": "classification", "classes": [0, 1]}
     # one-hot city: every level seen in train + the unknown slot, after f0 and f1
@@ -182,19 +202,29 @@ def test_features_model_and_manifest_contents(spark: Any, tmp_path: Path) -> Non
     # standardized on train: the train features have mean ~0, std ~1 for numeric columns
     import numpy as np
 
-    feats = np.concatenate([
-        np.asarray(pq.read_table(ss.shard_path(s))["features"].combine_chunks().flatten()).reshape(-1, ss.feature_dim)
-        for s in ss.splits["train"].shards
-    ])
+    feats = np.concatenate(
+        [
+            np.asarray(
+                pq.read_table(ss.shard_path(s))["features"].combine_chunks().flatten()
+            ).reshape(-1, ss.feature_dim)
+            for s in ss.splits["train"].shards
+        ]
+    )
     assert np.allclose(feats[:, :2].mean(axis=0), 0.0, atol=1e-4)
     assert np.allclose(feats[:, :2].std(axis=0, ddof=1), 1.0, atol=1e-3)
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["generation"] == m["generation"]
+    assert (
+        json.loads((tmp_path / "out" / "manifest.json").read_text())["generation"]
+        == m["generation"]
+    )
 
 
 def test_json_and_parquet_inputs(spark: Any, tmp_path: Path) -> None:
     from preprocessing.validate import SchemaMismatchError
 
-    rows = [{"id": i, "f0": float(i % 7) / 7, "f1": 1.0, "city": "lyon", "label": i % 2} for i in range(60)]
+    rows = [
+        {"id": i, "f0": float(i % 7) / 7, "f1": 1.0, "city": "lyon", "label": i % 2}
+        for i in range(60)
+    ]
     rows += [{"id": 900, "f0": "oops", "f1": 1.0, "city": "lyon", "label": 1}]
     jdir = tmp_path / "json"
     jdir.mkdir()
@@ -206,7 +236,9 @@ def test_json_and_parquet_inputs(spark: Any, tmp_path: Path) -> None:
     pdir = tmp_path / "pq"
     spark.createDataFrame([r for r in rows if r["id"] != 900]).drop("f1").write.parquet(str(pdir))
     with pytest.raises(SchemaMismatchError, match=r"no column\(s\) \['f1'\]"):
-        run_etl(spark, _cfg(pdir, tmp_path / "pout", input={"path": str(pdir), "format": "parquet"}))
+        run_etl(
+            spark, _cfg(pdir, tmp_path / "pout", input={"path": str(pdir), "format": "parquet"})
+        )
 
 
 def test_csv_columns_match_by_header_name(spark: Any, tmp_path: Path) -> None:
