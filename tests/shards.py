@@ -1,0 +1,181 @@
+"""Write small, real shard sets for tests and benchmarks, without Spark.
+
+:func:`make_shardset` writes exactly what the ETL commits (see ``pipeline/shardset.py`` and
+DESIGN.md, "Shard set"): Parquet shards ``<split>/part-NNNNN-<gen>.parquet`` with ``key``
+(int64, unique over the whole set), ``features`` (``fixed_size_list<float32>[dim]``) and
+``label`` columns, and a ``manifest.json`` with each shard's real size and sha256, written
+last. Features are standard normal; labels are a learnable function of them:
+
+* classification: ``label = argmax(features @ W)`` over ``num_classes`` classes
+  (``features @ w > 0`` for two), so a linear model can reach ~100 % accuracy;
+* regression: ``label = features @ w + 0.01 * noise`` (float32).
+
+No ``features/`` PipelineModel is written (that needs Spark), although the manifest names
+one as the ETL's does. The same ``seed`` gives byte-identical files. :func:`read_split` returns a split's rows in
+manifest order, for comparing against what a reader yields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.shardset import FORMAT_VERSION, MANIFEST_NAME, ShardSet
+
+__all__ = ["make_shardset", "read_split", "shard_entry", "write_manifest"]
+
+Task = Literal["classification", "regression"]
+FeatureType = Literal["fixed_size_list", "list"]
+
+
+def make_shardset(
+    root: Path,
+    *,
+    rows_per_shard: dict[str, list[int]],
+    dim: int = 8,
+    seed: int = 0,
+    row_group_rows: int = 64,
+    task: Task = "classification",
+    num_classes: int = 2,
+    feature_type: FeatureType = "fixed_size_list",
+    compression: str = "snappy",
+) -> str:
+    """Write a committed shard set under ``root`` and return its URI (the path as a string).
+
+    ``rows_per_shard`` maps a split name to the row count of each of its shards, e.g.
+    ``{"train": [100, 3, 0, 57], "val": [20]}``; a 0 writes a valid Parquet file with no rows.
+    Splits of ``train``/``val``/``test`` that are not given are recorded with no shards.
+    ``feature_type="list"`` writes ``list<float32>`` as Spark's ``vector_to_array`` does.
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be classification or regression, got {task!r}")
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((dim, max(num_classes, 1))).astype(np.float32)
+    generation = f"g{seed:08x}"
+    splits: dict[str, list[dict[str, object]]] = {}
+    key = 0
+    for split, counts in rows_per_shard.items():
+        splits[split] = []
+        for i, n in enumerate(counts):
+            table = _table(rng, key, n, weights, task, num_classes, feature_type)
+            key += n
+            rel = f"{split}/part-{i:05d}-{generation}.parquet"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(
+                table, root / rel, row_group_size=row_group_rows, compression=compression
+            )
+            splits[split].append(shard_entry(root, rel, n))
+    classes = list(range(num_classes)) if task == "classification" else None
+    write_manifest(
+        root, splits, dim=dim, task=task, classes=classes, seed=seed, row_group_rows=row_group_rows
+    )
+    return str(root)
+
+
+def write_manifest(
+    root: Path,
+    splits: dict[str, list[dict[str, object]]],
+    *,
+    dim: int,
+    task: Task = "classification",
+    classes: Sequence[object] | None = (0, 1),
+    seed: int = 0,
+    row_group_rows: int = 64,
+) -> None:
+    """Write ``manifest.json`` for shards already on disk (``splits``: name → shard entries).
+
+    Tests that hand-craft shards (e.g. a Spark-style file) call this to commit them.
+    """
+    for name in ("train", "val", "test"):
+        splits.setdefault(name, [])
+    label_dtype = "int64" if task == "classification" else "float32"
+    rows = {name: sum(int(s["rows"]) for s in shards) for name, shards in splits.items()}
+    total = sum(rows.values())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "tests.shards.make_shardset",
+        "generation": f"g{seed:08x}",
+        "file_format": "parquet",
+        "config": {"seed": seed, "row_group_rows": row_group_rows},
+        "fingerprint": {"combined": f"synthetic-{seed}"},
+        "schema": [
+            {"name": "key", "dtype": "int64", "shape": []},
+            {"name": "features", "dtype": "float32", "shape": [dim]},
+            {"name": "label", "dtype": label_dtype, "shape": []},
+        ],
+        "feature_names": [f"f{i}" for i in range(dim)],
+        "label": {"column": "label", "task": task, "classes": list(classes or [])},
+        "row_group_rows": row_group_rows,
+        "quarantine": {"rows": 0, "by_reason": {}, "by_column": {}, "path": None},
+        "reconciliation": {"rows_in": total, "rows_ok": total, "rows_quarantined": 0},
+        "feature_stats": {"mean": [0.0] * dim, "std": [1.0] * dim},
+        "features_model": "features",
+        "splits": {name: {"rows": rows[name], "shards": shards} for name, shards in splits.items()},
+    }
+    tmp = root / f".tmp-{MANIFEST_NAME}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(root / MANIFEST_NAME)
+
+
+def read_split(uri: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(keys, features [N, dim] float32, labels)`` of a split, shards in manifest order."""
+    shardset = ShardSet.open(uri)
+    keys, feats, labels = [], [], []
+    for shard in shardset.split(split).shards:
+        t = pq.read_table(shardset.shard_path(shard))
+        keys.append(t.column("key").to_numpy())
+        col = t.column("features").combine_chunks()
+        feats.append(
+            col.flatten().to_numpy().astype(np.float32).reshape(len(t), shardset.feature_dim)
+        )
+        labels.append(t.column("label").to_numpy())
+    if not keys:
+        return np.empty(0, np.int64), np.empty((0, shardset.feature_dim), np.float32), np.empty(0)
+    return np.concatenate(keys), np.concatenate(feats), np.concatenate(labels)
+
+
+def _table(
+    rng: np.random.Generator,
+    first_key: int,
+    n: int,
+    weights: np.ndarray,
+    task: Task,
+    num_classes: int,
+    feature_type: FeatureType,
+) -> pa.Table:
+    dim = weights.shape[0]
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    scores = x @ weights
+    if task == "regression":
+        y: np.ndarray = (scores[:, 0] + 0.01 * rng.standard_normal(n)).astype(np.float32)
+    elif num_classes == 2:
+        y = (scores[:, 0] > 0).astype(np.int64)
+    else:
+        y = scores.argmax(axis=1).astype(np.int64)
+    values = pa.array(x.reshape(-1), pa.float32())
+    if feature_type == "fixed_size_list":
+        features: pa.Array = pa.FixedSizeListArray.from_arrays(values, dim)
+    else:
+        offsets = pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32))
+        features = pa.ListArray.from_arrays(offsets, values)
+    return pa.table(
+        {
+            "key": pa.array(np.arange(first_key, first_key + n, dtype=np.int64)),
+            "features": features,
+            "label": pa.array(y),
+        }
+    )
+
+
+def shard_entry(root: Path, rel: str, rows: int) -> dict[str, object]:
+    """The manifest entry of the file ``root/rel`` holding ``rows`` rows (real size and sha256)."""
+    digest, size = storage.sha256_file(pafs.LocalFileSystem(), str(root / rel))
+    return {"path": rel, "rows": rows, "bytes": size, "sha256": digest}
