@@ -8,7 +8,8 @@ number of good rows per (input partition, split). From it every row gets a globa
 inside its split (partition offset + ``monotonically_increasing_id``'s in-partition
 counter, all in the JVM), and ``shard = index mod num_shards`` — so the row counts of a
 split's shards differ by at most one. One shuffle by (split, shard) then puts each shard in
-exactly one task, which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
+exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
+which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
 ``fixed_size_list<float32>`` feature column, sha256 computed while writing). Each writer
 reports (shard, rows, bytes, sha256) and the driver checks every count against the plan
 before anything is committed.
@@ -244,7 +245,12 @@ def write_shards(
     """
     k = cfg.num_shards
     bucketed = with_buckets(df, plan).select(KEY_COLUMN, FEATURES_COLUMN, LABEL_COLUMN, BUCKET)
-    shuffled = bucketed.repartition(len(SPLITS) * k, F.col(BUCKET))
+    # Within a shard, rows are ordered by a seeded hash of the key rather than input order:
+    # input sorted by time or label must not turn into correlated batches downstream.
+    order = F.xxhash64(F.lit(cfg.split.seed + 1), F.col(KEY_COLUMN))
+    shuffled = bucketed.repartition(len(SPLITS) * k, F.col(BUCKET)).sortWithinPartitions(
+        F.col(BUCKET), order
+    )
     writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema)
     results = shuffled.mapInArrow(writer, _spark_result_schema()).collect()
     fs, root = storage.resolve(cfg.output)
