@@ -268,12 +268,12 @@ def _fails() -> None:
 
 
 def _run_with_client(
-    server: logchannel.ChannelServer, spec: rankrun.RankSpec, cpus: int = 1
+    server: logchannel.ChannelServer, spec: rankrun.RankSpec, env: dict[str, str] = _RANK_ENV
 ) -> Any:
-    client = logchannel.ChannelClient(server.address, "secret", 1)
+    client = logchannel.ChannelClient(server.address, "secret", int(env["RANK"]))
     logchannel.install_client(client)
     try:
-        return rankrun.run_rank(spec, _RANK_ENV, cpus=cpus)
+        return rankrun.run_rank(spec, env, cpus=1)
     finally:
         logchannel.install_client(None)
         client.close()
@@ -420,14 +420,7 @@ def test_script_child_progress_is_forwarded_by_its_rank(
         distenv.LOG_ADDR: server.address,
         "PYTHONPATH": repo,
     }
-    client = logchannel.ChannelClient(server.address, "secret", 0)
-    logchannel.install_client(client)
-    try:
-        assert rankrun.run_rank(rankrun.RankSpec(target=str(script)), env, cpus=1) == 0
-    finally:
-        logchannel.install_client(None)
-        client.close()
-    assert server.wait_finished(ranks=1, timeout_s=10)
+    assert _run_with_client(server, rankrun.RankSpec(target=str(script)), env) == 0
     assert [m for _, m in inbox.messages] == [
         {"t": "out", "line": "training"},
         {"t": "progress", "epoch": 2, "step": 7, "steps": 9, "samples_per_s": 5.0, "loss": 0.5},
