@@ -1,0 +1,193 @@
+"""The model bundle: everything needed to score new data with a trained model.
+
+A bundle is a directory (local path or any ``pyarrow.fs`` URI)::
+
+    model.safetensors   weights (safetensors: loading runs no pickle)
+    model.json          the spec: builder, args, input_shape, num_outputs, task, classes,
+                        feature_names, the shard set it was trained on (uri + fingerprint)
+    metrics.json        {"epochs": [{epoch, train_loss, val_loss, val_accuracy|val_rmse,
+                        seconds}], steps, world_size, attempts, resumed_from}
+    config.yaml         the ``train`` config of the run
+    features/           copy of the shard set's fitted Spark ML PipelineModel (when it has one)
+
+It is written into a temporary sibling directory and renamed into place, so a reader sees
+the old bundle or the complete new one (object stores have no rename: there the files are
+written in place with ``model.json`` last, and a directory without it is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from pipeline import storage
+from pipeline.configbase import to_dict
+from pipeline.models import build_model
+from pipeline.shardset import ShardSet
+from pipeline.train_config import TrainConfig
+
+__all__ = [
+    "BUNDLE_FORMAT_VERSION",
+    "BundleError",
+    "LoadedBundle",
+    "features_source",
+    "load_bundle",
+    "model_spec",
+    "write_bundle",
+]
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+SPEC = "model.json"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+FEATURES = "features"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or does not match its spec."""
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A bundle loaded for inference: ``model`` is on CPU and in eval mode."""
+
+    model: nn.Module
+    spec: dict[str, Any]
+    metrics: dict[str, Any]
+    uri: str
+
+    @property
+    def features_uri(self) -> str | None:
+        """URI of the bundled feature ``PipelineModel``, or None when the bundle has none."""
+        return storage.join(self.uri, FEATURES) if self.spec.get("features") else None
+
+
+def model_spec(
+    cfg: TrainConfig, shards: ShardSet, *, input_shape: tuple[int, ...], num_outputs: int
+) -> dict[str, Any]:
+    """The ``model.json`` document for a model trained by ``cfg`` on ``shards``."""
+    manifest = shards.manifest
+    fingerprint = (manifest.get("fingerprint") or {}).get("combined") or hashlib.sha256(
+        json.dumps(manifest, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    args = to_dict(cfg.model.args)
+    args.pop("input_shape", None)
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "builder": cfg.model.builder,
+        "args": args,
+        "input_shape": list(input_shape),
+        "num_outputs": num_outputs,
+        "task": cfg.task,
+        "classes": shards.classes if cfg.task == "classification" else [],
+        "feature_names": shards.feature_names,
+        "shardset": {
+            "uri": shards.uri,
+            "fingerprint": fingerprint,
+            "generation": manifest.get("generation"),
+        },
+        "torch_version": torch.__version__,
+    }
+
+
+def features_source(shards: ShardSet) -> str | None:
+    """URI of the shard set's fitted feature ``PipelineModel``; None (with a warning) if absent."""
+    if not shards.manifest.get("features_model"):
+        log.warning(
+            "shard set %s has no features model; the bundle will have no features/", shards.uri
+        )
+        return None
+    uri = shards.features_model_uri
+    fs, path = storage.resolve(uri)
+    if not storage.exists(fs, path):
+        log.warning(
+            "features model %s named by the manifest is missing; the bundle will have no features/",
+            uri,
+        )
+        return None
+    return uri
+
+
+def write_bundle(
+    uri: str,
+    *,
+    model: nn.Module,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    features_uri: str | None = None,
+) -> str:
+    """Write a bundle at ``uri`` (replacing one that is there); returns ``uri``."""
+    fs, final = storage.resolve(uri)
+    spec = {**spec, "features": features_uri is not None}
+    weights = {
+        k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+    }
+    files = {
+        WEIGHTS: safetensors.torch.save(weights, metadata={"format": "pt"}),
+        METRICS: json.dumps(metrics, indent=2, default=_json_default).encode(),
+        CONFIG: yaml.safe_dump(config, sort_keys=False).encode(),
+        SPEC: json.dumps(spec, indent=2).encode(),  # last: the commit marker on object stores
+    }
+    with storage.atomic_dir(fs, final) as target:
+        if features_uri is not None:
+            src_fs, src = storage.resolve(features_uri)
+            pafs.copy_files(
+                src,
+                storage.join(target, FEATURES),
+                source_filesystem=src_fs,
+                destination_filesystem=fs,
+            )
+        for name, data in files.items():
+            with fs.open_output_stream(storage.join(target, name)) as f:
+                f.write(data)
+    return uri
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def load_bundle(uri: str) -> LoadedBundle:
+    """Load a bundle on CPU, in eval mode, without a process group and without pickle."""
+    fs, root = storage.resolve(uri)
+    spec_path = storage.join(root, SPEC)
+    if not storage.exists(fs, spec_path):
+        raise BundleError(f"{uri} is not a model bundle: {SPEC} is missing")
+    spec = json.loads(storage.read_bytes(fs, spec_path))
+    if spec.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{storage.join(uri, SPEC)}: format_version {spec.get('format_version')!r} is not "
+            f"supported (this build reads version {BUNDLE_FORMAT_VERSION})"
+        )
+    model = build_model(
+        spec["builder"],
+        input_shape=tuple(spec["input_shape"]),
+        num_outputs=int(spec["num_outputs"]),
+        args=spec.get("args") or {},
+    )
+    weights = safetensors.torch.load(storage.read_bytes(fs, storage.join(root, WEIGHTS)))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{uri}: weights do not fit the model in {SPEC}: {e}") from e
+    model.eval()
+    metrics_path = storage.join(root, METRICS)
+    metrics = (
+        json.loads(storage.read_bytes(fs, metrics_path)) if storage.exists(fs, metrics_path) else {}
+    )
+    return LoadedBundle(model=model, spec=spec, metrics=metrics, uri=uri)

@@ -1,0 +1,266 @@
+"""The ``train`` config section: what to train, how, and where checkpoints and the bundle go.
+
+Built from plain YAML data with :func:`pipeline.configbase.build`; every section validates
+its own values in ``__post_init__`` and names the dotted key of a bad value
+(``train.optimizer.lr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.configbase import ConfigError, build, check
+
+__all__ = [
+    "CheckpointConfig",
+    "LRScheduleConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PowerSGDConfig",
+    "TrainConfig",
+]
+
+Mode = Literal["ddp", "average", "fsdp"]
+# Modes accepted by the schema but not implemented by this build yet.
+_PLANNED_MODES = ("average", "fsdp")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which network to build (``train.model``)."""
+
+    builder: str = "pipeline.models:mlp"
+    """``module:function`` returning an ``nn.Module``; called with ``input_shape``,
+    ``num_outputs`` (both taken from the shard set) and ``args``."""
+
+    args: Mapping[str, Any] = field(default_factory=_frozen_mapping)
+    """Keyword arguments for the builder (e.g. ``{hidden: [256, 256], dropout: 0.1}``).
+    ``input_shape`` here overrides the shard set's feature shape (a CNN's ``[C, H, W]``)."""
+
+    def __post_init__(self) -> None:
+        module, sep, attr = self.builder.partition(":")
+        check(
+            bool(sep and module and attr),
+            "train.model.builder",
+            f"must look like 'package.module:function', got {self.builder!r}",
+        )
+        check(
+            "num_outputs" not in self.args,
+            "train.model.args.num_outputs",
+            "is derived from the shard set (classes or 1 for regression); remove it",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """The optimizer (``train.optimizer``)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer: ``adamw``, ``adam`` or ``sgd``."""
+
+    lr: float = 1e-3
+    """Peak learning rate (reached after warm-up)."""
+
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for ``adamw``, L2 for ``adam`` and ``sgd``)."""
+
+    momentum: float | None = None
+    """SGD momentum (``sgd`` only; default 0)."""
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "train.optimizer.lr", f"must be > 0, got {self.lr}")
+        check(
+            self.weight_decay >= 0,
+            "train.optimizer.weight_decay",
+            f"must be >= 0, got {self.weight_decay}",
+        )
+        if self.momentum is not None:
+            check(
+                self.name == "sgd",
+                "train.optimizer.momentum",
+                f"applies to sgd only (optimizer is {self.name!r})",
+            )
+            check(
+                0 <= self.momentum < 1,
+                "train.optimizer.momentum",
+                f"must be in [0, 1), got {self.momentum}",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRScheduleConfig:
+    """Learning-rate schedule, stepped once per optimizer step (``train.lr_schedule``)."""
+
+    name: Literal["cosine", "constant", "linear"] = "cosine"
+    """Shape after warm-up: ``cosine`` or ``linear`` decay to 0 at the last step, or
+    ``constant``."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``train.optimizer.lr``."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.warmup_steps >= 0,
+            "train.lr_schedule.warmup_steps",
+            f"must be >= 0, got {self.warmup_steps}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PowerSGDConfig:
+    """PowerSGD gradient compression (``train.powersgd``).
+
+    Used only when ``train.comm_hook`` is ``powersgd``.
+    """
+
+    matrix_rank: int = 1
+    """Rank of the low-rank gradient approximation (higher: more accurate, more traffic)."""
+
+    start_iter: int = 1000
+    """Optimizer steps of plain all-reduce before compression starts (PowerSGD's warm-up)."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.matrix_rank >= 1,
+            "train.powersgd.matrix_rank",
+            f"must be >= 1, got {self.matrix_rank}",
+        )
+        # torch requires > 1 because error feedback and warm start are on.
+        check(
+            self.start_iter >= 2,
+            "train.powersgd.start_iter",
+            f"must be >= 2, got {self.start_iter}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where and how often checkpoints are written (``train.checkpoint``)."""
+
+    dir: str = "out/ckpt"
+    """Checkpoint directory (local path or pyarrow.fs URI shared by all workers)."""
+
+    every_steps: int = 500
+    """Write a checkpoint every this many optimizer steps (0: only at the end of each
+    epoch, which always writes one)."""
+
+    keep: int = 3
+    """How many most recent checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.dir), "train.checkpoint.dir", "must not be empty")
+        check(
+            self.every_steps >= 0,
+            "train.checkpoint.every_steps",
+            f"must be >= 0, got {self.every_steps}",
+        )
+        check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The ``train`` section: data, model, optimisation, fault tolerance and output."""
+
+    dataset: str = "out/shards"
+    """URI of the shard set written by the ETL."""
+
+    task: Literal["classification", "regression"] = "classification"
+    """``classification`` (cross-entropy, accuracy) or ``regression`` (MSE, RMSE); must
+    match the shard set's label task."""
+
+    mode: Mode = "ddp"
+    """Training mode. Only ``ddp`` is implemented; ``average`` and ``fsdp`` are planned."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+
+    num_workers: int = 2
+    """Number of training processes (ranks)."""
+
+    epochs: int = 5
+    """Passes over the training split."""
+
+    batch_size: int = 512
+    """Rows per micro-batch per worker."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer."""
+
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    """The learning-rate schedule."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (gradients are all-reduced on the last one only)."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``fp32``, or ``bf16`` autocast of the forward pass (weights stay fp32)."""
+
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"
+    """DDP gradient communication hook: plain all-reduce, fp16/bf16 compression or PowerSGD."""
+
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
+    """PowerSGD settings (used only with ``comm_hook: powersgd``)."""
+
+    seed: int = 0
+    """Seed of model initialisation, data order and dropout."""
+
+    timeout_s: float = 600.0
+    """Timeout of collective operations (a hung peer fails the job after this long)."""
+
+    max_attempts: int = 3
+    """Launches of the whole job in total; after a failure the job is relaunched and
+    resumes from the latest checkpoint."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+    output: str = "out/model"
+    """URI of the model bundle written at the end (replaced atomically)."""
+
+    resume: bool = False
+    """Continue from the latest checkpoint in ``train.checkpoint.dir`` left by an earlier,
+    interrupted run (relaunches after a failure always resume)."""
+
+    verify: Literal["auto", "full", "size", "none"] = "auto"
+    """Shard verification before reading: sha256 (``full``; ``auto`` below 1 GiB), size
+    only, or none."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.mode not in _PLANNED_MODES,
+            "train.mode",
+            f"{self.mode!r} is not implemented yet; this build supports 'ddp'",
+        )
+        check(bool(self.dataset), "train.dataset", "must not be empty")
+        check(bool(self.output), "train.output", "must not be empty")
+        for key in ("num_workers", "epochs", "batch_size", "grad_accum_steps", "max_attempts"):
+            value = getattr(self, key)
+            check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+        check(self.timeout_s > 0, "train.timeout_s", f"must be > 0, got {self.timeout_s}")
+        if self.grad_clip is not None:
+            check(
+                self.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {self.grad_clip}"
+            )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, prefix: str = "train") -> TrainConfig:
+        """Build and validate the section from YAML data; errors name ``prefix.key``."""
+        return build(cls, data, prefix)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some top-level fields changed (validated again)."""
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as e:
+            raise ConfigError("train", str(e)) from e
