@@ -52,6 +52,8 @@ REASON = "_reason"
 REASON_COLUMN = "_reason_column"
 SOURCE = "_source_file"
 RAW_PREFIX = "_raw_"
+_TYPED = "_typed_"
+_CODE = "_reason_code"
 
 
 class SchemaMismatchError(ValueError):
@@ -64,6 +66,7 @@ class RawInput:
 
     df: DataFrame
     text: bool  # every declared column arrived as a string
+    trimmed: bool = False  # the parser already trimmed values (blank == null)
 
 
 def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
@@ -83,12 +86,15 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
         )
         if inp.format == "csv":
             # enforceSchema=false: Spark checks every file's header against these names.
+            # The parser trims fields, so a blank field arrives as null (no per-value trim).
             reader = reader.option("header", str(inp.header).lower())
+            reader = reader.option("ignoreLeadingWhiteSpace", "true")
+            reader = reader.option("ignoreTrailingWhiteSpace", "true")
             df = reader.option("enforceSchema", "false").csv(inp.path)
         else:
             df = reader.json(inp.path)
         df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
-        return RawInput(df, text=True)
+        return RawInput(df, text=True, trimmed=inp.format == "csv")
     if inp.format == "parquet":
         df = spark.read.options(**dict(inp.options)).parquet(inp.path)
         df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
@@ -117,13 +123,10 @@ def _csv_header(spark: SparkSession, cfg: EtlConfig) -> list[str]:
     return list(found)
 
 
-def _blank(c: Column) -> Column:
+def _blank(c: Column, trimmed: bool = False) -> Column:
+    if trimmed:
+        return c.isNull() | (c.cast("string") == "")
     return c.isNull() | (F.trim(c.cast("string")) == "")
-
-
-def _first(*pairs: tuple[Column, str]) -> Column:
-    """The label of the first condition that holds (null when none does)."""
-    return F.coalesce(*[F.when(cond, F.lit(label)) for cond, label in pairs])
 
 
 def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
@@ -132,56 +135,85 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     Output columns: every declared column with its declared type, ``_reason``,
     ``_reason_column``, ``_source_file``, ``_corrupt_record`` and ``_raw_<col>`` (the value as
     read, as a string, kept only on quarantined rows).
+
+    Built as stacked projections so that each ``try_cast`` and the whole check chain are
+    evaluated once per row: columns are cast once, the checks yield one integer code (the
+    index of the first failing check), and reason, column and raw values derive from the code.
+    Spark keeps the projections apart because their outputs are referenced many times.
     """
     df = raw.df
-    typed = {c: _typed(df, c, cfg.dtype(c)) for c in cfg.schema}
-    checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
-    if raw.text:
-        header = F.lit(True)
-        for c in cfg.schema:
-            header = header & (F.trim(F.col(c)) == F.lit(c))
-        checks.append((header, "repeated_header", ""))
-    checks.append((_blank(F.col(cfg.key)), "key_missing", cfg.key))
-    checks.append((typed[cfg.key].isNull(), "value_invalid", cfg.key))
-    checks.append((_blank(F.col(cfg.label)), "label_missing", cfg.label))
-    checks.append((_label_invalid(typed[cfg.label], cfg), "label_invalid", cfg.label))
-    checks += [
-        (~_blank(F.col(c)) & typed[c].isNull(), "value_invalid", c)
-        for c in (*cfg.numeric, *cfg.categorical)
-    ]
-    for c in cfg.numeric:
-        x = typed[c].cast("double")
-        finite = ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))
-        checks.append((finite & (F.abs(x) > F.lit(cfg.max_abs_value)), "value_out_of_range", c))
-        if cfg.missing == "quarantine":
-            checks.append((x.isNotNull() & ~finite, "value_not_finite", c))
-            checks.append((x.isNull(), "value_missing", c))
-    reason = _first(*[(cond, r) for cond, r, _ in checks])
-    reason_col = _first(*[(cond, col) for cond, _, col in checks])
-    out = [typed[c].alias(c) for c in cfg.schema if c not in cfg.numeric]
-    out += [_finite_or_null(typed[c].cast("double")).alias(c) for c in cfg.numeric]
+    df = df.select(
+        "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in cfg.schema]
+    )
+    checks = _checks(raw, cfg)
+    code = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(checks)])
+    df = df.withColumn(_CODE, code)
+    code_col = F.col(_CODE)
+    out = [F.col(_TYPED + c).alias(c) for c in cfg.schema if c not in cfg.numeric]
+    out += [_finite_or_null(F.col(_TYPED + c).cast("double")).alias(c) for c in cfg.numeric]
+    quarantined = F.col(_CODE).isNotNull()
     raw_cols = [
-        F.when(reason.isNotNull(), F.col(c).cast("string")).alias(RAW_PREFIX + c)
-        for c in cfg.schema
+        F.when(quarantined, F.col(c).cast("string")).alias(RAW_PREFIX + c) for c in cfg.schema
     ]
     return df.select(
         *out,
-        reason.alias(REASON),
-        F.when(reason.isNotNull(), reason_col).alias(REASON_COLUMN),
-        F.col(SOURCE),
+        _lookup(code_col, [r for _, r, _ in checks]).alias(REASON),
+        _lookup(code_col, [c or None for _, _, c in checks]).alias(REASON_COLUMN),
+        F.when(quarantined, F.col(SOURCE)).alias(SOURCE),
         F.col(CORRUPT),
         *raw_cols,
     )
 
 
-def _typed(df: DataFrame, column: str, dtype: str) -> Column:
+def _lookup(code: Column, values: list[str | None]) -> Column:
+    """``values[code]`` as a CASE over integer codes (null code → null)."""
+    out = F.when(code == F.lit(0), F.lit(values[0]).cast("string"))
+    for i, v in enumerate(values[1:], start=1):
+        out = out.when(code == F.lit(i), F.lit(v).cast("string"))
+    return out
+
+
+def _checks(raw: RawInput, cfg: EtlConfig) -> list[tuple[Column, str, str]]:
+    """``(condition, reason, column)`` in priority order, over raw and ``_typed_`` columns."""
+
+    def typed(c: str) -> Column:
+        return F.col(_TYPED + c)
+
+    def blank(c: str) -> Column:
+        return _blank(F.col(c), raw.trimmed)
+
+    checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
+    if raw.text:
+        header = F.lit(True)
+        for c in cfg.schema:
+            value = F.col(c) if raw.trimmed else F.trim(F.col(c))
+            header = header & (value == F.lit(c))
+        checks.append((header, "repeated_header", ""))
+    checks.append((blank(cfg.key), "key_missing", cfg.key))
+    checks.append((typed(cfg.key).isNull(), "value_invalid", cfg.key))
+    checks.append((blank(cfg.label), "label_missing", cfg.label))
+    checks.append((_label_invalid(typed(cfg.label), cfg), "label_invalid", cfg.label))
+    checks += [
+        (~blank(c) & typed(c).isNull(), "value_invalid", c)
+        for c in (*cfg.numeric, *cfg.categorical)
+    ]
+    for c in cfg.numeric:
+        x = typed(c).cast("double")
+        finite = ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))
+        checks.append((finite & (F.abs(x) > F.lit(cfg.max_abs_value)), "value_out_of_range", c))
+        if cfg.missing == "quarantine":
+            checks.append((x.isNotNull() & ~finite, "value_not_finite", c))
+            checks.append((x.isNull(), "value_missing", c))
+    return checks
+
+
+def _typed(df: DataFrame, column: str, dtype: str, trimmed: bool) -> Column:
     c = F.col(column)
     if dtype == "string":
-        return F.when(~_blank(c), c.cast("string"))
+        return F.when(~_blank(c, trimmed), c.cast("string"))
     if dtype == "boolean":
         return F.lower(F.trim(c.cast("string"))).try_cast("boolean")
-    src = df.schema[column].dataType
-    if isinstance(src, T.StringType):
+    if isinstance(df.schema[column].dataType, T.StringType) and not trimmed:
         c = F.trim(c)
     return c.try_cast(dtype)
 
