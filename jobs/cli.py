@@ -9,13 +9,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError, load_config
 
 __all__ = ["main"]
@@ -55,6 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("etl", help="validate, split, featurize and shard the raw table")
     _common(p)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p = sub.add_parser("train", help="train on the shard set (barrier-mode DDP on Spark)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p = sub.add_parser("evaluate", help="evaluate a bundle on a split of a shard set")
+    _common(p)
+    p.add_argument("--model", help="bundle (default: train.output)")
+    p.add_argument("--dataset", help="shard set (default: the one the bundle was trained on)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    for name, text in (
+        ("run", "etl → train → evaluate, skipping up-to-date stages"),
+        ("demo", "make-data (if absent) + run on local[*]"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--force", action="store_true", help="rebuild every stage")
+        if name == "demo":
+            p.add_argument("--rows", type=int, default=200_000, help="rows of sample data")
     p = sub.add_parser("inspect", help="summarize a shard set, checkpoint dir or bundle")
     _common(p)
     p.add_argument("path")
@@ -69,6 +89,9 @@ def spark_session(cfg: Config, *, under_submit: bool) -> Any:
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not under_submit:
         builder = builder.master(cfg.spark.master)
+        if cfg.spark.master.startswith("local"):
+            # Local Python workers must run this interpreter (the venv), not `python3` on PATH.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     conf = {"spark.ui.showConsoleProgress": "false", **dict(cfg.spark.conf)}
     for k, v in conf.items():
         builder = builder.config(k, v)
@@ -117,6 +140,90 @@ def _with_input_errors(fn: Callable[[], Any]) -> Any:
         raise
 
 
+def _cmd_train(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.train import fit
+
+    train = cfg.train
+    if args.resume:
+        train = dataclasses.replace(train, resume=True)
+    spark = spark_session(cfg, under_submit=under_submit)
+    result = fit(train, spark)
+    print(_train_summary(result))
+    return EXIT_OK
+
+
+def _train_summary(result: Any) -> str:
+    final = {k: v for k, v in result.final.items() if v is not None}
+    shown = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
+    )
+    resumed = (
+        f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
+    )
+    return (
+        f"trained {len(result.epochs)} epoch(s), {result.steps} steps on {result.world_size} "
+        f"workers (attempt {result.attempt + 1}{resumed})\n  final: {shown}\n  bundle: {result.bundle}"
+    )
+
+
+def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.evaluate import evaluate_bundle
+
+    model = args.model or (cfg.train.output if cfg.train_data is not None else None)
+    if model is None:
+        raise UsageError("evaluate needs --model BUNDLE (or a config with train.output)")
+    print(json.dumps(evaluate_bundle(model, args.dataset, args.split), indent=2))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.evaluate import evaluate_bundle
+    from pipeline.train import bundle_is_current, fit
+    from preprocessing.etl import run_etl
+
+    etl, train = cfg.etl, cfg.train
+    if train.dataset != etl.output:
+        raise ConfigError("train.dataset", f"is {train.dataset!r} but etl.output is {etl.output!r}")
+    spark = spark_session(cfg, under_submit=under_submit)
+    stages: list[dict[str, Any]] = []
+    started = time.monotonic()
+    result = _with_input_errors(lambda: run_etl(spark, etl, force=args.force))
+    print(result.summary())
+    stages.append(
+        {"stage": "etl", "status": result.status, "seconds": round(time.monotonic() - started, 2)}
+    )
+    started = time.monotonic()
+    if not args.force and bundle_is_current(train):
+        print(f"bundle {train.output}: up to date (same shard set and train config), not retrained")
+        stages.append({"stage": "train", "status": "up_to_date", "seconds": 0.0})
+    else:
+        print(_train_summary(fit(train, spark)))
+        stages.append(
+            {"stage": "train", "status": "trained", "seconds": round(time.monotonic() - started, 2)}
+        )
+    metrics = evaluate_bundle(train.output, etl.output, "test")
+    print(
+        "test metrics: "
+        + json.dumps({k: metrics[k] for k in metrics if k not in ("bundle", "dataset")})
+    )
+    stages.append({"stage": "evaluate", "status": "done", "metrics": metrics})
+    log.info("run summary: %s", json.dumps(stages))
+    print(f"model bundle: {train.output}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from preprocessing.make_data import make_data
+
+    raw = cfg.etl.input.path
+    spark = spark_session(cfg, under_submit=under_submit)
+    fs, path = storage.resolve(raw)
+    if args.force or not storage.exists(fs, path):
+        make_data(spark, args.rows, raw, seed=0)
+        print(f"wrote {args.rows} rows of sample data to {raw}")
+    return _cmd_run(args, cfg, under_submit)
+
+
 def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
     from pipeline.inspect import describe, render
 
@@ -128,6 +235,10 @@ def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> i
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
     "make-data": _cmd_make_data,
     "etl": _cmd_etl,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "run": _cmd_run,
+    "demo": _cmd_demo,
     "inspect": _cmd_inspect,
 }
 

@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import bundle, storage
+from pipeline import bundle, distenv, storage
 from pipeline.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pipeline.comm_hooks import register_comm_hook
 from pipeline.configbase import to_dict
 from pipeline.distenv import device_and_backend
-from pipeline.faults import current_attempt, parse_fault
+from pipeline.faults import parse_fault
+from pipeline.metrics import EvalSums, loss_fn
 from pipeline.models import build_model
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.progress import report
@@ -132,7 +132,7 @@ class _Trainer:
         self.backend = backend
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.attempt = current_attempt()
+        self.attempt = distenv.current().attempt
         self.fault = parse_fault()
         self.shards = ShardSet.open(cfg.dataset)
         if self.shards.task != cfg.task:
@@ -428,14 +428,7 @@ class _Trainer:
         self.step += 1
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor, *, reduction: str) -> torch.Tensor:
-        out = out.float()
-        if y.shape[0] == 0:
-            # An empty batch still joins the all-reduce: a zero loss that touches every
-            # parameter gives zero gradients instead of NaN.
-            return out.sum() * 0.0
-        if self.cfg.task == "classification":
-            return F.cross_entropy(out, y.long(), reduction=reduction)
-        return F.mse_loss(out.reshape(-1), y.float(), reduction=reduction)
+        return loss_fn(out, y, self.cfg.task, reduction=reduction)
 
     def _all_reduce(self, *values: torch.Tensor | float) -> list[float]:
         """Sum scalars over all ranks (in float64)."""
@@ -449,31 +442,20 @@ class _Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float | None]:
         """Validation loss and accuracy (classification) or RMSE (regression), all ranks."""
-        name = "val_accuracy" if self.cfg.task == "classification" else "val_rmse"
         if self.val_reader is None:
-            return {"val_loss": None, name: None}
+            return EvalSums(self.cfg.task).result(prefix="val_")
         self.module.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        hits = torch.zeros((), dtype=torch.float64, device=self.device)
-        n = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = EvalSums(self.cfg.task, self.device)
         self.val_reader.set_epoch(0)
         for batch in self.val_reader:
             x, y = self._on_device(batch.features, batch.labels)
             if y.shape[0] == 0:
                 continue
             with self.autocast:
-                out = self.module(x)
-            loss_sum += self._loss(out, y, reduction="sum").double()
-            if self.cfg.task == "classification":
-                hits += (out.argmax(dim=1) == y).sum().double()
-            n += y.shape[0]
+                sums.add(self.module(x), y)
         self.module.train()
-        total_loss, total_hits, total_n = self._all_reduce(loss_sum, hits, n)
-        if total_n == 0:
-            return {"val_loss": None, name: None}
-        val_loss = total_loss / total_n
-        score = total_hits / total_n if self.cfg.task == "classification" else math.sqrt(val_loss)
-        return {"val_loss": val_loss, name: score}
+        dist.all_reduce(sums.values)
+        return sums.result(prefix="val_")
 
     # -- reporting and output --------------------------------------------------
     def _report_step(self, start: float) -> None:

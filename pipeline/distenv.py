@@ -67,7 +67,7 @@ class DistEnv:
     master_port: int
     """Free port on rank 0's host."""
     attempt: int
-    """0-based relaunch attempt (always 0 outside the launcher)."""
+    """0-based relaunch attempt: the launcher's, or torchrun's restart count; else 0."""
     run_token: str
     """Random per-attempt token (empty outside the launcher)."""
 
@@ -91,7 +91,8 @@ def current(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_world_size=number("LOCAL_WORLD_SIZE", 1),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=number("MASTER_PORT", 29500),
-        attempt=number(ATTEMPT, 0),
+        # the launcher's attempt, else torchrun's restart count (--max-restarts)
+        attempt=number(ATTEMPT, number("TORCHELASTIC_RESTART_COUNT", 0)),
         run_token=env.get(RUN_TOKEN, ""),
     )
 

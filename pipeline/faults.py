@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FAULT_ENV", "Fault", "InjectedFault", "current_attempt", "parse_fault"]
+__all__ = ["FAULT_ENV", "Fault", "InjectedFault", "parse_fault"]
 
 FAULT_ENV = "SPARK_TRAIN_FAULT"
 EXIT_CODE = 17
@@ -76,15 +76,3 @@ def parse_fault(spec: str | None = None) -> Fault | None:
         )
     except ValueError as e:
         raise ValueError(f"{FAULT_ENV}={spec!r}: rank, step and attempt must be integers") from e
-
-
-def current_attempt() -> int:
-    """Launch attempt of this process (0 = first launch).
-
-    The launcher's ``SPARK_TRAIN_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT``.
-    """
-    for var in ("SPARK_TRAIN_ATTEMPT", "TORCHELASTIC_RESTART_COUNT"):
-        value = os.environ.get(var)
-        if value not in (None, ""):
-            return int(value)
-    return 0

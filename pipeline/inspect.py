@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from pipeline import storage
+from pipeline.checkpoint import CheckpointManager
 from pipeline.shardset import MANIFEST_NAME, ShardSet
 
 __all__ = ["describe", "render"]
@@ -28,16 +29,21 @@ def describe(uri: str) -> dict[str, Any]:
             else {}
         )
         return {"kind": "bundle", "uri": uri, "spec": spec, "metrics": metrics}
-    steps = sorted(
-        e.base_name for e in storage.list_dir(fs, root) if e.base_name.startswith("step-")
-    )
+    ckpt = CheckpointManager(uri)
+    steps = ckpt.steps()
     if steps:
-        return {"kind": "checkpoints", "uri": uri, "checkpoints": steps, "latest": steps[-1]}
+        return {
+            "kind": "checkpoints",
+            "uri": uri,
+            "steps": steps,
+            "latest_valid": ckpt.latest_step(),
+            "paths": [ckpt.path(s) for s in steps],
+        }
     if not storage.exists(fs, root):
         raise FileNotFoundError(f"{uri} does not exist")
     raise ValueError(
         f"{uri} is neither a shard set ({MANIFEST_NAME}), a bundle (model.safetensors) nor a "
-        "checkpoint directory (step-* entries)"
+        "checkpoint directory (complete step-* checkpoints)"
     )
 
 

@@ -8,15 +8,21 @@ Without Spark the same worker runs under torchrun: ``python -m pipeline.worker``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
+from pipeline import storage
+from pipeline.bundle import CONFIG, SPEC, model_spec
 from pipeline.configbase import to_dict
 from pipeline.ddp import train_worker
+from pipeline.shardset import ShardSet, ShardSetError
 from pipeline.train_config import TrainConfig
 
-__all__ = ["TrainResult", "fit"]
+__all__ = ["TrainResult", "bundle_is_current", "fit"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +88,35 @@ def fit(
     )
     rank0 = next(s for s in summaries if s["rank"] == 0)
     return TrainResult.from_summary(rank0)
+
+
+# Keys that change how a run is operated, not what it produces.
+_OPERATIONAL_KEYS = frozenset({"resume", "max_attempts", "timeout_s", "verify"})
+
+
+def bundle_is_current(cfg: TrainConfig) -> bool:
+    """True when ``cfg.output`` holds a bundle trained with this config on this shard set.
+
+    Compared: the shard set's fingerprint and generation recorded in ``model.json`` against
+    the committed manifest, and the bundle's ``config.yaml`` against ``cfg`` (ignoring keys
+    that do not affect the result: resume, max_attempts, timeout_s, verify).
+    """
+    fs, root = storage.resolve(cfg.output)
+    spec_path, config_path = storage.join(root, SPEC), storage.join(root, CONFIG)
+    if not (storage.exists(fs, spec_path) and storage.exists(fs, config_path)):
+        return False
+    try:
+        shards = ShardSet.open(cfg.dataset)
+    except ShardSetError:
+        return False
+    spec = json.loads(storage.read_bytes(fs, spec_path))
+    trained = (yaml.safe_load(storage.read_bytes(fs, config_path)) or {}).get("train", {})
+    current = model_spec(
+        cfg, shards, input_shape=tuple(spec["input_shape"]), num_outputs=int(spec["num_outputs"])
+    )
+    same_data = spec.get("shardset", {}) == current["shardset"]
+
+    def result_keys(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in _OPERATIONAL_KEYS}
+
+    return same_data and result_keys(trained) == result_keys(to_dict(cfg))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline import bundle
-from pipeline.faults import Fault, InjectedFault, current_attempt, parse_fault
+from pipeline.distenv import current
+from pipeline.faults import Fault, InjectedFault, parse_fault
 from pipeline.models import mlp
 from pipeline.optim import LRFactor, build_optimizer, build_scheduler
 from pipeline.shardset import ShardSet
@@ -75,11 +76,11 @@ def test_fault_fires_only_where_asked() -> None:
 def test_current_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SPARK_TRAIN_ATTEMPT", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert current_attempt() == 0
+    assert current().attempt == 0
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    assert current_attempt() == 2
+    assert current().attempt == 2
     monkeypatch.setenv("SPARK_TRAIN_ATTEMPT", "1")
-    assert current_attempt() == 1
+    assert current().attempt == 1
 
 
 def _shardset(root: Path, *, features: bool) -> ShardSet:

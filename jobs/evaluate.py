@@ -1,0 +1,6 @@
+"""spark-submit entry point: ``spark-submit jobs/evaluate.py --config c.yaml [--set k=v] ...``."""
+
+from jobs._submit import submit
+
+if __name__ == "__main__":
+    submit("evaluate")

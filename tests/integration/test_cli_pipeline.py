@@ -1,0 +1,119 @@
+"""The whole pipeline through the CLI and through spark-submit: etl → train → evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from preprocessing.make_data import demo_etl_section
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
+
+
+def _config(tmp_path: Path, raw: Path) -> Path:
+    etl = demo_etl_section(str(raw), str(tmp_path / "shards"))
+    etl["num_shards"] = 2
+    train = {
+        "dataset": str(tmp_path / "shards"),
+        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [32]}},
+        "num_workers": 2,
+        "epochs": 3,
+        "batch_size": 128,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 10, "keep": 2},
+        "output": str(tmp_path / "model"),
+        "timeout_s": 120,
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"spark": {"master": "local[2]"}, "etl": etl, "train": train}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def raw_data(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from preprocessing.make_data import make_data
+
+    raw = tmp_path_factory.mktemp("raw") / "data"
+    make_data(spark, 8000, str(raw), seed=3)
+    return raw
+
+
+def test_run_trains_evaluates_and_skips_up_to_date_stages(
+    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+) -> None:
+    cfg = _config(tmp_path, raw_data)
+    assert main(["run", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "trained 3 epoch(s)" in out and "test metrics" in out
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3
+
+    assert main(["run", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "up to date (nothing to do)" in out and "not retrained" in out
+
+    # a changed train setting retrains, an operational one does not
+    assert main(["run", "--config", str(cfg), "--set", "train.max_attempts=2"]) == 0
+    assert "not retrained" in capsys.readouterr().out
+
+    assert main(["evaluate", "--config", str(cfg), "--split", "val"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["split"] == "val" and ev["rows"] > 500
+    assert ev["accuracy"] > 0.6, ev  # make-data's label is learnable; chance is ~0.5
+
+    assert main(["inspect", str(tmp_path / "model"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "bundle"
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    ck = json.loads(capsys.readouterr().out)
+    assert ck["kind"] == "checkpoints" and ck["latest_valid"] == max(ck["steps"])
+
+
+def test_evaluate_refuses_a_mismatched_shard_set(
+    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+) -> None:
+    cfg = _config(tmp_path, raw_data)
+    assert main(["run", "--config", str(cfg), "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["etl"]["onehot"] = []  # different features → different vector
+    data["etl"]["output"] = str(tmp_path / "shards2")
+    other.write_text(yaml.safe_dump(data))
+    assert main(["etl", "--config", str(other)]) == 0
+    capsys.readouterr()
+    rc = main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "shards2")])
+    assert rc == 1
+    assert "trained on" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_spark_submit_runs_the_same_job(raw_data: Path, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, raw_data)
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    submit = Path(sys.executable).parent / "spark-submit"
+    proc = subprocess.run(
+        [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+         str(REPO / "jobs" / "run.py"), "--config", str(cfg), "--set", "train.epochs=1"],
+        capture_output=True, text=True, env=env, timeout=400, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test metrics" in proc.stdout
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+    bad = subprocess.run(
+        [str(submit), "--master", "local[1]", str(REPO / "jobs" / "etl.py"), "--config",
+         str(cfg), "--set", "etl.nope=1"],
+        capture_output=True, text=True, env=env, timeout=200, check=False,
+    )
+    # spark-submit forwards the Python driver's stderr on its stdout
+    assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr
