@@ -97,17 +97,17 @@ _ETL_SQL_CONF = {"spark.sql.codegen.hugeMethodLimit": "8000"}
 @contextmanager
 def _sql_conf(spark: SparkSession, conf: dict[str, str]) -> Iterator[None]:
     """Set session SQL confs for the block, restoring the caller's values afterwards."""
-    previous = {k: spark.conf.get(k, None) for k in conf}
+    previous: dict[str, str | None] = {k: spark.conf.get(k, None) for k in conf}
     for k, v in conf.items():
         spark.conf.set(k, v)
     try:
         yield
     finally:
-        for k, v in previous.items():
-            if v is None:
+        for k, old in previous.items():
+            if old is None:
                 spark.conf.unset(k)
             else:
-                spark.conf.set(k, v)
+                spark.conf.set(k, old)
 
 
 class _PhaseTimer:

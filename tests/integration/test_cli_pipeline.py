@@ -90,7 +90,9 @@ def test_evaluate_refuses_a_mismatched_shard_set(
     other.write_text(yaml.safe_dump(data))
     assert main(["etl", "--config", str(other)]) == 0
     capsys.readouterr()
-    rc = main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "shards2")])
+    rc = main(
+        ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "shards2")]
+    )
     assert rc == 1
     assert "trained on" in capsys.readouterr().err
 
@@ -98,22 +100,53 @@ def test_evaluate_refuses_a_mismatched_shard_set(
 @pytest.mark.slow
 def test_spark_submit_runs_the_same_job(raw_data: Path, tmp_path: Path) -> None:
     cfg = _config(tmp_path, raw_data)
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable,
-               PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+    )
     submit = Path(sys.executable).parent / "spark-submit"
     proc = subprocess.run(
-        [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         str(REPO / "jobs" / "run.py"), "--config", str(cfg), "--set", "train.epochs=1"],
-        capture_output=True, text=True, env=env, timeout=400, check=False,
+        [
+            str(submit),
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.ui.enabled=false",
+            str(REPO / "jobs" / "run.py"),
+            "--config",
+            str(cfg),
+            "--set",
+            "train.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metrics" in proc.stdout
     assert (tmp_path / "model" / "model.safetensors").exists()
 
     bad = subprocess.run(
-        [str(submit), "--master", "local[1]", str(REPO / "jobs" / "etl.py"), "--config",
-         str(cfg), "--set", "etl.nope=1"],
-        capture_output=True, text=True, env=env, timeout=200, check=False,
+        [
+            str(submit),
+            "--master",
+            "local[1]",
+            str(REPO / "jobs" / "etl.py"),
+            "--config",
+            str(cfg),
+            "--set",
+            "etl.nope=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
+        check=False,
     )
     # spark-submit forwards the Python driver's stderr on its stdout
     assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr
