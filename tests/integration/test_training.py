@@ -349,3 +349,45 @@ def test_comm_hooks_and_bf16_train(
     # The variant really changed the arithmetic: the weights are close to, not equal to, fp32's.
     ours, fp32 = _weights(cfg), _weights(base)
     assert any(not torch.equal(ours[k], fp32[k]) for k in ours)
+
+
+@pytest.mark.spark
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_two_executor_jvms_train_the_same_weights(
+    spark_baseline: tuple[TrainConfig, TrainResult], shards: str, tmp_path: Path
+) -> None:
+    """spark-submit jobs/train.py on local-cluster[2,1,1024]: one rank per executor JVM."""
+    cfg = _cfg(tmp_path, shards)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"train": to_dict(cfg)}))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+    )
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "spark-submit"),
+            "--master",
+            "local-cluster[2,1,1024]",
+            "--conf",
+            "spark.ui.enabled=false",
+            "--conf",
+            f"spark.executorEnv.PYTHONPATH={REPO}",
+            str(REPO / "jobs" / "train.py"),
+            "--config",
+            str(conf),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"trained {cfg.epochs} epoch(s)" in proc.stdout
+    # separate executor JVMs, same seed and threads: the same weights as local[2]
+    _assert_same_weights(_weights(cfg), _weights(spark_baseline[0]))
