@@ -7,6 +7,7 @@ application in a subprocess, because one Python process can hold only one SparkC
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +55,28 @@ def subprocess_env() -> dict[str, str]:
     env["PYSPARK_PYTHON"] = sys.executable
     env["PYSPARK_DRIVER_PYTHON"] = sys.executable
     return env
+
+
+def spark_submit(
+    master: str, job: str, *args: str, conf: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``spark-submit --master MASTER jobs/JOB.py ARGS`` with this venv; output captured."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+    )
+    settings = {
+        "spark.ui.enabled": "false",
+        "spark.executorEnv.PYTHONPATH": str(REPO),
+        **(conf or {}),
+    }
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master]
+    for k, v in settings.items():
+        cmd += ["--conf", f"{k}={v}"]
+    cmd += [str(REPO / "jobs" / f"{job}.py"), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )

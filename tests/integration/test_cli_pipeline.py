@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +11,7 @@ import yaml
 
 from jobs.cli import main
 from preprocessing.make_data import demo_etl_section
-from tests.conftest import REPO
+from tests.conftest import spark_submit
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -100,53 +97,13 @@ def test_evaluate_refuses_a_mismatched_shard_set(
 @pytest.mark.slow
 def test_spark_submit_runs_the_same_job(raw_data: Path, tmp_path: Path) -> None:
     cfg = _config(tmp_path, raw_data)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        PYSPARK_PYTHON=sys.executable,
-        PYSPARK_DRIVER_PYTHON=sys.executable,
-        SPARK_LOCAL_IP="127.0.0.1",
-    )
-    submit = Path(sys.executable).parent / "spark-submit"
-    proc = subprocess.run(
-        [
-            str(submit),
-            "--master",
-            "local[2]",
-            "--conf",
-            "spark.ui.enabled=false",
-            str(REPO / "jobs" / "run.py"),
-            "--config",
-            str(cfg),
-            "--set",
-            "train.epochs=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-        check=False,
+    proc = spark_submit(
+        "local[2]", "run", "--config", str(cfg), "--set", "train.epochs=1", timeout=400
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metrics" in proc.stdout
     assert (tmp_path / "model" / "model.safetensors").exists()
 
-    bad = subprocess.run(
-        [
-            str(submit),
-            "--master",
-            "local[1]",
-            str(REPO / "jobs" / "etl.py"),
-            "--config",
-            str(cfg),
-            "--set",
-            "etl.nope=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=200,
-        check=False,
-    )
+    bad = spark_submit("local[1]", "etl", "--config", str(cfg), "--set", "etl.nope=1", timeout=200)
     # spark-submit forwards the Python driver's stderr on its stdout
     assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr

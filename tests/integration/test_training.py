@@ -27,6 +27,7 @@ from pipeline.faults import FAULT_ENV
 from pipeline.models import mlp
 from pipeline.train import TrainResult, fit
 from pipeline.train_config import TrainConfig
+from tests.conftest import spark_submit
 from tests.shards import make_shardset, read_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -361,32 +362,7 @@ def test_two_executor_jvms_train_the_same_weights(
     cfg = _cfg(tmp_path, shards)
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"train": to_dict(cfg)}))
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        PYSPARK_PYTHON=sys.executable,
-        PYSPARK_DRIVER_PYTHON=sys.executable,
-        SPARK_LOCAL_IP="127.0.0.1",
-    )
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "spark-submit"),
-            "--master",
-            "local-cluster[2,1,1024]",
-            "--conf",
-            "spark.ui.enabled=false",
-            "--conf",
-            f"spark.executorEnv.PYTHONPATH={REPO}",
-            str(REPO / "jobs" / "train.py"),
-            "--config",
-            str(conf),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    proc = spark_submit("local-cluster[2,1,1024]", "train", "--config", str(conf))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"trained {cfg.epochs} epoch(s)" in proc.stdout
     # separate executor JVMs, same seed and threads: the same weights as local[2]
