@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -26,6 +27,7 @@ __all__ = ["main"]
 log = logging.getLogger("spark_train")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 class UsageError(Exception):
@@ -254,6 +256,8 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
     logging.getLogger("py4j").setLevel(logging.WARNING)
     if under_submit is None:
         under_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    if args.command == "demo" and args.config is None:
+        args.config = str(DEMO_CONFIG)
     try:
         cfg = load_config(args.config, args.overrides)
         return COMMANDS[args.command](args, cfg, under_submit)

@@ -134,3 +134,14 @@ def test_make_data_is_deterministic_and_dirty(spark: Any, tmp_path: Path, capsys
     ]
     assert 0.004 < len(bad) / len(body) < 0.02
     assert main(["make-data", "--rows", "0", "--output", str(tmp_path / "c")]) == 2
+
+
+def test_demo_defaults_to_the_packaged_config(capsys: Any) -> None:
+    from jobs.cli import DEMO_CONFIG
+    from pipeline.config import load_config
+
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.etl.output == cfg.train.dataset  # the demo's stages chain
+    # without --config, demo validates the packaged file (here: rejects a bad override)
+    assert main(["demo", "--set", "train.epochs=zero"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
