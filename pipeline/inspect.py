@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from pipeline import storage
+from pipeline.bundle import METRICS, SPEC, WEIGHTS
 from pipeline.checkpoint import CheckpointManager
 from pipeline.shardset import MANIFEST_NAME, ShardSet
 
@@ -20,9 +21,9 @@ def describe(uri: str) -> dict[str, Any]:
     fs, root = storage.resolve(uri)
     if storage.exists(fs, storage.join(root, MANIFEST_NAME)):
         return _describe_shardset(ShardSet.open(uri))
-    if storage.exists(fs, storage.join(root, "model.safetensors")):
-        spec = json.loads(storage.read_bytes(fs, storage.join(root, "model.json")))
-        metrics_path = storage.join(root, "metrics.json")
+    if storage.exists(fs, storage.join(root, WEIGHTS)):
+        spec = json.loads(storage.read_bytes(fs, storage.join(root, SPEC)))
+        metrics_path = storage.join(root, METRICS)
         metrics = (
             json.loads(storage.read_bytes(fs, metrics_path))
             if storage.exists(fs, metrics_path)

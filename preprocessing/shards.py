@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 
 from pipeline import storage
 from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
-from preprocessing.config import EtlConfig
+from preprocessing.config import EtlConfig, is_integral
 
 __all__ = ["SPLIT", "ShardPlan", "assign_split", "shard_schema", "write_shards"]
 
@@ -54,11 +54,7 @@ def assign_split(df: DataFrame, cfg: EtlConfig) -> DataFrame:
 
 def shard_schema(dim: int, key_dtype: str, task: str) -> pa.Schema:
     """Arrow schema of a shard file."""
-    key_type = (
-        pa.int64()
-        if key_dtype in {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"}
-        else pa.string()
-    )
+    key_type = pa.int64() if is_integral(key_dtype) else pa.string()
     label_type = pa.int64() if task == "classification" else pa.float32()
     return pa.schema(
         [
