@@ -42,13 +42,12 @@ def _session(master: str = "local[2]"):  # type: ignore[no-untyped-def]
 
 def child(kind: str, raw: str, out: str) -> None:
     """Run one measurement in this (fresh) process and print its seconds as JSON."""
-    from preprocessing.make_data import SCHEMA, demo_etl_section
+    from preprocessing.make_data import demo_etl_section, schema_ddl
 
     spark = _session()
     started = time.perf_counter()
     if kind == "plain":
-        ddl = ", ".join(f"`{c}` {t}" for c, t in SCHEMA.items())
-        df = spark.read.schema(ddl).option("header", "true").csv(raw)
+        df = spark.read.schema(schema_ddl()).option("header", "true").csv(raw)
         df.write.mode("overwrite").parquet(out)
     else:
         from preprocessing.config import EtlConfig

@@ -79,14 +79,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for opt in options:
             if opt is type(None):
                 continue
             try:
                 return _convert(opt, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(key, f"{value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import SparkSession
 
-__all__ = ["DIRT_KINDS", "SCHEMA", "demo_etl_section", "make_data"]
+__all__ = ["DIRT_KINDS", "SCHEMA", "demo_etl_section", "make_data", "schema_ddl"]
 
 NUM_NUMERIC = 20
 CATEGORICAL_LEVELS = {"c0": 5, "c1": 20, "c2": 5000, "c3": 3, "c4": 20000}
@@ -154,10 +154,9 @@ def _chunk_table(
     return pa.RecordBatch.from_pydict(arrays)
 
 
-def _parquet_ddl() -> str:
-    return ", ".join(
-        f"`{c}` {'long' if t == 'long' else 'int' if t == 'int' else t}" for c, t in SCHEMA.items()
-    )
+def schema_ddl() -> str:
+    """Spark DDL of the generated table (``SCHEMA`` in column order)."""
+    return ", ".join(f"`{c}` {t}" for c, t in SCHEMA.items())
 
 
 def make_data(
@@ -186,7 +185,7 @@ def make_data(
         out = ids.mapInArrow(gen, "value string")
         out.write.mode("overwrite").option("compression", "none").text(output)
     else:
-        out = ids.mapInArrow(gen, _parquet_ddl())
+        out = ids.mapInArrow(gen, schema_ddl())
         out.write.mode("overwrite").parquet(output)
     return rows
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from pipeline import storage
 from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
@@ -248,7 +249,7 @@ def write_shards(
         F.col(BUCKET), order
     )
     writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema)
-    results = shuffled.mapInArrow(writer, _spark_result_schema()).collect()
+    results = shuffled.mapInArrow(writer, from_arrow_schema(_RESULT_SCHEMA)).collect()
     fs, root = storage.resolve(cfg.output)
     written = {int(r["bucket"]): r for r in results}
     out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
@@ -273,7 +274,3 @@ def write_shards(
                 )
             out[split].append(ShardInfo(path=rel, rows=rows, bytes=size, sha256=digest))
     return out
-
-
-def _spark_result_schema() -> str:
-    return "bucket int, tmp_path string, rows long, bytes long, sha256 string"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def test_shard_balance_for_awkward_sizes(spark: Any, tmp_path: Path) -> None:
     chosen: list[int] = []
     for split, n in want.items():
         chosen += [i for i, s in sorted(split_of.items()) if s == split][:n]
-    rng = __import__("random").Random(1)
+    rng = random.Random(1)
     lines = [corpus.HEADER] + [corpus.good_line(i, rng) for i in chosen]
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "d.csv").write_text("\n".join(lines) + "\n")
