@@ -8,7 +8,7 @@ JAVA_ENV := $(VENV)/java.env
 RUN := set -euo pipefail; . $(JAVA_ENV); export PYSPARK_PYTHON=$(abspath $(BIN))/python PYSPARK_DRIVER_PYTHON=$(abspath $(BIN))/python SPARK_LOCAL_IP=127.0.0.1;
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint docs demo bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline preprocessing jobs tests bench
 	$(BIN)/ruff format --check pipeline preprocessing jobs tests bench
 	$(BIN)/mypy
+
+# Regenerate the README's config reference from the config dataclasses.
+docs: $(STAMP)
+	$(BIN)/python -m jobs.configref --write README.md
 
 demo: $(STAMP)
 	@$(RUN) $(BIN)/spark-train demo --config jobs/configs/demo.yaml
