@@ -12,6 +12,7 @@ the exception: it restarts from zero after a resume).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -28,10 +29,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import bundle, distenv, storage
+from pipeline import bundle, distenv, fsdp, storage
 from pipeline.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pipeline.comm_hooks import register_comm_hook
-from pipeline.configbase import to_dict
+from pipeline.configbase import ConfigError, to_dict
 from pipeline.distenv import device_and_backend
 from pipeline.faults import parse_fault
 from pipeline.metrics import EvalSums, loss_fn
@@ -40,9 +41,10 @@ from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.progress import report
 from pipeline.reader import ShardReader
 from pipeline.shardset import ShardSet
+from pipeline.timeouts import naming_timeout, watchdog
 from pipeline.train_config import TrainConfig
 
-__all__ = ["ResumeError", "train_worker"]
+__all__ = ["ResumeError", "builder_args", "model_shape", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,20 @@ def train_worker(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_mapping(cfg)
+    if cfg.mode == "average":
+        raise ConfigError(
+            "train.mode",
+            "'average' runs as Spark jobs, one per round (spark-train train, pipeline.train.fit), "
+            "not as ranks of one process group: use 'ddp' or 'fsdp' under torchrun",
+        )
     if torch.cuda.is_available():
         # cuBLAS needs this for deterministic GEMMs; it must be set before CUDA initialises.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device, backend = device_and_backend()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # object collectives use the current device
-    _init_process_group(backend, timedelta(seconds=cfg.timeout_s))
+    with naming_timeout(distenv.current().rank, cfg.timeout_s):
+        _init_process_group(backend, timedelta(seconds=cfg.timeout_s))
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -79,8 +88,10 @@ def train_worker(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     trainer = None
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        trainer = _Trainer(cfg, device, backend)
-        return trainer.run()
+        rank = distenv.current().rank
+        with naming_timeout(rank, cfg.timeout_s), watchdog(rank, cfg.timeout_s):
+            trainer = _Trainer(cfg, device, backend)
+            return trainer.run()
     finally:
         if trainer is not None:
             trainer.close()
@@ -116,6 +127,33 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
     )
 
 
+def builder_args(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for ``train.model.builder`` (``train.model.args`` less input_shape)."""
+    args = dict(to_dict(cfg.model.args))
+    args.pop("input_shape", None)
+    return args
+
+
+def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_outputs)`` of the model ``cfg`` trains on ``shards``."""
+    dim = shards.feature_dim
+    shape = tuple(int(s) for s in cfg.model.args.get("input_shape") or (dim,))
+    if math.prod(shape) != dim:
+        raise ValueError(
+            f"train.model.args.input_shape {list(shape)} has {math.prod(shape)} elements "
+            f"but the shard set's feature vectors have {dim}"
+        )
+    if cfg.task == "regression":
+        return shape, 1
+    classes = shards.classes
+    if len(classes) < 2:
+        raise ValueError(
+            f"shard set {cfg.dataset}: a classification task needs >= 2 classes in "
+            f"manifest label.classes, found {classes!r}"
+        )
+    return shape, len(classes)
+
+
 def _seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators."""
     random.seed(seed)
@@ -143,12 +181,9 @@ class _Trainer:
         _seed_everything(cfg.seed)  # identical model initialisation on every rank
         self.train_reader, self.val_reader = self._readers()
         self.input_shape, self.num_outputs = self._model_shape()
-        self.module = build_model(
-            cfg.model.builder,
-            input_shape=self.input_shape,
-            num_outputs=self.num_outputs,
-            args=self._builder_args(),
-        ).to(device)
+        self.sharded = cfg.mode == "fsdp"  # FSDP2: pipeline/fsdp.py has the hooks
+        module = self._new_model()
+        self.module = fsdp.shard_model(module, device) if self.sharded else module.to(device)
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optimizer)
         steps_per_epoch = math.ceil(self.train_reader.steps_per_epoch / cfg.grad_accum_steps)
         self.scheduler = build_scheduler(
@@ -196,33 +231,28 @@ class _Trainer:
             verify=self.cfg.verify,
         )
 
+    def _new_model(self) -> nn.Module:
+        return build_model(
+            self.cfg.model.builder,
+            input_shape=self.input_shape,
+            num_outputs=self.num_outputs,
+            args=self._builder_args(),
+        )
+
     def _builder_args(self) -> dict[str, Any]:
-        args = dict(to_dict(self.cfg.model.args))
-        args.pop("input_shape", None)
-        return args
+        return builder_args(self.cfg)
 
     def _model_shape(self) -> tuple[tuple[int, ...], int]:
-        dim = self.shards.feature_dim
-        shape = tuple(int(s) for s in self.cfg.model.args.get("input_shape") or (dim,))
-        if math.prod(shape) != dim:
-            raise ValueError(
-                f"train.model.args.input_shape {list(shape)} has {math.prod(shape)} elements "
-                f"but the shard set's feature vectors have {dim}"
-            )
-        if self.cfg.task == "regression":
-            return shape, 1
-        classes = self.shards.classes
-        if len(classes) < 2:
-            raise ValueError(
-                f"shard set {self.cfg.dataset}: a classification task needs >= 2 classes in "
-                f"manifest label.classes, found {classes!r}"
-            )
-        return shape, len(classes)
+        return model_shape(self.cfg, self.shards)
 
-    def _wrap_ddp(self) -> DistributedDataParallel:
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        model = DistributedDataParallel(self.module, device_ids=ids)
-        register_comm_hook(model, self.cfg, self.backend)
+    def _wrap_ddp(self) -> DistributedDataParallel | fsdp.ShardedModel:
+        model: DistributedDataParallel | fsdp.ShardedModel
+        if self.sharded:
+            model = fsdp.ShardedModel(self.module)
+        else:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(self.module, device_ids=ids)
+            register_comm_hook(model, self.cfg, self.backend)
         # Ranks draw different dropout masks; seeded after initialisation so that the model
         # is identical everywhere, and replaced by the checkpoint's streams on resume.
         if self.resumed_from is None:
@@ -278,8 +308,14 @@ class _Trainer:
                 f"{len(ranks)} workers; this run has {self.world_size} (train.num_workers): "
                 "exact resume needs the same number"
             )
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            source = self.ckpt.path(step)
+            fsdp.load_full_state(
+                self.module, self.optimizer, state["model"], state["optimizer"], source=source
+            )
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         # The checkpoint restores the schedule's position; its shape (warm-up, total steps)
         # comes from this run's config, so a resume with more epochs stretches it.
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
@@ -308,13 +344,18 @@ class _Trainer:
             "loss_rows": 0 if epoch_end else self.loss_rows,
             "epoch_seconds": 0.0 if epoch_end else time.perf_counter() - epoch_start_time,
         }
+        # FSDP gathers the full state from every rank onto rank 0 (a collective).
+        full = fsdp.full_state(self.module, self.optimizer) if self.sharded else None
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if self.rank != 0:
             return
+        if full is None:
+            full = self.module.state_dict(), self.optimizer.state_dict()
+        model_state, optim_state = full
         state = {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": None,
             "epoch": self.epoch + 1 if epoch_end else self.epoch,
@@ -421,7 +462,8 @@ class _Trainer:
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+            clip = fsdp.clip_grad_norm_ if self.sharded else nn.utils.clip_grad_norm_
+            clip(self.module.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -487,7 +529,12 @@ class _Trainer:
 
     def _write_bundle(self) -> str:
         """Rank 0 writes the bundle; every rank learns its URI."""
-        return str(self._on_rank0(self._bundle, f"write the bundle {self.cfg.output}"))
+        # Under FSDP every rank joins the gather of the full weights; rank 0 gets a plain copy.
+        model = (
+            fsdp.consolidated_model(self.module, self._new_model) if self.sharded else self.module
+        )
+        write = functools.partial(self._bundle, model)
+        return str(self._on_rank0(write, f"write the bundle {self.cfg.output}"))
 
     def _on_rank0(
         self, fn: Callable[[], Any], what: str, error: type[Exception] = RuntimeError
@@ -512,7 +559,8 @@ class _Trainer:
             raise error(f"rank 0 failed to {what}: {value}")
         return value
 
-    def _bundle(self) -> str:
+    def _bundle(self, model: nn.Module | None) -> str:
+        assert model is not None, "rank 0 holds the model to write"
         spec = bundle.model_spec(
             self.cfg, self.shards, input_shape=self.input_shape, num_outputs=self.num_outputs
         )
@@ -525,7 +573,7 @@ class _Trainer:
         }
         return bundle.write_bundle(
             self.cfg.output,
-            model=self.module,
+            model=model,
             spec=spec,
             metrics=metrics,
             config={"train": to_dict(self.cfg)},
