@@ -26,6 +26,12 @@ window: about ``shuffle_buffer_rows / row_group_rows`` row groups (the manifest 
 ``row_group_rows``), so make the buffer several row groups when rows within a shard are
 ordered. Same seed, same batches (for a given numpy version); another epoch, another order.
 
+TFRecord shards (manifest ``file_format: tfrecord``) are read in the same pieces: their row
+groups are runs of the manifest's ``row_group_rows`` records (the sizes of the Parquet row
+groups of the same data), found by an index of byte offsets built by one scan of the file
+when it is first used (:mod:`pipeline.tfrecord`); every record's CRCs are checked when its
+row group is decoded. The two formats of the same data give the same batches.
+
 Memory: one window (``S`` rows), up to three decoded row groups (the one being batched and
 two decoded ahead by a small thread pool) and ``prefetch_batches`` queued batches.
 
@@ -63,6 +69,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import tfrecord, timeouts
 from pipeline.shardset import FEATURES_COLUMN, LABEL_COLUMN, ShardSet, ShardSetError
 
 __all__ = ["Batch", "ShardReader", "features_to_numpy", "features_to_tensor", "labels_to_numpy"]
@@ -256,7 +263,8 @@ class ShardReader:
                 self.num_rows,
                 world_size,
             )
-        self._metadata: dict[int, pq.FileMetaData] = {}  # shard index → footer, once checked
+        # shard index → Parquet footer or TFRecord index, once checked
+        self._metadata: dict[int, pq.FileMetaData | tfrecord.ShardIndex] = {}
         self._epoch = 0
         self._done = 0  # batches of the current epoch already yielded
         self._generation = 0  # bumped whenever the position jumps; stale iterators stop
@@ -351,6 +359,7 @@ class ShardReader:
                 batch = producer.get()
                 if batch is None:
                     return
+                timeouts.beat()  # progress, for the training watchdog
                 self._done += 1
                 if self._done == self.steps_per_epoch:
                     self._epoch, self._done = self._epoch + 1, 0
@@ -435,14 +444,20 @@ class ShardReader:
         if self.verify != "none":
             self.shardset.verify_shards([shard], self.verify)
         where = self.shardset.shard_uri(shard)
+        path, tfr = self.shardset.shard_path(shard), self.shardset.file_format == "tfrecord"
+        part = "TFRecord file" if tfr else "Parquet footer"
         try:
-            with self.shardset.fs.open_input_file(self.shardset.shard_path(shard)) as f:
-                metadata = pq.read_metadata(f)
+            if tfr:
+                group = int(self.shardset.manifest.get("row_group_rows", 65536))
+                metadata = tfrecord.index_shard(self.shardset.fs, path, group, where=where)
+            else:
+                with self.shardset.fs.open_input_file(path) as f:
+                    metadata = pq.read_metadata(f)
         except (OSError, pa.ArrowException) as e:
-            raise ShardSetError(f"shard {where}: cannot read the Parquet footer: {e}") from e
+            raise ShardSetError(f"shard {where}: cannot read the {part}: {e}") from e
         if metadata.num_rows != shard.rows:
             raise ShardSetError(
-                f"shard {where} has {metadata.num_rows} rows in its Parquet footer, the manifest "
+                f"shard {where} has {metadata.num_rows} rows in its {part}, the manifest "
                 f"says {shard.rows}"
             )
         self._metadata[index] = metadata
@@ -451,6 +466,18 @@ class ShardReader:
         """Features and labels of a piece (runs in the read pool; opens its own file handle)."""
         shard = self._shards[piece.shard]
         where = self.shardset.shard_uri(shard)
+        metadata = self._metadata[piece.shard]
+        if isinstance(metadata, tfrecord.ShardIndex):
+            feats, labels = tfrecord.read_row_group(
+                self.shardset.fs,
+                self.shardset.shard_path(shard),
+                metadata,
+                piece.row_group,
+                dim=self.dim,
+                label_dtype=self._label_dtype,
+                where=where,
+            )
+            return feats[piece.start : piece.stop], labels[piece.start : piece.stop]
         try:
             with self.shardset.fs.open_input_file(self.shardset.shard_path(shard)) as source:
                 table = pq.ParquetFile(source, metadata=self._metadata[piece.shard]).read_row_group(

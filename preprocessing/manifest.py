@@ -104,7 +104,7 @@ def build_manifest(*, generation: str, **parts: Any) -> dict[str, Any]:
         "created_by": f"spark-train {__version__} (pyspark {pyspark.__version__})",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "generation": generation,
-        "file_format": "parquet",
+        "file_format": parts.pop("file_format", "parquet"),
         **parts,
         "splits": {
             s: {

@@ -10,7 +10,9 @@ counter, all in the JVM), and ``shard = index mod num_shards`` — so the row co
 split's shards differ by at most one. One shuffle by (split, shard) then puts each shard in
 exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
 which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
-``fixed_size_list<float32>`` feature column, sha256 computed while writing). Each writer
+``fixed_size_list<float32>`` feature column, sha256 computed while writing) — or, with
+``etl.format: tfrecord``, as ``tf.train.Example`` records (:mod:`pipeline.tfrecord`) from the
+same sorted batches, so both formats hold the same rows in the same order. Each writer
 reports (shard, rows, bytes, sha256) and the driver checks every count against the plan
 before anything is committed.
 """
@@ -29,7 +31,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from pipeline import storage
+from pipeline import storage, tfrecord
 from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig, is_integral
 
@@ -125,9 +127,9 @@ def with_buckets(df: DataFrame, plan: ShardPlan) -> DataFrame:
     return out
 
 
-def shard_relpath(split: str, shard: int, generation: str) -> str:
-    """Path of a shard relative to the shard-set root."""
-    return f"{split}/part-{shard:05d}-{generation}.parquet"
+def shard_relpath(split: str, shard: int, generation: str, file_format: str = "parquet") -> str:
+    """Path of a shard relative to the shard-set root (extension ``.parquet`` / ``.tfrecord``)."""
+    return f"{split}/part-{shard:05d}-{generation}.{file_format}"
 
 
 _RESULT_SCHEMA = pa.schema(
@@ -177,10 +179,40 @@ class _ShardFile:
         return self.rows, self._sink.size, self._sink.sha256
 
 
-def write_empty_shard(fs: Any, path: str, schema: pa.Schema) -> tuple[int, str]:
+class _TFRecordShardFile:
+    """One open TFRecord shard: each batch is encoded and written through a hashing stream."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.path = path
+        self.rows = 0
+        self._raw = fs.open_output_stream(path)
+        self._sink = storage.HashingWriter(self._raw)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        feats = batch.column(FEATURES_COLUMN).flatten().to_numpy().reshape(n, -1)
+        labels = batch.column(LABEL_COLUMN).to_numpy()
+        self._sink.write(tfrecord.encode_examples(batch.column(KEY_COLUMN), feats, labels))
+        self.rows += n
+
+    def close(self) -> tuple[int, int, str]:
+        self._raw.close()
+        return self.rows, self._sink.size, self._sink.sha256
+
+
+def _open_shard(
+    fs: Any, path: str, schema: pa.Schema, row_group_rows: int, file_format: str
+) -> _ShardFile | _TFRecordShardFile:
+    if file_format == "tfrecord":
+        return _TFRecordShardFile(fs, path)
+    return _ShardFile(fs, path, schema, row_group_rows)
+
+
+def write_empty_shard(
+    fs: Any, path: str, schema: pa.Schema, file_format: str = "parquet"
+) -> tuple[int, str]:
     """Write a zero-row shard (a split with fewer rows than shards); returns (bytes, sha256)."""
-    f = _ShardFile(fs, path, schema, 1)
-    _, size, digest = f.close()
+    _, size, digest = _open_shard(fs, path, schema, 1, file_format).close()
     return size, digest
 
 
@@ -201,13 +233,18 @@ def _to_shard_batch(batch: pa.RecordBatch, schema: pa.Schema, dim: int) -> pa.Re
 
 
 def _shard_writer(
-    root_uri: str, generation: str, num_shards: int, row_group_rows: int, schema: pa.Schema
+    root_uri: str,
+    generation: str,
+    num_shards: int,
+    row_group_rows: int,
+    schema: pa.Schema,
+    file_format: str,
 ) -> Any:
     dim = schema.field(FEATURES_COLUMN).type.list_size
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs, root = storage.resolve(root_uri)
-        files: dict[int, _ShardFile] = {}
+        files: dict[int, _ShardFile | _TFRecordShardFile] = {}
         token = uuid.uuid4().hex[:12]
         for batch in batches:
             buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
@@ -215,12 +252,11 @@ def _shard_writer(
                 rows = batch.filter(pa.array(buckets == b))
                 if int(b) not in files:
                     split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
-                    name = (
-                        f".tmp-{token}-{shard_relpath(split, shard, generation).replace('/', '-')}"
-                    )
+                    rel = shard_relpath(split, shard, generation, file_format)
+                    name = f".tmp-{token}-{rel.replace('/', '-')}"
                     fs.create_dir(storage.join(root, split), recursive=True)
-                    files[int(b)] = _ShardFile(
-                        fs, storage.join(root, split, name), schema, row_group_rows
+                    files[int(b)] = _open_shard(
+                        fs, storage.join(root, split, name), schema, row_group_rows, file_format
                     )
                 files[int(b)].add(_to_shard_batch(rows, schema, dim))
         out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
@@ -248,20 +284,20 @@ def write_shards(
     shuffled = bucketed.repartition(len(SPLITS) * k, F.col(BUCKET)).sortWithinPartitions(
         F.col(BUCKET), order
     )
-    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema)
+    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema, cfg.format)
     results = shuffled.mapInArrow(writer, from_arrow_schema(_RESULT_SCHEMA)).collect()
     fs, root = storage.resolve(cfg.output)
     written = {int(r["bucket"]): r for r in results}
     out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
     for split in SPLITS:
         for shard in range(k):
-            rel = shard_relpath(split, shard, generation)
+            rel = shard_relpath(split, shard, generation, cfg.format)
             path = storage.join(root, rel)
             r = written.get(SPLITS.index(split) * k + shard)
             expected = plan.expected_rows(split, shard)
             if r is None:
                 fs.create_dir(storage.join(root, split), recursive=True)
-                size, digest = write_empty_shard(fs, path, schema)
+                size, digest = write_empty_shard(fs, path, schema, cfg.format)
                 rows = 0
             else:
                 fs.move(r["tmp_path"], path)
