@@ -4,7 +4,9 @@ A bundle is a directory (local path or any ``pyarrow.fs`` URI)::
 
     model.safetensors   weights (safetensors: loading runs no pickle)
     model.json          the spec: builder, args, input_shape, num_outputs, task, classes,
-                        feature_names, the shard set it was trained on (uri + fingerprint)
+                        feature_names, the shard set it was trained on (uri + fingerprint),
+                        and the ``etl`` section that built it (scoring reads and validates
+                        new data with it)
     metrics.json        {"epochs": [{epoch, train_loss, val_loss, val_accuracy|val_rmse,
                         seconds}], steps, world_size, attempts, resumed_from}
     config.yaml         the ``train`` config of the run
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+import safetensors
 import safetensors.torch
 import torch
 import yaml
@@ -42,6 +45,7 @@ __all__ = [
     "features_source",
     "load_bundle",
     "model_spec",
+    "read_spec",
     "write_bundle",
 ]
 
@@ -98,6 +102,7 @@ def model_spec(
             "fingerprint": fingerprint,
             "generation": manifest.get("generation"),
         },
+        "etl": manifest.get("config"),
         "torch_version": torch.__version__,
     }
 
@@ -162,25 +167,47 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def load_bundle(uri: str) -> LoadedBundle:
-    """Load a bundle on CPU, in eval mode, without a process group and without pickle."""
+def read_spec(uri: str) -> dict[str, Any]:
+    """The bundle's ``model.json``; :class:`BundleError` when it is missing or of another version."""
     fs, root = storage.resolve(uri)
     spec_path = storage.join(root, SPEC)
     if not storage.exists(fs, spec_path):
         raise BundleError(f"{uri} is not a model bundle: {SPEC} is missing")
-    spec = json.loads(storage.read_bytes(fs, spec_path))
+    spec: dict[str, Any] = json.loads(storage.read_bytes(fs, spec_path))
     if spec.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{storage.join(uri, SPEC)}: format_version {spec.get('format_version')!r} is not "
             f"supported (this build reads version {BUNDLE_FORMAT_VERSION})"
         )
+    return spec
+
+
+def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle:
+    """Load a bundle on CPU, in eval mode, without a process group and without pickle.
+
+    With ``expected_sha256``, the weights file must have that digest (it is hashed from the
+    same bytes that are loaded), else :class:`BundleError`.
+    """
+    spec = read_spec(uri)
+    fs, root = storage.resolve(uri)
     model = build_model(
         spec["builder"],
         input_shape=tuple(spec["input_shape"]),
         num_outputs=int(spec["num_outputs"]),
         args=spec.get("args") or {},
     )
-    weights = safetensors.torch.load(storage.read_bytes(fs, storage.join(root, WEIGHTS)))
+    data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise BundleError(
+            f"{storage.join(uri, WEIGHTS)} changed: its sha256 is no longer {expected_sha256[:16]}…"
+        )
+    try:
+        weights = safetensors.torch.load(data)
+    except safetensors.SafetensorError as e:  # e.g. a pickle saved under this name
+        raise BundleError(
+            f"{storage.join(uri, WEIGHTS)} is not a safetensors file ({e}); bundles load "
+            "weights from safetensors only, never by unpickling"
+        ) from e
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

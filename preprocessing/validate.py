@@ -24,11 +24,15 @@ priority order (the first that applies wins):
 
 With ``missing: impute`` (the default) null / NaN / ±inf numeric values become null here and
 are imputed later with the train-split statistic. Blank lines are not records to Spark's CSV
-reader and are not counted; every record the reader produces is counted exactly once.
+reader and are not counted; every record the reader produces is counted exactly once. Lines
+may end in LF, CRLF or a lone CR; a UTF-8 BOM is dropped with the header; invalid UTF-8
+reads as U+FFFD. Typed inputs whose stored types differ from the declared ones follow
+:mod:`preprocessing.schema_policy`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -36,6 +40,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
+from preprocessing.schema_policy import check_stored_types, exact_cast
 
 __all__ = [
     "CORRUPT",
@@ -44,7 +49,9 @@ __all__ = [
     "SOURCE",
     "SchemaMismatchError",
     "read_raw",
+    "require_columns",
     "validate",
+    "validate_features",
 ]
 
 CORRUPT = "_corrupt_record"
@@ -69,13 +76,23 @@ class RawInput:
     trimmed: bool = False  # the parser already trimmed values (blank == null)
 
 
-def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
-    """Read ``etl.input`` with the declared columns (strings for text formats)."""
+def read_raw(
+    spark: SparkSession, cfg: EtlConfig, *, for_scoring: bool = False, source: str = "etl.input"
+) -> RawInput:
+    """Read ``etl.input`` with the declared columns (strings for text formats).
+
+    ``for_scoring``: the input need not have the label (nor the key). CSV with a header,
+    Parquet and tables are read with every column they have and must hold the feature
+    columns; headerless CSV and JSON are read as the declared columns in declared order
+    without the label. ``source`` names the input in errors.
+    """
     inp = cfg.input
+    need = [*cfg.numeric, *cfg.categorical] if for_scoring else list(cfg.schema)
     if inp.format in ("csv", "json"):
-        columns = (
-            _csv_header(spark, cfg) if inp.format == "csv" and inp.header else list(cfg.schema)
-        )
+        if inp.format == "csv" and inp.header:
+            columns = _csv_header(spark, cfg, need, source)
+        else:
+            columns = [c for c in cfg.schema if not (for_scoring and c == cfg.label)]
         fields = [T.StructField(c, T.StringType(), True) for c in columns]
         schema = T.StructType([*fields, T.StructField(CORRUPT, T.StringType(), True)])
         reader = (
@@ -100,26 +117,27 @@ def read_raw(spark: SparkSession, cfg: EtlConfig) -> RawInput:
         df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
     else:
         df = spark.read.table(inp.path).withColumn(SOURCE, F.lit(inp.path))
-    missing = [c for c in cfg.schema if c not in df.columns]
-    if missing:
-        raise SchemaMismatchError(
-            f"etl.input {inp.path!r} ({inp.format}) has no column(s) {missing} declared in "
-            f"etl.schema; it has: {', '.join(c for c in df.columns if c != SOURCE)}"
-        )
+    found = [c for c in df.columns if c != SOURCE]
+    require_columns(found, need, f"{source} {inp.path!r} ({inp.format})")
+    check_stored_types(df, cfg, need, f"{source} {inp.path!r} ({inp.format})")
     df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
     return RawInput(df, text=False)
 
 
-def _csv_header(spark: SparkSession, cfg: EtlConfig) -> list[str]:
+def require_columns(found: Sequence[str], needed: Sequence[str], where: str) -> None:
+    """Raise :class:`SchemaMismatchError` naming the ``needed`` columns absent from ``found``."""
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise SchemaMismatchError(
+            f"{where} has no column(s) {missing} declared in etl.schema; it has: {', '.join(found)}"
+        )
+
+
+def _csv_header(spark: SparkSession, cfg: EtlConfig, need: Sequence[str], source: str) -> list[str]:
     """Column names in file order, from the header: CSV columns match the schema by name."""
     inp = cfg.input
     found = spark.read.options(**dict(inp.options)).option("header", "true").csv(inp.path).columns
-    missing = [c for c in cfg.schema if c not in found]
-    if missing:
-        raise SchemaMismatchError(
-            f"etl.input {inp.path!r}: the CSV header has no column(s) {missing} declared in "
-            f"etl.schema; the header is: {', '.join(found)}"
-        )
+    require_columns(found, need, f"{source} {inp.path!r}: the CSV header")
     return list(found)
 
 
@@ -141,28 +159,70 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     index of the first failing check), and reason, column and raw values derive from the code.
     Spark keeps the projections apart because their outputs are referenced many times.
     """
-    df = raw.df
-    df = df.select(
-        "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in cfg.schema]
-    )
-    checks = _checks(raw, cfg)
-    code = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(checks)])
-    df = df.withColumn(_CODE, code)
-    code_col = F.col(_CODE)
-    out = [F.col(_TYPED + c).alias(c) for c in cfg.schema if c not in cfg.numeric]
-    out += [_finite_or_null(F.col(_TYPED + c).cast("double")).alias(c) for c in cfg.numeric]
+    df, checks = _coded(raw, cfg, list(cfg.schema), targets=True)
     quarantined = F.col(_CODE).isNotNull()
     raw_cols = [
         F.when(quarantined, F.col(c).cast("string")).alias(RAW_PREFIX + c) for c in cfg.schema
     ]
     return df.select(
-        *out,
-        _lookup(code_col, [r for _, r, _ in checks]).alias(REASON),
-        _lookup(code_col, [c or None for _, _, c in checks]).alias(REASON_COLUMN),
+        *_clean(cfg, list(cfg.schema)),
+        *_reasons(checks),
         F.when(quarantined, F.col(SOURCE)).alias(SOURCE),
         F.col(CORRUPT),
         *raw_cols,
     )
+
+
+def validate_features(
+    raw: RawInput, cfg: EtlConfig, *, keep: Sequence[str] = (), keep_prefix: str = "_in_"
+) -> DataFrame:
+    """The checks of :func:`validate` that concern the features, for scoring.
+
+    The key and the label are neither required nor checked. Output columns: each ``keep``
+    column unchanged as ``<keep_prefix><name>``, every feature column typed exactly as
+    :func:`validate` gives it to the feature model, ``_reason`` and ``_reason_column`` (same
+    codes and priority as the ETL's quarantine; null on good rows).
+    """
+    features = [*cfg.numeric, *cfg.categorical]
+    df, checks = _coded(raw, cfg, features, targets=False)
+    return df.select(
+        *[F.col(c).alias(keep_prefix + c) for c in keep],
+        *_clean(cfg, features),
+        *_reasons(checks),
+    )
+
+
+def _coded(
+    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool
+) -> tuple[DataFrame, list[tuple[Column, str, str]]]:
+    """``raw.df`` + ``_typed_<c>`` for ``columns`` + ``_reason_code`` (index of the first failed check)."""
+    df = raw.df
+    df = df.select(
+        "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in columns]
+    )
+    checks = _checks(raw, cfg, columns, targets=targets)
+    code = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(checks)])
+    return df.withColumn(_CODE, code), checks
+
+
+def _clean(cfg: EtlConfig, columns: list[str]) -> list[Column]:
+    """The typed ``columns`` under their own names; numeric NaN / ±inf become null."""
+    out = [F.col(_TYPED + c).alias(c) for c in columns if c not in cfg.numeric]
+    out += [
+        _finite_or_null(F.col(_TYPED + c).cast("double")).alias(c)
+        for c in cfg.numeric
+        if c in columns
+    ]
+    return out
+
+
+def _reasons(checks: list[tuple[Column, str, str]]) -> list[Column]:
+    """``_reason`` and ``_reason_column`` from ``_reason_code``."""
+    code = F.col(_CODE)
+    return [
+        _lookup(code, [r for _, r, _ in checks]).alias(REASON),
+        _lookup(code, [c or None for _, _, c in checks]).alias(REASON_COLUMN),
+    ]
 
 
 def _lookup(code: Column, values: list[str | None]) -> Column:
@@ -173,8 +233,14 @@ def _lookup(code: Column, values: list[str | None]) -> Column:
     return out
 
 
-def _checks(raw: RawInput, cfg: EtlConfig) -> list[tuple[Column, str, str]]:
-    """``(condition, reason, column)`` in priority order, over raw and ``_typed_`` columns."""
+def _checks(
+    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool
+) -> list[tuple[Column, str, str]]:
+    """``(condition, reason, column)`` in priority order, over raw and ``_typed_`` columns.
+
+    ``columns`` are the declared columns read (a repeated header repeats their names);
+    ``targets`` adds the key and label checks.
+    """
 
     def typed(c: str) -> Column:
         return F.col(_TYPED + c)
@@ -185,14 +251,15 @@ def _checks(raw: RawInput, cfg: EtlConfig) -> list[tuple[Column, str, str]]:
     checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
     if raw.text:
         header = F.lit(True)
-        for c in cfg.schema:
+        for c in columns:
             value = F.col(c) if raw.trimmed else F.trim(F.col(c))
             header = header & (value == F.lit(c))
         checks.append((header, "repeated_header", ""))
-    checks.append((blank(cfg.key), "key_missing", cfg.key))
-    checks.append((typed(cfg.key).isNull(), "value_invalid", cfg.key))
-    checks.append((blank(cfg.label), "label_missing", cfg.label))
-    checks.append((_label_invalid(typed(cfg.label), cfg), "label_invalid", cfg.label))
+    if targets:
+        checks.append((blank(cfg.key), "key_missing", cfg.key))
+        checks.append((typed(cfg.key).isNull(), "value_invalid", cfg.key))
+        checks.append((blank(cfg.label), "label_missing", cfg.label))
+        checks.append((_label_invalid(typed(cfg.label), cfg), "label_invalid", cfg.label))
     checks += [
         (~blank(c) & typed(c).isNull(), "value_invalid", c)
         for c in (*cfg.numeric, *cfg.categorical)
@@ -215,7 +282,7 @@ def _typed(df: DataFrame, column: str, dtype: str, trimmed: bool) -> Column:
         return F.lower(F.trim(c.cast("string"))).try_cast("boolean")
     if isinstance(df.schema[column].dataType, T.StringType) and not trimmed:
         c = F.trim(c)
-    return c.try_cast(dtype)
+    return exact_cast(c, df.schema[column].dataType, dtype)
 
 
 def _finite_or_null(x: Column) -> Column:

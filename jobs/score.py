@@ -1,0 +1,6 @@
+"""spark-submit entry point: ``spark-submit jobs/score.py --model B --input IN --output OUT``."""
+
+from jobs._submit import submit
+
+if __name__ == "__main__":
+    submit("score")

@@ -1,0 +1,553 @@
+"""Batch scoring: a model bundle applied to a Spark DataFrame or a table, in Arrow batches.
+
+Per row, the same steps as the ETL and the training run, so nothing differs between
+training and serving:
+
+1. the ETL's feature checks (:func:`preprocessing.validate.validate_features`: the ETL's
+   validation without the key and label checks, since scoring input normally has no label);
+2. the bundle's fitted feature ``PipelineModel`` (``features/``), applied with the ETL's own
+   :func:`preprocessing.features.apply_features`;
+3. the network, in ``mapInArrow`` batches. The model is loaded once per Python worker:
+   :func:`cached_bundle` keeps it in a module-level cache keyed by the bundle URI and the
+   sha256 of its weights (computed on the driver), which later batches and later tasks in
+   the same reused worker hit. A bundle rewritten in place gets a new digest, hence a reload.
+
+The result keeps every input column unchanged and adds ``prediction`` (classification: the
+class in the label's original values and type, e.g. ``0``/``1`` or ``"cat"``; regression: a
+double), ``probability`` (classification only: ``array<float>``, one entry per class in the
+order of ``model.json``'s ``classes``), ``score_error`` and ``score_error_column``. A row the
+ETL would quarantine for a feature reason (``malformed_record``, ``repeated_header``,
+``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``: same
+codes, same priority) gets a null prediction and the reason instead of failing the job.
+
+The ``etl`` section that built the training data comes from ``model.json`` (written there by
+training); bundles from before it was recorded fall back to the manifest of the shard set
+they were trained on.
+
+:func:`score_table` reads a table the way the ETL reads its input (the bundle's
+``etl.input`` format and options, or ``fmt``) and writes Parquet. Where the filesystem can
+rename (local, HDFS) the files go to a temporary sibling ``.tmp-<uuid>-<name>`` that is
+renamed to the output when Spark's job has committed, replacing an old output, so a reader
+sees the old result or the complete new one. Object stores cannot rename a directory: there
+Spark's committer writes in place and ``_SUCCESS`` marks a complete output.
+
+Only :func:`cached_bundle` and the batch code run in executors. pyspark and
+``preprocessing`` are imported inside the driver-side functions, so this module imports
+without Spark, and torch inside the functions that use it, so that ``import pipeline``
+(which re-exports :func:`score`) stays cheap for Python workers that never score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from pipeline import storage
+from pipeline.configbase import ConfigError, check
+from pipeline.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from pipeline.bundle import LoadedBundle
+    from preprocessing.config import EtlConfig
+    from preprocessing.validate import RawInput
+
+__all__ = [
+    "INPUT_FORMATS",
+    "OUTPUT_COLUMNS",
+    "PREDICTION",
+    "PROBABILITY",
+    "SCORE_ERROR",
+    "SCORE_ERROR_COLUMN",
+    "ScoreResult",
+    "cached_bundle",
+    "score",
+    "score_table",
+]
+
+log = logging.getLogger(__name__)
+
+PREDICTION = "prediction"
+PROBABILITY = "probability"
+SCORE_ERROR = "score_error"
+SCORE_ERROR_COLUMN = "score_error_column"
+OUTPUT_COLUMNS = (PREDICTION, PROBABILITY, SCORE_ERROR, SCORE_ERROR_COLUMN)
+INPUT_FORMATS = ("csv", "json", "parquet", "table")
+_KEEP = "_in_"  # input columns travel under this prefix while features take their names
+_INDEX = "_class_index"
+_VALUE = "_value"
+_CACHE_MAX = 4  # bundles kept per worker process (other digests of the same URI are evicted)
+_CACHE: OrderedDict[tuple[str, str], LoadedBundle] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+class _Counter(Protocol):
+    def add(self, term: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What each Python worker needs (pickled into the mapInArrow closure)."""
+
+    uri: str
+    sha256: str
+    task: str
+    dim: int
+    batch_size: int
+    reason_column: str
+    counter: _Counter | None
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """A bundle as the driver sees it: its spec, weights digest and etl section."""
+
+    uri: str
+    spec: dict[str, Any]
+    sha256: str
+    etl: EtlConfig
+
+    @property
+    def task(self) -> str:
+        return str(self.spec["task"])
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What :func:`score_table` wrote."""
+
+    output: str
+    rows: int
+    errors: dict[str, int]
+    """Rows with a ``score_error`` (null prediction), by reason."""
+    model_loads: int
+    """Times a Python worker loaded the model (at most one per worker and bundle version)."""
+    seconds: float
+
+    @property
+    def predicted(self) -> int:
+        """Rows with a prediction."""
+        return self.rows - sum(self.errors.values())
+
+    def summary(self) -> str:
+        """Human-readable multi-line summary."""
+        lines = [
+            f"scored {self.rows} rows into {self.output} (parquet) in {self.seconds:.1f}s: "
+            f"{self.predicted} predicted, {sum(self.errors.values())} with {SCORE_ERROR}"
+        ]
+        if self.errors:
+            lines.append(
+                f"  {SCORE_ERROR}: " + ", ".join(f"{r}={n}" for r, n in self.errors.items())
+            )
+        lines.append(f"  model loaded {self.model_loads} time(s) in Python workers")
+        return "\n".join(lines)
+
+
+# -- executor side ------------------------------------------------------------------------
+
+
+def cached_bundle(uri: str, sha256: str, counter: _Counter | None = None) -> LoadedBundle:
+    """The bundle at ``uri`` whose weights hash to ``sha256``, loaded at most once per process.
+
+    A miss loads it (checking the digest against the bytes loaded, so a bundle replaced
+    since the driver hashed it fails with :class:`~pipeline.bundle.BundleError` instead of
+    scoring with other weights), evicts other versions of the same URI, keeps at most
+    ``_CACHE_MAX`` bundles, and adds 1 to ``counter`` (e.g. a Spark accumulator).
+    """
+    from pipeline.bundle import load_bundle
+
+    key = (uri, sha256)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+        loaded = load_bundle(uri, expected_sha256=sha256)
+        for stale in [k for k in _CACHE if k[0] == uri]:
+            del _CACHE[stale]
+        _CACHE[key] = loaded
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    if counter is not None:
+        counter.add(1)
+    return loaded
+
+
+def _predict_partition(batches: Iterator[pa.RecordBatch], job: _Job) -> Iterator[pa.RecordBatch]:
+    """The mapInArrow body: every batch of one task through the worker's cached model."""
+    import torch
+
+    model = cached_bundle(job.uri, job.sha256, job.counter).model
+    with _torch_threads(_task_cpus()), torch.inference_mode():
+        for batch in batches:
+            yield _predict_batch(model, batch, job)
+
+
+def _task_cpus() -> int:
+    """``spark.task.cpus`` inside a task (so tasks sharing a host do not oversubscribe it)."""
+    import torch
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return int(ctx.cpus()) if ctx is not None else torch.get_num_threads()
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _predict_batch(model: torch.nn.Module, batch: pa.RecordBatch, job: _Job) -> pa.RecordBatch:
+    """The batch without ``features``, plus the class index and probabilities, or the value.
+
+    Rows with a validation reason are not run through the model; their outputs are null.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import torch
+
+    ok = pc.is_null(batch.column(job.reason_column)).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(ok)
+    x = _features_matrix(batch.column(FEATURES_COLUMN).take(pa.array(rows)), job)
+    chunks = [
+        model(torch.from_numpy(x[i : i + job.batch_size])).float()
+        for i in range(0, len(x), job.batch_size)
+    ]
+    out = torch.cat(chunks) if chunks else torch.zeros((0, 1))
+    names = [n for n in batch.schema.names if n != FEATURES_COLUMN]
+    arrays = [batch.column(n) for n in names]
+    missing = ~ok
+    if job.task == "classification":
+        probs = torch.softmax(out, dim=1).numpy() if chunks else np.zeros((0, 1), np.float32)
+        index = np.zeros(len(ok), np.int32)
+        index[rows] = probs.argmax(axis=1) if len(rows) else 0
+        arrays += [pa.array(index, mask=missing), _list_array(probs, ok)]
+        names += [_INDEX, PROBABILITY]
+    else:
+        value = np.zeros(len(ok), np.float64)
+        value[rows] = out.reshape(-1).double().numpy()
+        arrays.append(pa.array(value, mask=missing))
+        names.append(_VALUE)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def _features_matrix(vectors: pa.Array, job: _Job) -> np.ndarray:
+    """``[rows, dim]`` float32 from an Arrow ``list<float>`` column."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.bundle import BundleError
+
+    values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if not values.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
+        values = values.copy()
+    if values.size != len(vectors) * job.dim:
+        raise BundleError(
+            f"{job.uri}: the feature model produced {values.size} values for {len(vectors)} "
+            f"rows, but the network takes {job.dim} per row"
+        )
+    return values.reshape(len(vectors), job.dim)
+
+
+def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """``list<float>`` with ``probs``' rows at the ``ok`` positions and nulls elsewhere."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(ok) + 1, np.int32)
+    np.cumsum(np.where(ok, probs.shape[1], 0), out=offsets[1:])
+    values = pa.array(probs.reshape(-1).astype(np.float32, copy=False))
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~ok))
+
+
+# -- driver side ----------------------------------------------------------------------------
+
+
+def _open_bundle(uri: str) -> _Bundle:
+    """Spec, weights digest and etl section of the bundle at ``uri``; needs its ``features/``."""
+    from pipeline.bundle import FEATURES, WEIGHTS, BundleError, read_spec
+    from preprocessing.config import EtlConfig
+
+    spec = read_spec(uri)
+    fs, root = storage.resolve(uri)
+    if not spec.get("features") or not storage.exists(fs, storage.join(root, FEATURES)):
+        raise BundleError(
+            f"{uri} has no {FEATURES}/ (its shard set had no feature model): scoring raw rows "
+            "needs the fitted feature PipelineModel"
+        )
+    sha256, _ = storage.sha256_file(fs, storage.join(root, WEIGHTS))
+    return _Bundle(uri, spec, sha256, EtlConfig.from_mapping(_etl_section(uri, spec)))
+
+
+def _etl_section(uri: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """``model.json``'s ``etl``; older bundles: the config in their shard set's manifest."""
+    from pipeline.bundle import BundleError
+
+    if spec.get("etl"):
+        return dict(spec["etl"])
+    shards_uri = (spec.get("shardset") or {}).get("uri")
+    try:
+        shards = ShardSet.open(str(shards_uri))
+    except ShardSetError as e:
+        raise BundleError(
+            f"{uri}/model.json has no etl section and its shard set cannot be opened ({e}); "
+            "scoring needs the etl schema"
+        ) from e
+    log.warning("%s has no etl section; using the one in %s's manifest", uri, shards_uri)
+    return dict(shards.manifest["config"])
+
+
+def score(
+    spark: SparkSession,
+    df: DataFrame,
+    bundle: str,
+    *,
+    batch_size: int = 4096,
+    load_counter: _Counter | None = None,
+) -> DataFrame:
+    """Score ``df`` with the bundle at URI ``bundle`` (lazy: returns the scored DataFrame).
+
+    ``df`` needs the feature columns of the bundle's ``etl.schema`` (any types that cast to
+    the declared ones, e.g. strings); the key and label may be absent. Its columns come
+    back unchanged, plus :data:`OUTPUT_COLUMNS` (``probability`` for classification only).
+    ``batch_size`` rows go through the network at once; ``load_counter`` (e.g.
+    ``spark.sparkContext.accumulator(0)``) counts model loads in the workers.
+    Raises :class:`~pipeline.bundle.BundleError` for a missing or incomplete bundle and
+    :class:`~preprocessing.validate.SchemaMismatchError` naming absent feature columns.
+    """
+    from preprocessing.validate import CORRUPT, RawInput, require_columns
+
+    _on_driver("score")
+    opened = _open_bundle(bundle)
+    cfg = opened.etl
+    features = [*cfg.numeric, *cfg.categorical]
+    require_columns(df.columns, features, f"the DataFrame to score with {bundle}")
+    keep = list(df.columns)
+    if CORRUPT not in df.columns:
+        df = df.withColumn(CORRUPT, _null_string())
+    text = all(df.schema[c].dataType.typeName() == "string" for c in features)
+    return _score_raw(spark, RawInput(df, text=text), opened, keep, batch_size, load_counter)
+
+
+def _score_raw(
+    spark: SparkSession,
+    raw: RawInput,
+    opened: _Bundle,
+    keep: Sequence[str],
+    batch_size: int,
+    load_counter: _Counter | None,
+) -> DataFrame:
+    """Validate, featurize, predict; ``keep`` are the input columns to return unchanged."""
+    from pyspark.ml import PipelineModel
+    from pyspark.sql import functions as F
+
+    from pipeline.bundle import FEATURES
+    from preprocessing.features import apply_features
+    from preprocessing.validate import REASON, REASON_COLUMN, validate_features
+
+    taken = sorted(set(keep) & set(OUTPUT_COLUMNS))
+    if taken:
+        raise ValueError(f"the input already has column(s) {taken} that scoring adds; rename them")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    checked = validate_features(raw, opened.etl, keep=keep, keep_prefix=_KEEP)
+    features_model = PipelineModel.read().session(spark).load(storage.join(opened.uri, FEATURES))
+    featurized = apply_features(features_model, checked).select(
+        *[_KEEP + c for c in keep], FEATURES_COLUMN, REASON, REASON_COLUMN
+    )
+    job = _Job(
+        uri=opened.uri,
+        sha256=opened.sha256,
+        task=opened.task,
+        dim=math.prod(int(d) for d in opened.spec["input_shape"]),
+        batch_size=batch_size,
+        reason_column=REASON,
+        counter=load_counter,
+    )
+    predicted = _constraint_barrier(featurized).mapInArrow(
+        functools.partial(_predict_partition, job=job), _output_schema(featurized, opened.task)
+    )
+    return predicted.select(
+        *[F.col(_KEEP + c).alias(c) for c in keep],
+        *_prediction_columns(opened),
+        F.col(REASON).alias(SCORE_ERROR),
+        F.col(REASON_COLUMN).alias(SCORE_ERROR_COLUMN),
+    )
+
+
+def _constraint_barrier(df: DataFrame) -> DataFrame:
+    """``df`` behind a one-projection ``Expand`` (an unpivot of one constant column).
+
+    A filter on the scored DataFrame makes Spark's optimizer derive constraints through every
+    projection below it, and the validation and feature projections hold expressions over
+    every column: a filter on 3,000 scored make-data rows had not finished optimizing after
+    10 minutes (then the driver ran out of heap). ``Expand`` is the one operator that starts
+    from no constraints (PySpark 4.3), so the derivation stops there; at run time it is a
+    code-generated copy of each row.
+    """
+    from pyspark.sql import functions as F
+
+    one, variable, value = "_barrier", "_barrier_variable", "_barrier_value"
+    expanded = df.withColumn(one, F.lit(0)).unpivot(tuple(df.columns), [one], variable, value)
+    return expanded.drop(variable, value)
+
+
+def _output_schema(featurized: DataFrame, task: str) -> Any:
+    from pyspark.sql import types as T
+
+    fields = [f for f in featurized.schema.fields if f.name != FEATURES_COLUMN]
+    if task == "classification":
+        fields += [
+            T.StructField(_INDEX, T.IntegerType(), True),
+            T.StructField(PROBABILITY, T.ArrayType(T.FloatType(), False), True),
+        ]
+    else:
+        fields.append(T.StructField(_VALUE, T.DoubleType(), True))
+    return T.StructType(fields)
+
+
+def _prediction_columns(opened: _Bundle) -> list[Column]:
+    """``prediction`` (a class in the label's declared type, or the value) [+ ``probability``]."""
+    from pyspark.sql import functions as F
+
+    if opened.task != "classification":
+        return [F.col(_VALUE).alias(PREDICTION)]
+    dtype = opened.etl.dtype(opened.etl.label)
+    classes = F.array(*[F.lit(c).cast(dtype) for c in opened.spec["classes"]])
+    index = F.col(_INDEX)
+    # The guard is not redundant: on PySpark 4.3, element_at(<literal array>, NULL) returns
+    # the array's last element instead of NULL.
+    return [
+        F.when(index.isNotNull(), F.element_at(classes, index + F.lit(1))).alias(PREDICTION),
+        F.col(PROBABILITY),
+    ]
+
+
+def _null_string() -> Column:
+    from pyspark.sql import functions as F
+
+    return F.lit(None).cast("string")
+
+
+def _on_driver(what: str) -> None:
+    from pyspark import TaskContext
+
+    if TaskContext.get() is not None:
+        raise RuntimeError(f"pipeline.score.{what} runs on the driver, not inside a Spark task")
+
+
+def score_table(
+    spark: SparkSession,
+    bundle: str,
+    input: str,
+    output: str,
+    *,
+    fmt: str | None = None,
+    batch_size: int = 4096,
+) -> ScoreResult:
+    """Score the table at ``input`` with ``bundle`` and write Parquet to ``output``.
+
+    ``input`` is read like the ETL's input: format ``fmt`` or the bundle's
+    ``etl.input.format`` (csv, json, parquet, or a catalog table), with that section's
+    options when the format is the same. The arguments mirror ``spark-train score``'s flags,
+    and a missing bundle or input is a :class:`~pipeline.configbase.ConfigError` naming
+    ``--model`` / ``--input``.
+    """
+    from pipeline.bundle import SPEC
+    from preprocessing.validate import CORRUPT, SOURCE, read_raw
+
+    _on_driver("score_table")
+    started = time.monotonic()
+    fs, root = storage.resolve(bundle)
+    if not storage.exists(fs, storage.join(root, SPEC)):
+        raise ConfigError("--model", f"{bundle} is not a model bundle (no model.json there)")
+    _check_output(input, output)
+    opened = _open_bundle(bundle)
+    cfg = _input_config(opened.etl, input, fmt)
+    raw = _with_missing_input(lambda: read_raw(spark, cfg, for_scoring=True, source="--input"))
+    raw = dataclasses.replace(raw, df=raw.df.drop(SOURCE))
+    keep = [c for c in raw.df.columns if c != CORRUPT]
+    counter = spark.sparkContext.accumulator(0)
+    scored = _score_raw(spark, raw, opened, keep, batch_size, counter)
+    _write_parquet(scored, output)
+    counts = spark.read.parquet(output).groupBy(SCORE_ERROR).count().collect()
+    errors = {str(r[SCORE_ERROR]): int(r["count"]) for r in counts if r[SCORE_ERROR] is not None}
+    return ScoreResult(
+        output=output,
+        rows=sum(int(r["count"]) for r in counts),
+        errors=dict(sorted(errors.items())),
+        model_loads=int(counter.value),
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def _input_config(etl: EtlConfig, path: str, fmt: str | None) -> EtlConfig:
+    """``etl`` reading ``path`` (as ``fmt``; the training input's options only for its format)."""
+    inp = etl.input
+    if fmt is None or fmt == inp.format:
+        return dataclasses.replace(etl, input=dataclasses.replace(inp, path=path))
+    check(fmt in INPUT_FORMATS, "--format", f"must be one of {INPUT_FORMATS}, got {fmt!r}")
+    new_input = dataclasses.replace(inp, path=path, format=cast(Any, fmt), options={})
+    return dataclasses.replace(etl, input=new_input)
+
+
+def _with_missing_input(read: Callable[[], RawInput]) -> RawInput:
+    """Spark's 'path / table not found' as a :class:`ConfigError` naming ``--input``."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        raw: RawInput = read()
+    except AnalysisException as e:
+        if e.getCondition() in ("PATH_NOT_FOUND", "TABLE_OR_VIEW_NOT_FOUND"):
+            raise ConfigError("--input", str(e).strip().splitlines()[0]) from e
+        raise
+    return raw
+
+
+def _check_output(input: str, output: str) -> None:
+    """``--output`` follows :mod:`pipeline.outputs` (it is replaced as a whole).
+
+    It must be new, empty or an earlier scored table, and not hold or lie inside the input.
+    """
+    from pipeline.outputs import check_disjoint, check_output_dir
+
+    check_disjoint({"--output": output, "--input": input})
+    check_output_dir("--output", output, "table")
+
+
+def _write_parquet(df: DataFrame, output: str) -> None:
+    """Write ``df`` as Parquet into a temporary sibling, renamed to ``output`` once complete."""
+    fs, final = storage.resolve(output)
+    with storage.atomic_dir(fs, final) as target:
+        df.write.mode("overwrite").parquet(_as_uri(output, final, target))
+
+
+def _as_uri(output: str, final: str, path: str) -> str:
+    """``path`` (a pyarrow filesystem path beside ``final``) as a URI Spark can write to."""
+    if "://" not in output:
+        return path
+    base, tail = output.rstrip("/"), final.rstrip("/")
+    if not base.endswith(tail):
+        raise ValueError(f"cannot derive a Spark URI for {path} from output {output!r}")
+    return base[: len(base) - len(tail)] + path
