@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobs.clierrors import OneLineParser, log_effective_config, report_error
 from pipeline import storage
 from pipeline.config import Config, ConfigError, load_config
 
@@ -47,8 +47,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    from jobs.workflow import FORCEABLE, parse_force
+
+    p.add_argument(
+        "--force",
+        nargs="?",
+        const=frozenset(FORCEABLE),
+        default=frozenset(),
+        type=parse_force,
+        metavar="STAGES",
+        help=f"rebuild these stages even if up to date: comma-separated {', '.join(FORCEABLE)}; "
+        "alone or 'all': every stage",
+    )
+    p.add_argument(
+        "--summary", help="run summary JSON (default: run-summary.json beside the bundle)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="training continues from the latest checkpoint"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spark-train", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="spark-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("make-data", help="write a synthetic raw table (demo/benchmark data)")
     _common(p)
@@ -68,13 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="bundle (default: train.output)")
     p.add_argument("--dataset", help="shard set (default: the one the bundle was trained on)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p = sub.add_parser("score", help="score a table with a bundle; writes Parquet")
+    _common(p)
+    p.add_argument("--model", help="bundle (default: train.output)")
+    p.add_argument("--input", required=True, help="table to score (read like etl.input)")
+    p.add_argument("--output", required=True, help="Parquet directory (replaced atomically)")
+    p.add_argument("--format", choices=("csv", "json", "parquet", "table"), help="input format")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
     for name, text in (
         ("run", "etl → train → evaluate, skipping up-to-date stages"),
         ("demo", "make-data (if absent) + run on local[*]"),
     ):
         p = sub.add_parser(name, help=text)
         _common(p)
-        p.add_argument("--force", action="store_true", help="rebuild every stage")
+        _run_flags(p)
         if name == "demo":
             p.add_argument("--rows", type=int, default=200_000, help="rows of sample data")
     p = sub.add_parser("inspect", help="summarize a shard set, checkpoint dir or bundle")
@@ -178,40 +206,26 @@ def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> 
     return EXIT_OK
 
 
-def _cmd_run(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.evaluate import evaluate_bundle
-    from pipeline.train import bundle_is_current, fit
-    from preprocessing.etl import run_etl
+def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.score import score_table
 
-    etl, train = cfg.etl, cfg.train
-    if train.dataset != etl.output:
-        raise ConfigError("train.dataset", f"is {train.dataset!r} but etl.output is {etl.output!r}")
+    model = args.model or (cfg.train.output if cfg.train_data is not None else None)
+    if model is None:
+        raise UsageError("score needs --model BUNDLE (or a config with train.output)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     spark = spark_session(cfg, under_submit=under_submit)
-    stages: list[dict[str, Any]] = []
-    started = time.monotonic()
-    result = _with_input_errors(lambda: run_etl(spark, etl, force=args.force))
+    result = score_table(
+        spark, model, args.input, args.output, fmt=args.format, batch_size=args.batch_size
+    )
     print(result.summary())
-    stages.append(
-        {"stage": "etl", "status": result.status, "seconds": round(time.monotonic() - started, 2)}
-    )
-    started = time.monotonic()
-    if not args.force and bundle_is_current(train):
-        print(f"bundle {train.output}: up to date (same shard set and train config), not retrained")
-        stages.append({"stage": "train", "status": "up_to_date", "seconds": 0.0})
-    else:
-        print(_train_summary(fit(train, spark)))
-        stages.append(
-            {"stage": "train", "status": "trained", "seconds": round(time.monotonic() - started, 2)}
-        )
-    metrics = evaluate_bundle(train.output, etl.output, "test")
-    print(
-        "test metrics: "
-        + json.dumps({k: metrics[k] for k in metrics if k not in ("bundle", "dataset")})
-    )
-    stages.append({"stage": "evaluate", "status": "done", "metrics": metrics})
-    log.info("run summary: %s", json.dumps(stages))
-    print(f"model bundle: {train.output}")
     return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from jobs.workflow import run_workflow
+
+    return run_workflow(args, cfg, under_submit)
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
@@ -220,7 +234,7 @@ def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
     raw = cfg.etl.input.path
     spark = spark_session(cfg, under_submit=under_submit)
     fs, path = storage.resolve(raw)
-    if args.force or not storage.exists(fs, path):
+    if "etl" in args.force or not storage.exists(fs, path):
         make_data(spark, args.rows, raw, seed=0)
         print(f"wrote {args.rows} rows of sample data to {raw}")
     return _cmd_run(args, cfg, under_submit)
@@ -239,6 +253,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
     "etl": _cmd_etl,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "score": _cmd_score,
     "run": _cmd_run,
     "demo": _cmd_demo,
     "inspect": _cmd_inspect,
@@ -247,7 +262,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
 
 def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None) -> int:
     """Run one subcommand; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2), already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -260,19 +278,16 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
         args.config = str(DEMO_CONFIG)
     try:
         cfg = load_config(args.config, args.overrides)
+        log_effective_config(log, cfg)
         return COMMANDS[args.command](args, cfg, under_submit)
     except (ConfigError, UsageError) as e:
         if args.debug:
             raise
-        print(f"spark-train {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(args.command, e, usage=True)
     except Exception as e:
         if args.debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"spark-train {args.command}: error: {type(e).__name__}: {first}", file=sys.stderr)
-        print("  (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_RUNTIME
+        return report_error(args.command, e, usage=False)
 
 
 if __name__ == "__main__":
