@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from pipeline import storage
+from pipeline import faults, storage
 
 __all__ = [
     "CheckpointError",
@@ -92,6 +92,7 @@ class CheckpointManager:
             with self.fs.open_output_stream(storage.join(target, STATE_FILE)) as raw:
                 sink = storage.HashingWriter(raw)
                 torch.save(dict(state), cast(IO[bytes], sink))  # it has what save uses
+            faults.checkpoint_write_point(step)  # test-only: a crash between the files
             meta = {
                 "format_version": FORMAT_VERSION,
                 "step": step,

@@ -58,6 +58,8 @@ _FINISH_WAIT_S = 10.0
 _CANCEL_WAIT_S = 30.0
 """How long a cancelled job may take to wind down before the driver stops waiting."""
 _SLOT_POLL_S = 0.25
+_WATCH_S = 1.0
+"""How often the driver checks the deadline and the ranks' heartbeats while a job runs."""
 _RENDEZVOUS_WAIT_S = 30.0
 """How long the driver waits for every rank to join its rendezvous before all fall back to
 ``BarrierTaskContext.allGather``."""
@@ -112,6 +114,7 @@ def run_distributed(
     timeout_s: float | None = None,
     env: Mapping[str, str] | None = None,
     show_progress: bool | None = None,
+    heartbeat_timeout_s: float | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``target`` on ``num_workers`` ranks in one Spark barrier job; return per-rank results.
@@ -130,6 +133,9 @@ def run_distributed(
         env: extra environment variables for every rank.
         show_progress: show :func:`pipeline.progress.report` figures (a bar on a terminal,
             else log lines); None: automatic, False: off.
+        heartbeat_timeout_s: cancel the attempt (and relaunch, if attempts are left) when a
+            rank that sends heartbeats (:func:`pipeline.timeouts.watchdog`) goes this long
+            without any message: it is frozen (SIGSTOP, a paused VM) or cut off. None: off.
         **kwargs: keyword arguments for a callable target.
 
     Returns:
@@ -143,16 +149,21 @@ def run_distributed(
     _require_driver("run_distributed")
     spec = _spec(target, args, kwargs, env)
     _check_counts(num_workers, max_attempts, timeout_s)
+    if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
+        raise ValueError(f"heartbeat_timeout_s must be > 0 or None, got {heartbeat_timeout_s!r}")
     sc = _spark_context(spark)
     _check_slots(sc, num_workers)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    limits = _Limits(deadline=deadline, timeout_s=timeout_s, heartbeat_s=heartbeat_timeout_s)
     display = ProgressDisplay(enabled=show_progress)
     failures: list[DistributedError] = []
     try:
         for attempt in range(max_attempts):
+            if attempt:  # a lost executor may still be coming back: wait for it, or fail fast
+                _check_slots(sc, num_workers, failures)
             try:
-                return _run_attempt(sc, spec, num_workers, attempt, deadline, timeout_s, display)
-            except DistributedTimeoutError as err:  # noqa: PERF203 - a handful of attempts
+                return _run_attempt(sc, spec, num_workers, attempt, limits, display)
+            except DistributedTimeoutError as err:
                 raise _with_history(err, failures) from None
             except DistributedError as err:
                 failures.append(err)
@@ -320,11 +331,14 @@ def _slots(sc: SparkContext) -> BarrierSlots:
     )
 
 
-def _check_slots(sc: SparkContext, num_workers: int) -> None:
+def _check_slots(
+    sc: SparkContext, num_workers: int, failures: Sequence[DistributedError] = ()
+) -> None:
     """Fail fast instead of Spark's minutes of retrying the barrier slot check.
 
     While expected executors are still registering, wait for them up to
-    ``spark.scheduler.maxRegisteredResourcesWaitingTime``; otherwise decide at once.
+    ``spark.scheduler.maxRegisteredResourcesWaitingTime``; otherwise decide at once. Before
+    a relaunch, ``failures`` are the earlier attempts' errors, chained to the ValueError.
     """
     found = _slots(sc)
     if found.slots < num_workers and found.registering:
@@ -345,11 +359,12 @@ def _check_slots(sc: SparkContext, num_workers: int) -> None:
             time.sleep(_SLOT_POLL_S)  # executors register asynchronously; Spark has no wait API
             found = _slots(sc)
     if found.slots < num_workers:
+        relaunch = f"cannot relaunch after {len(failures)} failed attempt(s): " if failures else ""
         raise ValueError(
-            f"num_workers={num_workers} needs {num_workers} concurrent barrier tasks but the "
-            f"cluster has {found.explain()}. Lower num_workers, or give the job more slots: "
-            + _slot_advice(found, num_workers)
-        )
+            f"{relaunch}num_workers={num_workers} needs {num_workers} concurrent barrier tasks "
+            f"but the cluster has {found.explain()}. Lower num_workers, or give the job more "
+            "slots: " + _slot_advice(found, num_workers)
+        ) from (_all_failed(failures) if failures else None)
 
 
 def _slot_advice(found: BarrierSlots, num_workers: int) -> str:
@@ -421,14 +436,28 @@ class _Collector:
 
     def __init__(self, display: ProgressDisplay, ranks: int) -> None:
         self._display = display
+        self.ranks = ranks
         self._rendezvous = _Rendezvous(ranks)
         self._lock = threading.Lock()
         self.failures: list[_Failure] = []
         self.outputs: dict[int, deque[str]] = defaultdict(lambda: deque(maxlen=rankrun.TAIL_LINES))
         """Last output lines per rank, for a rank that dies without reporting (a crash)."""
+        self._heard: dict[int, float] = {}
+        """Time of the last message of each rank that sends heartbeats, until it is done."""
+
+    def silent(self, limit_s: float) -> list[int]:
+        """Heartbeating ranks that sent nothing for ``limit_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(r for r, t in self._heard.items() if now - t > limit_s)
 
     def on_message(self, rank: int, msg: dict[str, Any]) -> dict[str, Any] | None:
         kind = msg.get("t")
+        with self._lock:
+            if kind == "alive" and msg.get("done"):
+                self._heard.pop(rank, None)
+            elif kind == "alive" or rank in self._heard:
+                self._heard[rank] = time.monotonic()
         if kind == "rendezvous":
             return {"t": "rendezvous", "parts": self._rendezvous.join(rank, str(msg["part"]))}
         if kind in ("log", "out"):
@@ -457,8 +486,7 @@ def _run_attempt(
     spec: rankrun.RankSpec,
     num_workers: int,
     attempt: int,
-    deadline: float | None,
-    timeout_s: float | None,
+    limits: _Limits,
     display: ProgressDisplay,
 ) -> list[Any]:
     from pyspark import cloudpickle
@@ -473,7 +501,7 @@ def _run_attempt(
         task = _barrier_task(spec, attempt, token, server.address)
         rdd = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(task)
         log.info("launching %d ranks (attempt %d, job group %s)", num_workers, attempt, group)
-        rows, error, timed_out = _collect(sc, rdd, group, deadline)
+        rows, error, timed_out, silent = _collect(sc, rdd, group, limits, collector)
         ranked = (
             None
             if rows is None
@@ -486,18 +514,30 @@ def _run_attempt(
                 "some ranks' last log messages did not arrive within %.0f s", _FINISH_WAIT_S
             )
     if timed_out:
-        raise _timeout_error(timeout_s, attempt, group, display)
+        raise _timeout_error(limits.timeout_s, attempt, group, display)
+    if silent:
+        raise _silence_error(silent, limits.heartbeat_s, attempt, collector)
     if ranked is None:
         raise _attempt_error(collector, error, attempt)
     return [value for _, _, value in ranked]
 
 
-def _collect(
-    sc: SparkContext, rdd: Any, group: str, deadline: float | None
-) -> tuple[list[bytes] | None, BaseException | None, bool]:
-    """Run the job from a thread so the driver can bound it; cancel its group on timeout.
+@dataclass(frozen=True)
+class _Limits:
+    """The bounds of one :func:`run_distributed` call."""
 
-    Returns ``(rows, error, timed_out)``.
+    deadline: float | None
+    """``time.monotonic()`` by which the whole call must end."""
+    timeout_s: float | None
+    heartbeat_s: float | None
+
+
+def _collect(
+    sc: SparkContext, rdd: Any, group: str, limits: _Limits, collector: _Collector
+) -> tuple[list[bytes] | None, BaseException | None, bool, list[int]]:
+    """Run the job from a thread; cancel its group at the deadline or when a rank falls silent.
+
+    Returns ``(rows, error, timed_out, silent ranks)``.
     """
     box: dict[str, Any] = {}
 
@@ -510,10 +550,15 @@ def _collect(
 
     thread = threading.Thread(target=job, name=group, daemon=True)
     thread.start()
-    timed_out = False
+    timed_out, deadline = False, limits.deadline
+    silent: list[int] = []
     try:
-        thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        timed_out = thread.is_alive()
+        while thread.is_alive() and not timed_out and not silent:
+            left = _WATCH_S if deadline is None else min(deadline - time.monotonic(), _WATCH_S)
+            thread.join(max(left, 0.0))
+            if thread.is_alive():
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                silent = [] if limits.heartbeat_s is None else collector.silent(limits.heartbeat_s)
     finally:
         if thread.is_alive():
             sc.cancelJobGroup(group)
@@ -522,7 +567,7 @@ def _collect(
                 log.warning(
                     "job group %s still running %.0f s after cancelling it", group, _CANCEL_WAIT_S
                 )
-    return box.get("rows"), box.get("error"), timed_out
+    return box.get("rows"), box.get("error"), timed_out, silent
 
 
 def _barrier_task(
@@ -594,10 +639,11 @@ def _rendezvous(
 
 # -- errors --------------------------------------------------------------------------------
 
-# torch.distributed errors and Spark barrier errors a rank gets because *another* rank died.
+# torch.distributed errors and Spark barrier errors a rank gets because *another* rank died
+# (or hung: a collective timeout, pipeline.timeouts.CollectiveTimeoutError).
 _SECONDARY = re.compile(
     r"barrier|Connection (closed|reset) by peer|DistNetworkError|DistBackendError|"
-    r"DistStoreError|broken pipe",
+    r"DistStoreError|broken pipe|CollectiveTimeoutError",
     re.IGNORECASE,
 )
 
@@ -605,28 +651,38 @@ _SECONDARY = re.compile(
 def _attempt_error(
     collector: _Collector, spark_error: BaseException | None, attempt: int
 ) -> DistributedError:
-    """The first real cause: the first reported failure that is not a peer's consequence."""
+    """The first real cause: the first reported failure that is not a peer's consequence.
+
+    When every report is a peer's consequence (or there is none), the cause is a rank that
+    reported nothing — crashed, killed or hung: Spark's error names it if Spark saw it fail.
+    """
     failures = collector.failures
-    if failures:
-        primary = [f for f in failures if not _SECONDARY.search(f"{f.exc_type} {f.message}")]
-        first = (primary or list(failures))[0]
-        others = [f"rank {f.rank} {f.exc_type}" for f in failures if f is not first]
-        return _error(
-            first.rank,
-            first.exc_type,
-            first.module,
-            first.message,
-            first.tail,
-            attempt,
-            also=others,
-        )
-    return _from_spark_error(spark_error, attempt, collector.outputs)
+    primary = [f for f in failures if not _SECONDARY.search(f"{f.exc_type} {f.message}")]
+    silent = [r for r in range(collector.ranks) if all(f.rank != r for f in failures)]
+    if not primary and (silent or not failures):
+        also = [f"rank {f.rank} {f.exc_type}" for f in failures]
+        from_spark = _from_spark_error(spark_error, attempt, collector.outputs, also=also)
+        if not failures or from_spark.rank in silent:
+            return from_spark
+    first = (primary or list(failures))[0]
+    others = [f"rank {f.rank} {f.exc_type}" for f in failures if f is not first]
+    return _error(
+        first.rank,
+        first.exc_type,
+        first.module,
+        first.message,
+        first.tail,
+        attempt,
+        also=others,
+        silent=[] if primary else silent,
+    )
 
 
 def _from_spark_error(
     spark_error: BaseException | None,
     attempt: int,
     outputs: Mapping[int, Sequence[str]] | None = None,
+    also: Sequence[str] = (),
 ) -> DistributedError:
     """No rank reported (it crashed, or never reached the driver): read Spark's own error.
 
@@ -645,10 +701,13 @@ def _from_spark_error(
     )
     exc_type = last.group(1).rsplit(".", 1)[-1] if last else type(spark_error).__name__
     message = last.group(2) if last else (lines[0] if lines else text)
+    # No Python exception (a lost executor, a killed worker): Spark's reason for the task.
+    reason = None if last else re.search(r"finished unsuccessfully\.\n(\w+) (.+)", text)
+    if reason:
+        exc_type, message = reason.group(1), reason.group(2)
     output = list((outputs or {}).get(rank, ())) if rank is not None else []
-    return _error(
-        rank, exc_type, "", message, [*output, *spark_tail][-rankrun.TAIL_LINES :], attempt
-    )
+    tail = [*output, *spark_tail][-rankrun.TAIL_LINES :]
+    return _error(rank, exc_type, "", message, tail, attempt, also=also)
 
 
 def _error(
@@ -659,11 +718,15 @@ def _error(
     tail: Sequence[str],
     attempt: int,
     also: Sequence[str] = (),
+    silent: Sequence[int] = (),
 ) -> DistributedError:
     who = f"rank {rank}" if rank is not None else "a rank"
     text = f"{who} failed with {exc_type}: {message} (attempt {attempt})"
     if also:
         text += f"; also failed after it: {', '.join(also)}"
+    if silent:
+        ranks = ", ".join(map(str, silent))
+        text += f"; no error report from rank {ranks} (crashed, killed or hung)"
     text += f"\n--- last {len(tail)} lines of {who} ---\n" + "\n".join(tail)
 
     def build(cls: type[DistributedError]) -> DistributedError:
@@ -743,6 +806,19 @@ def _timeout_error(
     return DistributedTimeoutError(
         message, rank=None, exc_type="TimeoutError", exc_message=message, attempt=attempt
     )
+
+
+def _silence_error(
+    silent: Sequence[int], heartbeat_s: float | None, attempt: int, collector: _Collector
+) -> DistributedError:
+    rank = silent[0]
+    message = (
+        f"sent no heartbeat for heartbeat_timeout_s={heartbeat_s:g} s (spark-train derives it "
+        "from train.timeout_s): the process is frozen (SIGSTOP, a paused VM, swapping) or cut "
+        "off from the driver; the attempt was cancelled"
+    )
+    tail = list(collector.outputs.get(rank, ()))
+    return _error(rank, "HeartbeatTimeout", "", message, tail, attempt)
 
 
 def _with_history(

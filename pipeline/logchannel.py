@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 Message = dict[str, Any]
 _MAX_LINE = 1 << 20
 _SEND_TIMEOUT_S = 10.0
+_HELLO_TIMEOUT_S = 30.0
+"""A connection must prove the run token this fast (a rank sends it right after connecting);
+a silent or slow stray connection is dropped instead of holding a server thread."""
 
 
 class ChannelServer:
@@ -103,10 +106,13 @@ class ChannelServer:
             return self._lock.wait_for(done, timeout=timeout_s)
 
     def _serve(self, sock: socket.socket, reader: Any) -> None:
+        sock.settimeout(_HELLO_TIMEOUT_S)
         hello = _read(reader)
-        if hello is None or not hmac.compare_digest(str(hello.get("token", "")), self._token):
+        token = b"" if hello is None else str(hello.get("token", "")).encode("utf-8", "replace")
+        if hello is None or not hmac.compare_digest(token, self._token.encode()):
             log.warning("log server: rejected a connection without the run token")
             return
+        sock.settimeout(None)
         rank = int(hello.get("rank", -1))
         with self._lock:
             self._open.add(sock)

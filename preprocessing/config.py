@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.configbase import ConfigError, build, check
+from pipeline.outputs import check_output_uri
 
 __all__ = ["EtlConfig", "InputConfig", "SplitConfig"]
 
@@ -103,10 +104,10 @@ class EtlConfig:
     """Shard-set directory (any pyarrow.fs URI)."""
     num_shards: int = 8
     """Files per split; their row counts differ by at most one."""
-    format: Literal["parquet"] = "parquet"
-    """Shard file format."""
+    format: Literal["parquet", "tfrecord"] = "parquet"
+    """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records)."""
     row_group_rows: int = 65536
-    """Rows per Parquet row group."""
+    """Rows per Parquet row group; for ``tfrecord``, rows per reader piece (same batches)."""
 
     def __post_init__(self) -> None:
         check(len(self.schema) > 0, "etl.schema", "must declare at least one column")
@@ -119,6 +120,7 @@ class EtlConfig:
         check(self.row_group_rows >= 1, "etl.row_group_rows", "must be >= 1")
         check(self.max_abs_value > 0, "etl.max_abs_value", "must be > 0")
         check(bool(self.output.strip()), "etl.output", "must not be empty")
+        check_output_uri("etl.output", self.output)
         if self.classes is not None:
             check(self.resolved_task == "classification", "etl.classes", "only for classification")
             check(

@@ -24,6 +24,8 @@ from pyspark.sql import functions as F
 
 from pipeline import storage
 from pipeline.configbase import to_dict
+from pipeline.outputs import check_disjoint, check_output_dir
+from pipeline.redact import redact
 from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
@@ -82,6 +84,7 @@ class _Tally:
     by_column: Counter[str] = field(default_factory=Counter)
     plan_counts: dict[tuple[str, int], int] = field(default_factory=dict)
     labels: set[Any] = field(default_factory=set)
+    train_values: Counter[str] = field(default_factory=Counter)  # non-null numeric values
 
     @property
     def rows_quarantined(self) -> int:
@@ -138,7 +141,10 @@ def _tally(df: DataFrame, cfg: EtlConfig) -> _Tally:
             F.col(REASON_COLUMN),
             label.alias("lbl"),
         )
-        .count()
+        .agg(
+            F.count(F.lit(1)).alias("count"),
+            *[F.count(F.col(c)).alias(f"_n_{i}") for i, c in enumerate(cfg.numeric)],
+        )
         .collect()
     )
     t = _Tally()
@@ -152,6 +158,9 @@ def _tally(df: DataFrame, cfg: EtlConfig) -> _Tally:
             continue
         key = (r[SPLIT], int(r["pid"]))
         t.plan_counts[key] = t.plan_counts.get(key, 0) + n
+        if r[SPLIT] == "train":
+            for i, c in enumerate(cfg.numeric):
+                t.train_values[c] += int(r[f"_n_{i}"])
         if r["lbl"] is not None:
             t.labels.add(r["lbl"])
     return t
@@ -159,6 +168,7 @@ def _tally(df: DataFrame, cfg: EtlConfig) -> _Tally:
 
 def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlResult:
     """Run the ETL; a no-op (status ``up_to_date``) when inputs and config are unchanged."""
+    _check_output(cfg)
     raw = read_raw(spark, cfg)
     cfg_dict = to_dict(cfg)
     fp = mf.fingerprint(spark, raw.df, cfg_dict)
@@ -201,10 +211,13 @@ def _build(
     classes = _classes(cfg, tally)
     plan = ShardPlan(tally.plan_counts, cfg.num_shards)
     if plan.split_rows("train") == 0:
+        kept = f", see {storage.join(cfg.output, quarantine_rel)}" if tally.rows_quarantined else ""
         raise EtlError(
             f"no valid rows in the train split of {cfg.input.path} (rows_in={tally.rows_in}, "
-            f"quarantined={tally.rows_quarantined}: {dict(tally.by_reason)}); nothing to fit features on"
+            f"quarantined={tally.rows_quarantined}: {dict(tally.by_reason)}{kept}); "
+            "nothing to fit features on"
         )
+    _check_numeric_values(cfg, tally, plan.split_rows("train"))
     ok = validated.filter(F.col(REASON).isNull())
     with timer("fit_features"):
         fitted = fit_features(ok.filter(F.col(SPLIT) == "train"), cfg)
@@ -224,7 +237,8 @@ def _build(
         raise AssertionError("reconciliation failed: rows_ok + rows_quarantined != rows_in")
     return mf.build_manifest(
         generation=generation,
-        config=cfg_dict,
+        config=redact(cfg_dict, "etl"),
+        file_format=cfg.format,
         fingerprint=fp,
         schema=[
             {"name": KEY_COLUMN, "dtype": str(schema.field(KEY_COLUMN).type), "shape": []},
@@ -254,6 +268,24 @@ def _build(
         timings_s=timer.seconds,
         splits=splits,
     )
+
+
+def _check_output(cfg: EtlConfig) -> None:
+    """``etl.output`` follows :mod:`pipeline.outputs` and is not inside ``etl.input.path``."""
+    inputs = {} if cfg.input.format == "table" else {"etl.input.path": cfg.input.path}
+    check_disjoint({"etl.output": cfg.output}, inputs)
+    check_output_dir("etl.output", cfg.output, "shardset")
+
+
+def _check_numeric_values(cfg: EtlConfig, tally: _Tally, train_rows: int) -> None:
+    """A numeric column with no value in train cannot be imputed or standardized."""
+    empty = [c for c in cfg.numeric if tally.train_values[c] == 0]
+    if empty:
+        raise EtlError(
+            f"numeric column(s) {empty} of {cfg.input.path} have no finite value in the "
+            f"{train_rows} good train rows: nothing to impute or standardize with (is the "
+            "column absent from the input, or always empty?)"
+        )
 
 
 def _classes(cfg: EtlConfig, tally: _Tally) -> list[Any] | None:

@@ -1,0 +1,69 @@
+"""How ``spark-train`` reports errors and its effective config.
+
+Every error is one line on stderr, ``spark-train COMMAND: error: …``, naming the key, path,
+file or row (exit 2 for bad usage or config, 1 for a runtime failure); ``--debug`` raises
+instead, so the traceback shows. The effective config is logged once per command with
+credentials redacted (:mod:`pipeline.redact`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import NoReturn
+
+from pipeline.config import Config
+from pipeline.redact import redact
+
+__all__ = ["OneLineParser", "log_effective_config", "one_line", "report_error"]
+
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines joined, blank lines and ``^`` markers dropped."""
+    lines = [ln.strip() for ln in str(text).splitlines()]
+    return " ".join(ln for ln in lines if ln and set(ln) != {"^"})
+
+
+def report_error(command: str, exc: BaseException, *, usage: bool) -> int:
+    """Print the one-line error of ``exc`` for ``command``; return the exit code.
+
+    Usage and config errors print their whole message (it names the key); runtime errors
+    print the exception type and the first line of the message (a distributed failure's
+    next lines are the rank's output tail, which the log already has), or the first two when
+    the first ends with a colon (``all 3 attempts failed:`` and the first attempt's cause).
+    """
+    if usage:
+        print(f"spark-train {command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "all 3 attempts failed:" + the first cause
+        lines = [f"{lines[0]} {lines[1]}"]
+    first = f": {lines[0]}" if lines else ""
+    print(
+        f"spark-train {command}: error: {type(exc).__name__}{first} (--debug shows the traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_RUNTIME
+
+
+def log_effective_config(logger: logging.Logger, cfg: Config) -> None:
+    """Log the validated config at INFO, with credentials redacted."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "effective config (%s): %s",
+            cfg.source,
+            json.dumps(redact(cfg.to_dict()), default=str, sort_keys=True),
+        )
