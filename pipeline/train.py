@@ -4,13 +4,15 @@
 ``train.num_workers`` ranks as one Spark barrier job (relaunched up to ``train.max_attempts``
 times, each relaunch resuming from the latest checkpoint) and returns rank 0's summary.
 Without Spark the same worker runs under torchrun: ``python -m pipeline.worker``.
+With ``train.mode: average`` it runs :func:`pipeline.averaging.fit_average` instead: one
+ordinary Spark job per averaging round, no barrier and no process group.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -19,7 +21,10 @@ from pipeline import storage
 from pipeline.bundle import CONFIG, SPEC, model_spec
 from pipeline.configbase import to_dict
 from pipeline.ddp import train_worker
+from pipeline.preflight import check_training_inputs
 from pipeline.shardset import ShardSet, ShardSetError
+from pipeline.timeouts import stall_limit_s
+from pipeline.tracking import tracked
 from pipeline.train_config import TrainConfig
 
 __all__ = ["TrainResult", "bundle_is_current", "fit"]
@@ -42,6 +47,9 @@ class TrainResult:
     """Checkpoint step the finishing attempt resumed from, or None."""
     world_size: int
     """Number of ranks."""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    """``train.mode: average`` only: per-round metrics (also the last entries of ``epochs``),
+    with ``bytes_sent``, ``bytes_received`` and ``attempts`` (see :mod:`pipeline.averaging`)."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -73,8 +81,28 @@ def fit(
     ``env`` adds environment variables to every rank (e.g. ``NCCL_*`` settings);
     ``show_progress`` is passed to :func:`pipeline.launcher.run_distributed`. Raises
     :class:`pipeline.launcher.DistributedError` naming the failing rank, with its traceback,
-    when every one of ``train.max_attempts`` launches failed.
+    when every one of ``train.max_attempts`` launches failed. With ``train.tracking`` set,
+    the finished (or failed) run is logged to MLflow / TensorBoard (:mod:`pipeline.tracking`).
     """
+    with tracked(cfg) as runlog:
+        check_training_inputs(cfg)  # refuse damaged or unusable inputs before launching
+        result = _train(cfg, spark, env=env, show_progress=show_progress)
+        runlog.done(result.epochs, {"steps": result.steps, "attempt": result.attempt})
+    return result
+
+
+def _train(
+    cfg: TrainConfig,
+    spark: Any,
+    *,
+    env: Mapping[str, str] | None,
+    show_progress: bool | None,
+) -> TrainResult:
+    """Run the configured training mode; see :func:`fit`."""
+    if cfg.mode == "average":
+        from pipeline.averaging import fit_average
+
+        return fit_average(cfg, spark, env=env, show_progress=show_progress)
     from pipeline.launcher import run_distributed
 
     summaries = run_distributed(
@@ -85,13 +113,14 @@ def fit(
         max_attempts=cfg.max_attempts,
         env=env,
         show_progress=show_progress,
+        heartbeat_timeout_s=stall_limit_s(cfg.timeout_s),  # a frozen rank ends the attempt
     )
     rank0 = next(s for s in summaries if s["rank"] == 0)
     return TrainResult.from_summary(rank0)
 
 
 # Keys that change how a run is operated, not what it produces.
-_OPERATIONAL_KEYS = frozenset({"resume", "max_attempts", "timeout_s", "verify"})
+_OPERATIONAL_KEYS = frozenset({"resume", "max_attempts", "timeout_s", "verify", "tracking"})
 
 
 def bundle_is_current(cfg: TrainConfig) -> bool:
@@ -99,7 +128,7 @@ def bundle_is_current(cfg: TrainConfig) -> bool:
 
     Compared: the shard set's fingerprint and generation recorded in ``model.json`` against
     the committed manifest, and the bundle's ``config.yaml`` against ``cfg`` (ignoring keys
-    that do not affect the result: resume, max_attempts, timeout_s, verify).
+    that do not affect the result: resume, max_attempts, timeout_s, verify, tracking).
     """
     fs, root = storage.resolve(cfg.output)
     spec_path, config_path = storage.join(root, SPEC), storage.join(root, CONFIG)

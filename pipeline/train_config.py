@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.configbase import ConfigError, build, check
+from pipeline.outputs import check_output_uri
 
 __all__ = [
+    "AveragingConfig",
     "CheckpointConfig",
     "LRScheduleConfig",
     "ModelConfig",
     "OptimizerConfig",
     "PowerSGDConfig",
+    "TrackingConfig",
     "TrainConfig",
 ]
 
 Mode = Literal["ddp", "average", "fsdp"]
 # Modes accepted by the schema but not implemented by this build yet.
-_PLANNED_MODES = ("average", "fsdp")
+_PLANNED_MODES: tuple[str, ...] = ()
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -157,12 +160,112 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.dir), "train.checkpoint.dir", "must not be empty")
+        check_output_uri("train.checkpoint.dir", self.dir)
         check(
             self.every_steps >= 0,
             "train.checkpoint.every_steps",
             f"must be >= 0, got {self.every_steps}",
         )
         check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Experiment tracking (``train.tracking``); both integrations are off by default."""
+
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (``http://host:5000``, ``file:///path/mlruns``, ...). When set,
+    the run's parameters, per-epoch metrics and the bundle are logged to MLflow; needs the
+    ``tracking`` extra (``pip install 'spark-train[tracking]'``)."""
+
+    experiment: str = "spark-train"
+    """MLflow experiment name (created when missing)."""
+
+    run_name: str | None = None
+    """MLflow run name (null: MLflow picks one)."""
+
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files with the per-epoch metrics to this local directory."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.mlflow_uri is None or bool(self.mlflow_uri.strip()),
+            "train.tracking.mlflow_uri",
+            "must be a URI or null",
+        )
+        check(bool(self.experiment), "train.tracking.experiment", "must not be empty")
+        check(
+            self.tensorboard_dir is None or bool(self.tensorboard_dir.strip()),
+            "train.tracking.tensorboard_dir",
+            "must be a directory or null",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AveragingConfig:
+    """Map-reduce model averaging (``train.averaging``), used when ``train.mode`` is ``average``.
+
+    Each round is one Spark job: every worker trains the broadcast global model on its own
+    data, and a tree reduce averages the results (local SGD / FedAvg). Training length is
+    ``warmup_ddp_epochs`` DDP epochs plus ``rounds`` × (``local_epochs`` or ``local_steps``);
+    ``train.epochs`` is not used in this mode.
+    """
+
+    rounds: int = 10
+    """Averaging rounds (synchronizations of the workers' weights)."""
+
+    local_epochs: int | None = None
+    """Passes over its own data each worker makes per round (null: 1, unless
+    ``local_steps`` is set)."""
+
+    local_steps: int | None = None
+    """Optimizer steps each worker makes per round, instead of whole epochs (the data stream
+    continues across rounds and epochs). Mutually exclusive with ``local_epochs``."""
+
+    optimizer_state: Literal["reset", "average", "local"] = "reset"
+    """Optimizer state across rounds: ``reset`` (a fresh optimizer every round), ``average``
+    (averaged and broadcast like the weights), or ``local`` (each worker keeps its own,
+    stored under ``train.checkpoint.dir``/workers/ between rounds)."""
+
+    weighting: Literal["samples", "uniform"] = "samples"
+    """Weight of each worker in the average: the samples it trained on in the round, or 1."""
+
+    partition: Literal["rows", "shards"] = "rows"
+    """Which data a worker trains on: ``rows``, the same equal slice of the split that DDP
+    rank i reads (equal sample counts); or ``shards``, whole shard files i, i + W, i + 2W, …
+    (sizes may differ, which is where ``weighting: samples`` matters)."""
+
+    warmup_ddp_epochs: int = 0
+    """Epochs of ordinary DDP training before averaging starts (post-local SGD); the
+    averaging rounds continue from its weights and optimizer state."""
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, "train.averaging.rounds", f"must be >= 1, got {self.rounds}")
+        for key in ("local_epochs", "local_steps"):
+            value = getattr(self, key)
+            check(
+                value is None or value >= 1,
+                f"train.averaging.{key}",
+                f"must be >= 1 or null, got {value}",
+            )
+        check(
+            self.local_epochs is None or self.local_steps is None,
+            "train.averaging.local_steps",
+            f"is mutually exclusive with train.averaging.local_epochs (got local_epochs="
+            f"{self.local_epochs}, local_steps={self.local_steps}); set only one",
+        )
+        check(
+            self.warmup_ddp_epochs >= 0,
+            "train.averaging.warmup_ddp_epochs",
+            f"must be >= 0, got {self.warmup_ddp_epochs}",
+        )
+
+    @property
+    def epochs_per_round(self) -> int | None:
+        """Local epochs per round, or None when rounds are counted in ``local_steps``."""
+        if self.local_steps is not None:
+            return None
+        return self.local_epochs or 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +280,9 @@ class TrainConfig:
     match the shard set's label task."""
 
     mode: Mode = "ddp"
-    """Training mode. Only ``ddp`` is implemented; ``average`` and ``fsdp`` are planned."""
+    """Training mode: ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2 ``fully_shard``:
+    parameters, gradients and optimizer state sharded over the ranks); ``average``: map-reduce
+    model averaging, one Spark job per round, no barrier (see ``train.averaging``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
@@ -198,7 +303,8 @@ class TrainConfig:
     """The learning-rate schedule."""
 
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (gradients are all-reduced on the last one only)."""
+    """Micro-batches per optimizer step (``ddp`` all-reduces gradients on the last one only;
+    ``fsdp`` reduce-scatters each one into the sharded gradients)."""
 
     precision: Literal["fp32", "bf16"] = "fp32"
     """``fp32``, or ``bf16`` autocast of the forward pass (weights stay fp32)."""
@@ -207,16 +313,21 @@ class TrainConfig:
     """Clip the global gradient norm to this value (null: no clipping)."""
 
     comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"
-    """DDP gradient communication hook: plain all-reduce, fp16/bf16 compression or PowerSGD."""
+    """DDP gradient communication hook: plain all-reduce, fp16/bf16 compression or PowerSGD
+    (``mode: ddp`` only; ``fsdp`` refuses any other than ``none``)."""
 
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
     """PowerSGD settings (used only with ``comm_hook: powersgd``)."""
+
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    """Model averaging settings (used only with ``mode: average``)."""
 
     seed: int = 0
     """Seed of model initialisation, data order and dropout."""
 
     timeout_s: float = 600.0
-    """Timeout of collective operations (a hung peer fails the job after this long)."""
+    """Timeout of collective operations (a hung peer fails the job after this long); a rank
+    stuck outside them, or frozen, ends the attempt after this plus max(10 s, 25 %)."""
 
     max_attempts: int = 3
     """Launches of the whole job in total; after a failure the job is relaunched and
@@ -236,14 +347,18 @@ class TrainConfig:
     """Shard verification before reading: sha256 (``full``; ``auto`` below 1 GiB), size
     only, or none."""
 
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow and TensorBoard logging of the finished run."""
+
     def __post_init__(self) -> None:
         check(
             self.mode not in _PLANNED_MODES,
             "train.mode",
-            f"{self.mode!r} is not implemented yet; this build supports 'ddp'",
+            f"{self.mode!r} is not implemented yet; this build supports 'ddp' and 'fsdp'",
         )
         check(bool(self.dataset), "train.dataset", "must not be empty")
         check(bool(self.output), "train.output", "must not be empty")
+        check_output_uri("train.output", self.output)
         for key in ("num_workers", "epochs", "batch_size", "grad_accum_steps", "max_attempts"):
             value = getattr(self, key)
             check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
@@ -252,6 +367,30 @@ class TrainConfig:
             check(
                 self.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {self.grad_clip}"
             )
+        if self.mode == "fsdp":
+            check(
+                self.comm_hook == "none",
+                "train.comm_hook",
+                f"{self.comm_hook!r} is a DDP communication hook; train.mode 'fsdp' "
+                "reduce-scatters gradients itself: set it to 'none'",
+            )
+        if self.mode == "average":
+            self._check_average()
+
+    def _check_average(self) -> None:
+        check(
+            self.grad_accum_steps == 1,
+            "train.grad_accum_steps",
+            f"must be 1 with train.mode 'average' (got {self.grad_accum_steps}): each worker "
+            "steps on every batch of its own; raise train.batch_size instead",
+        )
+        check(
+            self.comm_hook == "none" or self.averaging.warmup_ddp_epochs > 0,
+            "train.comm_hook",
+            f"{self.comm_hook!r} is a DDP gradient hook; train.mode 'average' exchanges "
+            "weights once per round, so it applies only to a DDP warm-up "
+            "(train.averaging.warmup_ddp_epochs > 0): set it to 'none'",
+        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, prefix: str = "train") -> TrainConfig:

@@ -82,8 +82,8 @@ def test_unknown_keys_are_named(data: dict[str, Any], key: str) -> None:
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"mode": "fsdp"}, "train.mode"),
-        ({"mode": "average"}, "train.mode"),
+        ({"mode": "fsdp", "comm_hook": "fp16"}, "train.comm_hook"),
+        ({"mode": "average", "grad_accum_steps": 2}, "train.grad_accum_steps"),
         ({"mode": "horovod"}, "train.mode"),
         ({"task": "ranking"}, "train.task"),
         ({"epochs": 0}, "train.epochs"),
@@ -124,9 +124,10 @@ def test_bad_values_name_the_dotted_key(data: dict[str, Any], key: str) -> None:
     assert key in str(e.value)
 
 
-def test_planned_modes_say_not_implemented() -> None:
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        TrainConfig.from_mapping({"mode": "fsdp"})
+def test_fsdp_is_implemented_and_refuses_ddp_comm_hooks() -> None:
+    assert TrainConfig.from_mapping({"mode": "fsdp"}).mode == "fsdp"
+    with pytest.raises(ConfigError, match="DDP communication hook"):
+        TrainConfig.from_mapping({"mode": "fsdp", "comm_hook": "powersgd"})
 
 
 def test_sgd_momentum_and_frozen() -> None:
