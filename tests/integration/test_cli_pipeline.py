@@ -94,16 +94,10 @@ def test_evaluate_refuses_a_mismatched_shard_set(
     assert "trained on" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_spark_submit_runs_the_same_job(raw_data: Path, tmp_path: Path) -> None:
+def test_spark_submit_reports_a_config_error_like_the_cli(raw_data: Path, tmp_path: Path) -> None:
+    # The whole pipeline under spark-submit runs in test_standalone.py (standalone master);
+    # here: the same exit code and message as `spark-train` for a bad key.
     cfg = _config(tmp_path, raw_data)
-    proc = spark_submit(
-        "local[2]", "run", "--config", str(cfg), "--set", "train.epochs=1", timeout=400
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test metrics" in proc.stdout
-    assert (tmp_path / "model" / "model.safetensors").exists()
-
     bad = spark_submit("local[1]", "etl", "--config", str(cfg), "--set", "etl.nope=1", timeout=200)
     # spark-submit forwards the Python driver's stderr on its stdout
     assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr

@@ -188,13 +188,18 @@ def standalone_cluster(root: Path, workers: int = 2) -> Iterator[Standalone]:
                 "0",
                 "--work-dir",
                 str(root / f"work{i}"),
-                cluster.url,
             ]
             for i in range(1, workers + 1)
         },
     }
     try:
         for name, args in commands.items():
+            if name == "worker1":
+                # The master moves to the next port when its chosen one was taken meanwhile
+                # (Spark's port retries): workers connect to the URL it actually reports.
+                cluster.url = str(cluster.wait_for_workers(0, REGISTER_TIMEOUT_S)["url"])
+            if name.startswith("worker"):
+                args = [*args, cluster.url]
             env = dict(base_env)
             if name.startswith("worker"):
                 env["SPARK_WORKER_DIR"] = str(root / f"work{name.removeprefix('worker')}")
