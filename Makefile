@@ -30,8 +30,8 @@ test: $(STAMP)
 	@$(RUN) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline preprocessing jobs tests bench
-	$(BIN)/ruff format --check pipeline preprocessing jobs tests bench
+	$(BIN)/ruff check pipeline preprocessing jobs tests bench notebooks
+	$(BIN)/ruff format --check pipeline preprocessing jobs tests bench notebooks
 	$(BIN)/mypy
 
 # Regenerate the README's config reference from the config dataclasses.
@@ -42,7 +42,7 @@ demo: $(STAMP)
 	@$(RUN) $(BIN)/spark-train demo --config jobs/configs/demo.yaml
 
 bench: $(STAMP)
-	@$(RUN) for b in bench/etl.py bench/reader.py bench/launch.py bench/epoch.py; do \
+	@$(RUN) for b in bench/etl.py bench/reader.py bench/launch.py bench/epoch.py bench/modes.py bench/tfrecord.py; do \
 	  [ -f $$b ] && $(BIN)/python $$b; done
 
 clean:
