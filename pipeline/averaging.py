@@ -77,6 +77,7 @@ from pipeline.optim import LRFactor, build_optimizer
 from pipeline.rankrun import scoped_environ
 from pipeline.reader import ShardReader
 from pipeline.shardset import ShardSet
+from pipeline.timeouts import watchdog
 from pipeline.train import TrainResult, _train
 from pipeline.train_config import TrainConfig
 
@@ -510,9 +511,12 @@ def _round_task(
         tries = ctx.attemptNumber() if ctx is not None else 0
         threads = ctx.cpus() if ctx is not None else 1
         try:
-            result = train_round(
-                spec, index, payload.value, attempt=spec.attempt + tries, threads=threads
-            )
+            # A task that reads no batch for stall_limit_s(train.timeout_s) ends its process
+            # (the round's job fails and the driver reruns it): no round waits forever.
+            with watchdog(index, float(spec.config.get("timeout_s", 600.0))):
+                result = train_round(
+                    spec, index, payload.value, attempt=spec.attempt + tries, threads=threads
+                )
         except Exception as exc:
             # Spark's error carries the traceback but not the partition: name it here.
             kind = type(exc)

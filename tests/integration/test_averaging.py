@@ -238,6 +238,27 @@ def test_a_failed_task_is_rerun_and_the_round_is_bitwise_the_same(
     ]
 
 
+def test_a_stuck_worker_ends_the_round_within_the_timeout(
+    spark: Any, baseline: tuple[TrainConfig, TrainResult], tmp_path: Path
+) -> None:
+    """Worker 0 hangs outside any Spark call; its watchdog ends it, the run fails bounded."""
+    import time
+
+    from pipeline.timeouts import stall_limit_s
+
+    base, _ = baseline
+    cfg = _cfg(tmp_path, base.dataset, timeout_s=5)
+    started = time.monotonic()
+    with pytest.raises(DistributedError) as caught:
+        fit(cfg, spark, env={FAULT_ENV: "rank=0,step=2,attempt=0,kind=hang,seconds=3600"})
+    seconds = time.monotonic() - started
+    limit = stall_limit_s(cfg.timeout_s)
+    assert limit <= seconds <= limit + 60, f"ended after {seconds:.1f}s (limit {limit:.0f}s)"
+    # The watchdog logs the stall (naming train.timeout_s) in the worker, then ends it: the
+    # driver sees the worker crash and names the round and the worker.
+    assert "round 0 failed" in str(caught.value) and "rank 0" in str(caught.value)
+
+
 # A driver with a master that lets Spark retry a task (local[N, maxFailures]).
 _RETRYING_DRIVER = """
 import json, sys
