@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from pipeline.launcher import DistributedError
 from pipeline.models import mlp
 from pipeline.train import TrainResult, fit
 from pipeline.train_config import TrainConfig
+from tests.integration.test_training import _merge
 from tests.shards import make_shardset
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
@@ -49,13 +49,6 @@ STEPS_PER_ROUND = 5
 def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("avg-shards") / "set"
     return make_shardset(root, rows_per_shard={"train": TRAIN_SHARDS, "val": [120]}, seed=3)
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _cfg(tmp: Path, dataset: str, **over: Any) -> TrainConfig:
