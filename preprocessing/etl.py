@@ -30,7 +30,15 @@ from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
 from preprocessing.features import apply_features, fit_features
-from preprocessing.shards import SPLIT, ShardPlan, assign_split, shard_schema, write_shards
+from preprocessing.shards import (
+    BUCKET,
+    SPLIT,
+    ShardPlan,
+    assign_split,
+    shard_schema,
+    with_buckets,
+    write_shards,
+)
 from preprocessing.validate import (
     CORRUPT,
     RAW_PREFIX,
@@ -58,6 +66,7 @@ class EtlResult:
     status: str  # "built" | "up_to_date"
     manifest: dict[str, Any]
     seconds: float = 0.0
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
 
     def summary(self) -> str:
         """Human-readable multi-line summary."""
@@ -168,29 +177,33 @@ def _tally(df: DataFrame, cfg: EtlConfig) -> _Tally:
 
 def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlResult:
     """Run the ETL; a no-op (status ``up_to_date``) when inputs and config are unchanged."""
+    started = time.monotonic()
+    timer = _PhaseTimer()
     _check_output(cfg)
-    raw = read_raw(spark, cfg)
-    cfg_dict = to_dict(cfg)
-    fp = mf.fingerprint(spark, raw.df, cfg_dict)
-    existing = mf.read_existing(cfg.output)
+    with timer("read_header_fingerprint"):
+        raw = read_raw(spark, cfg)
+        cfg_dict = to_dict(cfg)
+        fp = mf.fingerprint(spark, raw.df, cfg_dict)
+        existing = mf.read_existing(cfg.output)
     if (
         not force
         and existing is not None
         and mf.is_up_to_date(cfg.output, existing, fp["combined"])
     ):
         return EtlResult(cfg.output, "up_to_date", existing)
-    started = time.monotonic()
     generation = uuid.uuid4().hex[:10]
     with _sql_conf(spark, _ETL_SQL_CONF):
         validated = assign_split(validate(raw, cfg), cfg).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            manifest = _build(spark, validated, cfg, generation, cfg_dict, fp)
+            manifest = _build(spark, validated, cfg, generation, cfg_dict, fp, timer)
         finally:
             validated.unpersist()
-    mf.commit_manifest(cfg.output, manifest)
-    removed = mf.cleanup_generations(cfg.output, generation)
+    with timer("commit"):
+        mf.commit_manifest(cfg.output, manifest)
+    with timer("cleanup"):
+        removed = mf.cleanup_generations(cfg.output, generation)
     log.info("committed generation %s; removed %d old entries", generation, removed)
-    return EtlResult(cfg.output, "built", manifest, time.monotonic() - started)
+    return EtlResult(cfg.output, "built", manifest, time.monotonic() - started, timer.seconds)
 
 
 def _build(
@@ -200,8 +213,8 @@ def _build(
     generation: str,
     cfg_dict: dict[str, Any],
     fp: dict[str, str],
+    timer: _PhaseTimer,
 ) -> dict[str, Any]:
-    timer = _PhaseTimer()
     with timer("read_validate_count"):
         tally = _tally(validated, cfg)
     quarantine_rel = f"quarantine/{generation}"
@@ -222,12 +235,15 @@ def _build(
     with timer("fit_features"):
         fitted = fit_features(ok.filter(F.col(SPLIT) == "train"), cfg)
     features_rel = f"features/{generation}"
-    fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
-    encoded = apply_features(fitted.model, ok).select(
+    with timer("save_features"):
+        fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
+    used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical])
+    bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
+    encoded = apply_features(fitted.model, bucketed).select(
         F.col(cfg.key).alias(KEY_COLUMN),
         F.col(FEATURES_COLUMN),
         _encode_label(cfg, classes).alias(LABEL_COLUMN),
-        F.col(SPLIT),
+        F.col(BUCKET),
     )
     schema = shard_schema(fitted.dim, cfg.dtype(cfg.key), cfg.resolved_task)
     with timer("write_shards"):
@@ -265,7 +281,7 @@ def _build(
         },
         feature_stats=fitted.stats,
         features_model=features_rel,
-        timings_s=timer.seconds,
+        timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
         splits=splits,
     )
 

@@ -146,6 +146,12 @@ def test_rerun_is_a_noop_force_rebuilds_and_changes_rebuild(spark: Any, tmp_path
     corpus.write_corpus(raw, good=80, copies=1)
     cfg = _cfg(raw.parent, tmp_path / "out")
     first = run_etl(spark, cfg)
+    # every phase is timed; the manifest holds those up to the commit
+    phases = ["read_header_fingerprint", "read_validate_count", "quarantine", "fit_features"]
+    phases += ["save_features", "write_shards", "commit", "cleanup"]
+    assert list(first.timings_s) == phases
+    assert list(first.manifest["timings_s"]) == phases[:-2]
+    assert sum(first.timings_s.values()) <= first.seconds + 0.01  # each rounded to 1 ms
     manifest_path = tmp_path / "out" / "manifest.json"
     before = (manifest_path.stat().st_mtime_ns, manifest_path.read_bytes())
     again = run_etl(spark, cfg)
