@@ -197,11 +197,13 @@ def _train_summary(result: Any) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.bundle import require_bundle
     from pipeline.evaluate import evaluate_bundle
 
     model = args.model or (cfg.train.output if cfg.train_data is not None else None)
     if model is None:
         raise UsageError("evaluate needs --model BUNDLE (or a config with train.output)")
+    require_bundle(model, "--model")
     print(json.dumps(evaluate_bundle(model, args.dataset, args.split), indent=2))
     return EXIT_OK
 

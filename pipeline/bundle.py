@@ -33,7 +33,7 @@ import yaml
 from torch import nn
 
 from pipeline import storage
-from pipeline.configbase import to_dict
+from pipeline.configbase import ConfigError, to_dict
 from pipeline.models import build_model
 from pipeline.shardset import ShardSet
 from pipeline.train_config import TrainConfig
@@ -46,6 +46,7 @@ __all__ = [
     "load_bundle",
     "model_spec",
     "read_spec",
+    "require_bundle",
     "write_bundle",
 ]
 
@@ -165,6 +166,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def require_bundle(uri: str, key: str = "--model") -> None:
+    """:class:`~pipeline.configbase.ConfigError` naming ``key`` when ``uri`` holds no bundle.
+
+    A path without ``model.json`` is a wrong argument (exit 2 in the CLI); a bundle that is
+    there but broken stays a :class:`BundleError` (exit 1).
+    """
+    fs, root = storage.resolve(uri)
+    if not storage.exists(fs, storage.join(root, SPEC)):
+        raise ConfigError(key, f"{uri} is not a model bundle (no {SPEC} there)")
 
 
 def read_spec(uri: str) -> dict[str, Any]:

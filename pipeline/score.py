@@ -474,14 +474,12 @@ def score_table(
     and a missing bundle or input is a :class:`~pipeline.configbase.ConfigError` naming
     ``--model`` / ``--input``.
     """
-    from pipeline.bundle import SPEC
+    from pipeline.bundle import require_bundle
     from preprocessing.validate import CORRUPT, SOURCE, read_raw
 
     _on_driver("score_table")
     started = time.monotonic()
-    fs, root = storage.resolve(bundle)
-    if not storage.exists(fs, storage.join(root, SPEC)):
-        raise ConfigError("--model", f"{bundle} is not a model bundle (no model.json there)")
+    require_bundle(bundle, "--model")
     _check_output(input, output)
     opened = _open_bundle(bundle)
     cfg = _input_config(opened.etl, input, fmt)

@@ -164,7 +164,7 @@ CASES: dict[str, Case] = {
     ),
     "evaluate_model_missing": lambda e: (
         ["evaluate", "--model", str(e.missing)],
-        1,
+        2,
         str(e.missing),
     ),
     "evaluate_bad_split": lambda e: (["evaluate", "--split", "dev"], 2, "--split"),
