@@ -10,29 +10,21 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from preprocessing.make_data import demo_etl_section
+from tests.configs import pipeline_config
 from tests.conftest import spark_submit
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
 
 def _config(tmp_path: Path, raw: Path) -> Path:
-    etl = demo_etl_section(str(raw), str(tmp_path / "shards"))
-    etl["num_shards"] = 2
-    train = {
-        "dataset": str(tmp_path / "shards"),
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [32]}},
-        "num_workers": 2,
-        "epochs": 3,
-        "batch_size": 128,
-        "optimizer": {"name": "adamw", "lr": 0.01},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 10, "keep": 2},
-        "output": str(tmp_path / "model"),
-        "timeout_s": 120,
-    }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"spark": {"master": "local[2]"}, "etl": etl, "train": train}))
-    return path
+    return pipeline_config(
+        tmp_path,
+        raw,
+        model={"builder": "pipeline.models:mlp", "args": {"hidden": [32]}},
+        epochs=3,
+        optimizer={"name": "adamw", "lr": 0.01},
+        checkpoint={"dir": str(tmp_path / "ckpt"), "every_steps": 10, "keep": 2},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from jobs.cli import main
 from pipeline.shardset import ShardSet
-from preprocessing.make_data import demo_etl_section
+from tests.configs import pipeline_config
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
-
-
-def _config(tmp_path: Path, raw: Path, **train: Any) -> Path:
-    etl = demo_etl_section(str(raw), str(tmp_path / "shards"))
-    etl["num_shards"] = 2
-    section = {
-        "dataset": str(tmp_path / "shards"),
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [16]}},
-        "num_workers": 2,
-        "epochs": 1,
-        "batch_size": 128,
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 50, "keep": 1},
-        "output": str(tmp_path / "model"),
-        "timeout_s": 120,
-        **train,
-    }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"spark": {"master": "local[2]"}, "etl": etl, "train": section}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +33,7 @@ def _stages(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_stages_skip_when_up_to_date_and_force_reruns_them(
     spark: Any, raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
+    cfg = pipeline_config(tmp_path, raw_data)
     assert main(["run", "--config", str(cfg)]) == 0
     default = tmp_path / "run-summary.json"  # beside the bundle
     assert f"run summary: {default}" in capsys.readouterr().out
@@ -108,7 +88,7 @@ def test_stages_skip_when_up_to_date_and_force_reruns_them(
 def test_a_failing_stage_still_writes_the_summary(
     spark: Any, raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path, raw_data, max_attempts=1)
+    cfg = pipeline_config(tmp_path, raw_data, max_attempts=1)
     assert main(["etl", "--config", str(cfg)]) == 0
     # Corrupt a shard without changing its size: the ETL still finds the shard set up to
     # date (it compares sizes), and training's sha256 check must catch it.
@@ -135,7 +115,7 @@ def test_a_failing_stage_still_writes_the_summary(
 def test_a_config_error_inside_run_exits_2_with_a_summary(
     raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
+    cfg = pipeline_config(tmp_path, raw_data)
     summary = tmp_path / "bad.json"
     argv = ["run", "--config", str(cfg), "--set", "train.dataset=elsewhere"]
     assert main([*argv, "--summary", str(summary)]) == 2
@@ -159,7 +139,7 @@ def test_resume_lets_a_rerun_continue_a_failed_training(
     """A scheduler's retry: the failed run left checkpoints, ``run --resume`` continues them."""
     from pipeline.faults import FAULT_ENV
 
-    cfg = _config(tmp_path, raw_data, max_attempts=1, epochs=2)
+    cfg = pipeline_config(tmp_path, raw_data, max_attempts=1, epochs=2)
     summary = tmp_path / "s.json"
     argv = ["run", "--config", str(cfg), "--summary", str(summary)]
     # Python workers get the SparkContext's environment (a new worker daemon for a new one).

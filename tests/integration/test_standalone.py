@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from preprocessing.make_data import demo_etl_section
+from tests.configs import pipeline_config
 from tests.conftest import spark_submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(900)]
@@ -220,31 +219,12 @@ def standalone_cluster(root: Path, workers: int = 2) -> Iterator[Standalone]:
         assert not leaked, f"processes of the standalone cluster outlived it: {leaked}"
 
 
-def _config(tmp_path: Path, raw: Path) -> Path:
-    etl = demo_etl_section(str(raw), str(tmp_path / "shards"))
-    etl["num_shards"] = 2
-    train = {
-        "dataset": str(tmp_path / "shards"),
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [16]}},
-        "num_workers": 2,
-        "epochs": 1,
-        "batch_size": 128,
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 50, "keep": 1},
-        "output": str(tmp_path / "model"),
-        "timeout_s": 180,
-        "max_attempts": 1,
-    }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"etl": etl, "train": train}))
-    return path
-
-
 def test_spark_submit_runs_the_pipeline_on_a_standalone_cluster(spark: Any, tmp_path: Path) -> None:
     from preprocessing.make_data import make_data
 
     raw = tmp_path / "raw"
     make_data(spark, 3000, str(raw), seed=11)
-    cfg = _config(tmp_path, raw)
+    cfg = pipeline_config(tmp_path, raw, master=None, timeout_s=180, max_attempts=1)
     summary = tmp_path / "summary.json"
     with standalone_cluster(tmp_path / "cluster") as cluster:
         proc = spark_submit(

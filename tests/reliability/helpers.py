@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline.bundle import model_spec, write_bundle
 from pipeline.models import mlp
@@ -18,3 +21,28 @@ def bundle_for(dataset: str, uri: Path) -> Path:
     model = mlp(input_shape=(shards.feature_dim,), num_outputs=2, hidden=[8])
     write_bundle(str(uri), model=model, spec=spec, metrics={}, config={})
     return uri
+
+
+def train_section(tmp: Path, dataset: str, **over: Any) -> dict[str, Any]:
+    """A small train section (2 workers, MLP [8], one attempt) over ``dataset``; ``over`` replaces keys."""
+    section: dict[str, Any] = {
+        "dataset": dataset,
+        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [8]}},
+        "num_workers": 2,
+        "epochs": 2,
+        "batch_size": 64,
+        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0},
+        "output": str(tmp / "model"),
+        "timeout_s": 60,
+        "max_attempts": 1,
+    }
+    section.update(over)
+    return section
+
+
+def train_config_file(tmp: Path, dataset: str, **over: Any) -> Path:
+    """``tmp/c.yaml`` with ``spark.master: local[2]`` and :func:`train_section`."""
+    path = tmp / "c.yaml"
+    data = {"spark": {"master": "local[2]"}, "train": train_section(tmp, dataset, **over)}
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -18,34 +18,12 @@ from pipeline.launcher import run_distributed
 from pipeline.preflight import check_training_inputs
 from pipeline.train_config import TrainConfig
 from tests import corpus
+from tests.reliability.helpers import train_config_file, train_section
 from tests.shards import make_shardset
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
 REFUSE_WITHIN_S = 30.0  # generous for a loaded 2-core machine; typically well under 5 s
-
-
-def _train_section(tmp: Path, dataset: str, **over: Any) -> dict[str, Any]:
-    section: dict[str, Any] = {
-        "dataset": dataset,
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [8]}},
-        "num_workers": 2,
-        "epochs": 2,
-        "batch_size": 64,
-        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0},
-        "output": str(tmp / "model"),
-        "timeout_s": 60,
-        "max_attempts": 1,
-    }
-    section.update(over)
-    return section
-
-
-def _config(tmp: Path, dataset: str, **over: Any) -> Path:
-    path = tmp / "c.yaml"
-    data = {"spark": {"master": "local[2]"}, "train": _train_section(tmp, dataset, **over)}
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _cli(capsys: Any, *argv: str, within_s: float | None = REFUSE_WITHIN_S) -> tuple[int, str]:
@@ -157,7 +135,7 @@ def test_damaged_shard_set_is_refused_before_training(
     root = Path(_shards(tmp_path))
     damage_fn, phrase = DAMAGE[damage]
     named = damage_fn(root)
-    rc, err = _cli(capsys, "train", "--config", str(_config(tmp_path, str(root))))
+    rc, err = _cli(capsys, "train", "--config", str(train_config_file(tmp_path, str(root))))
     assert rc == 1, err
     assert err.startswith("spark-train train: error: ")
     assert named in err and phrase in err, err
@@ -168,7 +146,7 @@ def test_damaged_shard_set_is_refused_before_training(
 def test_fewer_rows_than_workers_times_batch_trains_equal_steps(spark: Any, tmp_path: Path) -> None:
     """5 train rows, 2 ranks × batch 64, empty val split: 2 rows per rank, 1 step per epoch."""
     dataset = _shards(tmp_path, rows_per_shard={"train": [3, 2, 0], "val": [0]})
-    cfg = TrainConfig.from_mapping(_train_section(tmp_path, dataset))
+    cfg = TrainConfig.from_mapping(train_section(tmp_path, dataset))
     check_training_inputs(cfg)
     summaries = run_distributed(
         train_worker, to_dict(cfg), num_workers=2, spark=spark, timeout_s=240
@@ -187,10 +165,12 @@ def test_one_row_trains_on_one_worker_and_is_refused_for_two(
     spark: Any, tmp_path: Path, capsys: Any
 ) -> None:
     dataset = _shards(tmp_path, rows_per_shard={"train": [1]})
-    rc, err = _cli(capsys, "train", "--config", str(_config(tmp_path, dataset)))
+    rc, err = _cli(capsys, "train", "--config", str(train_config_file(tmp_path, dataset)))
     assert rc == 2 and "'train.num_workers'" in err and "only 1 row(s)" in err, err
     capsys.readouterr()
-    assert main(["train", "--config", str(_config(tmp_path, dataset, num_workers=1))]) == 0
+    assert (
+        main(["train", "--config", str(train_config_file(tmp_path, dataset, num_workers=1))]) == 0
+    )
     out = capsys.readouterr().out
     assert "trained 2 epoch(s), 2 steps on 1 workers" in out, out
 
@@ -213,7 +193,7 @@ def test_unusable_shard_set_fails_fast_with_one_line(
     phrase: str,
 ) -> None:
     dataset = _shards(tmp_path, rows_per_shard=rows, num_classes=classes)
-    rc, err = _cli(capsys, "train", "--config", str(_config(tmp_path, dataset)))
+    rc, err = _cli(capsys, "train", "--config", str(train_config_file(tmp_path, dataset)))
     assert rc == code and phrase in err and dataset in err, err
 
 

@@ -22,7 +22,7 @@ from pipeline.checkpoint import CheckpointError, CheckpointManager
 from pipeline.launcher import run_distributed
 from pipeline.shardset import ShardSet
 from tests import corpus
-from tests.reliability.helpers import bundle_for
+from tests.reliability.helpers import bundle_for, train_config_file
 from tests.shards import make_shardset
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -63,21 +63,7 @@ def _plant_checkpoint_bomb(ckpt: Path, step: int, marker: Path) -> Path:
 
 
 def _train_config(tmp: Path, dataset: str, **over: Any) -> Path:
-    train = {
-        "dataset": dataset,
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [8]}},
-        "num_workers": 2,
-        "epochs": 1,
-        "batch_size": 32,
-        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0},
-        "output": str(tmp / "model"),
-        "timeout_s": 60,
-        "max_attempts": 1,
-        **over,
-    }
-    path = tmp / "c.yaml"
-    path.write_text(yaml.safe_dump({"spark": {"master": "local[2]"}, "train": train}))
-    return path
+    return train_config_file(tmp, dataset, epochs=1, batch_size=32, **over)
 
 
 @pytest.fixture()
