@@ -164,17 +164,22 @@ def report(
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def reader_arguments(description: str, *, repeats: int) -> argparse.ArgumentParser:
+    """Options of the reader benchmarks: the :func:`shard_set` to read and how to read it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rows", type=int, default=1 << 20)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--row-group-rows", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--shuffle-buffer-rows", type=int, default=65536)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = reader_arguments(__doc__.splitlines()[0], repeats=5).parse_args()
     uri = shard_set(args.rows, args.dim, args.shards, args.row_group_rows)
     load_before = os.getloadavg()[0]
     res = measure(uri, args.batch_size, args.shuffle_buffer_rows, args.repeats)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import environment, write_section  # noqa: E402
-from bench.reader import WORK, run_reader, shard_set  # noqa: E402
+from bench.reader import WORK, reader_arguments, run_reader, shard_set  # noqa: E402
 from pipeline import storage, tfrecord  # noqa: E402
 from pipeline.shardset import MANIFEST_NAME, ShardSet  # noqa: E402
 
@@ -145,16 +145,7 @@ def report(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1 << 20)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--row-group-rows", type=int, default=65536)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--shuffle-buffer-rows", type=int, default=65536)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
-    args = parser.parse_args()
+    args = reader_arguments(__doc__.splitlines()[0], repeats=3).parse_args()
     uri = shard_set(args.rows, args.dim, args.shards, args.row_group_rows)
     tfr = tfrecord_set(uri)
     pq_bytes, tf_bytes = (
