@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.models import mlp
-from pipeline.shardset import ShardSet
+from pipeline.data.shardset import ShardSet
+from pipeline.train.models import mlp
 
 
 def load_slice(uri: str, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,7 @@ def run_ours(uri: str, nproc: int, verify: str) -> dict[str, float]:
     config = {
         "train": {
             "dataset": uri,
-            "model": {"builder": "pipeline.models:mlp", "args": {"hidden": HIDDEN}},
+            "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": HIDDEN}},
             "num_workers": nproc,
             "epochs": 1,
             "batch_size": BATCH,

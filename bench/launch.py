@@ -61,7 +61,7 @@ def main() -> None:
     from pyspark.ml.torch.distributor import TorchDistributor
     from pyspark.sql import SparkSession
 
-    from pipeline.launcher import run_distributed
+    from pipeline.launch.launcher import run_distributed
 
     spark = (
         SparkSession.builder.master("local[2]")

@@ -78,7 +78,7 @@ SETTINGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 # The train config of each data set (epochs: DDP's; averaging covers the same data passes).
 TRAIN: dict[str, dict[str, Any]] = {
     "etl": {
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [128, 64]}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [128, 64]}},
         "epochs": 4,
         "batch_size": 512,
         "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001},
@@ -86,14 +86,14 @@ TRAIN: dict[str, dict[str, Any]] = {
         "grad_clip": 1.0,
     },
     "digits": {
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [128]}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [128]}},
         "epochs": 20,
         "batch_size": 32,
         "optimizer": {"name": "adamw", "lr": 0.002},
         "lr_schedule": {"name": "cosine", "warmup_steps": 10},
     },
     "breast_cancer": {
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [32]}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [32]}},
         "epochs": 20,
         "batch_size": 16,
         "optimizer": {"name": "adamw", "lr": 0.002},
@@ -178,9 +178,9 @@ def run(
     spark: Any, name: str, dataset: str, mode: str, averaging: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     """One fit; its figures."""
-    from pipeline.evaluate import evaluate_bundle
-    from pipeline.train import fit
-    from pipeline.train_config import TrainConfig
+    from pipeline.launch.fit import fit
+    from pipeline.serve.evaluate import evaluate_bundle
+    from pipeline.train.config import TrainConfig
 
     slug = "-".join(f"{k}={v}" for k, v in sorted(averaging.items()))
     out = WORK / "runs" / name / f"{mode}-{slug}-seed={seed}"
@@ -232,7 +232,7 @@ def _warm_workers(spark: Any) -> None:
     """Import torch and the pipeline in both Python workers before anything is timed."""
 
     def load(_: Any) -> int:
-        import pipeline.averaging  # noqa: F401
+        import pipeline.train.modes.average  # noqa: F401
 
         return 0
 

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import environment, write_section  # noqa: E402
-from pipeline.reader import ShardReader  # noqa: E402
-from pipeline.shardset import ShardSet  # noqa: E402
+from pipeline.data.reader import ShardReader  # noqa: E402
+from pipeline.data.shardset import ShardSet  # noqa: E402
 from tests.shards import make_shardset  # noqa: E402
 
 WORK = REPO / "bench" / "_work"

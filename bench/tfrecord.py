@@ -1,7 +1,7 @@
 """TFRecord shards against Parquet shards of the same rows: writer and reader throughput.
 
 Writer: every shard of the ``bench/reader.py`` shard set (default 1 Mi rows × 32 float32
-features, 8 shards) is encoded in memory by :func:`pipeline.tfrecord.encode_examples`
+features, 8 shards) is encoded in memory by :func:`pipeline.data.formats.tfrecord.encode_examples`
 (``tf.train.Example`` protobufs, CRC32C framing, numpy only) and, alternating, written in
 memory by ``pq.write_table`` (the Parquet path of the ETL's shard writer, snappy). Reader:
 one epoch of :class:`ShardReader` (rank 0 of 1, shuffle on, verify off) on each format,
@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import environment, write_section  # noqa: E402
 from bench.reader import WORK, reader_arguments, run_reader, shard_set  # noqa: E402
-from pipeline import storage, tfrecord  # noqa: E402
-from pipeline.shardset import MANIFEST_NAME, ShardSet  # noqa: E402
+from pipeline.core import storage  # noqa: E402
+from pipeline.data.formats import tfrecord  # noqa: E402
+from pipeline.data.shardset import MANIFEST_NAME, ShardSet  # noqa: E402
 
 SECTION = "TFRecord"
 

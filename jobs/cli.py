@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.clierrors import OneLineParser, log_effective_config, report_error
-from pipeline import storage
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.core import storage
 
 __all__ = ["main"]
 
@@ -171,7 +171,7 @@ def _with_input_errors(fn: Callable[[], Any]) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.train import fit
+    from pipeline.launch.fit import fit
 
     train = cfg.train
     if args.resume:
@@ -197,8 +197,8 @@ def _train_summary(result: Any) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.bundle import require_bundle
-    from pipeline.evaluate import evaluate_bundle
+    from pipeline.serve.evaluate import evaluate_bundle
+    from pipeline.train.bundle import require_bundle
 
     model = args.model or (cfg.train.output if cfg.train_data is not None else None)
     if model is None:
@@ -209,7 +209,7 @@ def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> 
 
 
 def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.score import score_table
+    from pipeline.serve.score import score_table
 
     model = args.model or (cfg.train.output if cfg.train_data is not None else None)
     if model is None:
@@ -243,7 +243,7 @@ def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.inspect import describe, render
+    from pipeline.serve.inspect import describe, render
 
     d = describe(args.path)
     print(json.dumps(d, indent=2, default=str) if args.json else render(d))

@@ -3,7 +3,7 @@
 Every error is one line on stderr, ``spark-train COMMAND: error: …``, naming the key, path,
 file or row (exit 2 for bad usage or config, 1 for a runtime failure); ``--debug`` raises
 instead, so the traceback shows. The effective config is logged once per command with
-credentials redacted (:mod:`pipeline.redact`).
+credentials redacted (:mod:`pipeline.core.redact`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import NoReturn
 
 from pipeline.config import Config
-from pipeline.redact import redact
+from pipeline.core.redact import redact
 
 __all__ = ["OneLineParser", "log_effective_config", "one_line", "report_error"]
 

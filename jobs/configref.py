@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pipeline.config import SparkConfig
-from pipeline.configbase import to_dict
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import to_dict
+from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 
 __all__ = ["END", "START", "main", "reference", "splice"]

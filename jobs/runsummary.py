@@ -11,7 +11,7 @@ A scheduler (Airflow, cron, a CI job) reads this file instead of parsing logs::
      "versions": {...}, "host": "..."}
 
 Stages never reached after a failure stay ``not_run``. The file is replaced atomically
-(:func:`pipeline.storage.atomic_write_bytes`), so a reader never sees half a summary.
+(:func:`pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a summary.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Literal
 
-from pipeline import storage
+from pipeline.core import storage
 
 __all__ = [
     "SUMMARY_FILE",

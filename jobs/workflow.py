@@ -6,7 +6,7 @@ Idempotent per stage, so a scheduler can rerun it at any time:
   (path, size, mtime) and of the ``etl`` config, and every shard it lists has its size;
 - **train** is skipped when the bundle at ``train.output`` was trained on this shard-set
   generation with the same ``train`` config (operational keys such as ``max_attempts``
-  aside, see :func:`pipeline.train.bundle_is_current`);
+  aside, see :func:`pipeline.launch.fit.bundle_is_current`);
 - **evaluate** always runs (it is cheap and needs no Spark).
 
 ``--force etl,train`` (or bare ``--force``: every stage) rebuilds regardless. A rebuilt shard
@@ -143,7 +143,7 @@ def etl_counts(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) -> None:
-    from pipeline.train import bundle_is_current, fit
+    from pipeline.launch.fit import bundle_is_current, fit
 
     with summary.stage("train") as stage:
         if not force and bundle_is_current(train):
@@ -165,7 +165,7 @@ def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) ->
 
 
 def _evaluate_stage(summary: RunSummary, bundle: str, dataset: str) -> None:
-    from pipeline.evaluate import evaluate_bundle
+    from pipeline.serve.evaluate import evaluate_bundle
 
     with summary.stage("evaluate") as stage:
         metrics = evaluate_bundle(bundle, dataset, "test")

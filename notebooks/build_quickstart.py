@@ -107,7 +107,7 @@ print(etl.summary())""",
     ),
     (
         "code",
-        """from pipeline.inspect import describe, render
+        """from pipeline.serve.inspect import describe, render
 
 print(render(describe(SHARDS)))""",
     ),
@@ -143,8 +143,8 @@ cluster), checkpoints every 100 steps, the model bundle written at the end.""",
     ),
     (
         "code",
-        """from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+        """from pipeline.launch.fit import fit
+from pipeline.train.config import TrainConfig
 
 base = {
     "dataset": SHARDS,
@@ -210,7 +210,7 @@ plt.show()""",
         "markdown",
         """## 6. Scoring
 
-`pipeline.score` applies the bundle's saved Spark ML featurization (the one fitted by the
+`pipeline.serve.score` applies the bundle's saved Spark ML featurization (the one fitted by the
 ETL, so no training/serving skew) and the network, batch by batch in `mapInArrow`. Rows
 the ETL would quarantine get a null prediction and a reason instead of failing the job.
 The same runs as `spark-train score --model ... --input ... --output ...`.""",

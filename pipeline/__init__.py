@@ -1,14 +1,116 @@
-"""Training side of spark-train: shard reader, launcher, training loops, checkpoints, bundles.
+"""spark-train's training side, and its public Python API.
 
-Everything here except :mod:`pipeline.launcher` and scoring imports and runs without a
-SparkSession, because it runs inside executors and under plain ``torchrun``.
+Import what you need from here; the subpackages are the implementation::
 
-``pipeline.score(spark, df, bundle)`` is the batch scorer (re-exported from the module of the
-same name, whose other names import as ``from pipeline.score import ...``).
+    from pipeline import load_config, fit, evaluate, score
+
+    cfg = load_config("c.yaml")
+    result = fit(cfg.train, spark)              # barrier-mode DDP / FSDP, or model averaging
+    metrics = evaluate(result.bundle, split="test")
+    scored = score(spark, spark.read.parquet("new/"), result.bundle)
+
+=====================  ==========================================================
+name                   what it is
+=====================  ==========================================================
+``load_config``        read a YAML config (sections ``spark``, ``etl``, ``train``)
+``Config``             the whole config; ``SparkConfig``, ``EtlConfig``,
+                       ``TrainConfig`` are its sections; ``ConfigError`` names a key
+``fit``                train ``TrainConfig`` on Spark; returns a ``TrainResult``
+``run_distributed``    run any function or torchrun script as N ranks of one Spark
+                       barrier job (torchrun environment, logs, relaunch)
+``DistributedError``   what ``fit`` / ``run_distributed`` raise when ranks fail
+``evaluate``           a bundle's loss and accuracy / RMSE on a split (no Spark)
+``score``              score a DataFrame with a bundle (lazy, ``mapInArrow``)
+``ShardSet``           open a committed shard set (manifest, splits, columns)
+``ShardReader``        the Arrow → torch reader training uses (equal steps per rank)
+``load_bundle``        a trained model bundle, loaded without pickle
+``register_mode``      add a training mode (see :mod:`pipeline.train.modes`)
+=====================  ==========================================================
+
+Names resolve on first use (PEP 562), so ``import pipeline.data`` or ``python -m
+pipeline.worker`` on a machine without pyspark never imports Spark or scoring.
+
+Layout (the data flow, bottom up; ``make lint`` enforces the layers with import-linter):
+``core`` (config base, storage, output rules) → ``runtime`` (what a rank process has around
+it: environment, driver channel, heartbeats, progress, faults) → ``data`` (the shard-set
+format, format registry, reader; Spark-free) → ``train`` (one engine, modes, checkpoints,
+models, bundle; Spark-free) → ``launch`` (Spark barrier launcher, averaging rounds, ``fit``)
+and ``serve`` (evaluate, score, inspect).
 """
 
-from pipeline.score import score as score
+from __future__ import annotations
 
-__all__ = ["__version__", "score"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import Config, SparkConfig, load_config
+    from pipeline.core.configbase import ConfigError
+    from pipeline.data.reader import ShardReader
+    from pipeline.data.shardset import ShardSet
+    from pipeline.launch.fit import TrainResult, fit
+    from pipeline.launch.launcher import DistributedError, run_distributed
+    from pipeline.serve.evaluate import evaluate_bundle as evaluate
+    from pipeline.serve.score import score
+    from pipeline.train.bundle import load_bundle
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.modes import register_mode
+    from preprocessing.config import EtlConfig
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "Config": ("pipeline.config", "Config"),
+    "SparkConfig": ("pipeline.config", "SparkConfig"),
+    "load_config": ("pipeline.config", "load_config"),
+    "ConfigError": ("pipeline.core.configbase", "ConfigError"),
+    "EtlConfig": ("preprocessing.config", "EtlConfig"),
+    "TrainConfig": ("pipeline.train.config", "TrainConfig"),
+    "ShardSet": ("pipeline.data.shardset", "ShardSet"),
+    "ShardReader": ("pipeline.data.reader", "ShardReader"),
+    "fit": ("pipeline.launch.fit", "fit"),
+    "TrainResult": ("pipeline.launch.fit", "TrainResult"),
+    "run_distributed": ("pipeline.launch.launcher", "run_distributed"),
+    "DistributedError": ("pipeline.launch.launcher", "DistributedError"),
+    "evaluate": ("pipeline.serve.evaluate", "evaluate_bundle"),
+    "score": ("pipeline.serve.score", "score"),
+    "load_bundle": ("pipeline.train.bundle", "load_bundle"),
+    "register_mode": ("pipeline.train.modes", "register_mode"),
+}
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DistributedError",
+    "EtlConfig",
+    "ShardReader",
+    "ShardSet",
+    "SparkConfig",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
+    "evaluate",
+    "fit",
+    "load_bundle",
+    "load_config",
+    "register_mode",
+    "run_distributed",
+    "score",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public API (for ``dir(pipeline)`` and tab completion)."""
+    return sorted(__all__)

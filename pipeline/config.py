@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.configbase import ConfigError, apply_overrides, build, check, to_dict
+from pipeline.core.configbase import ConfigError, apply_overrides, build, check, to_dict
 
 __all__ = ["Config", "ConfigError", "SparkConfig", "load_config", "parse_config"]
 
@@ -58,8 +58,8 @@ class Config:
 
     @property
     def train(self) -> Any:
-        """The ``train`` section (:class:`pipeline.train_config.TrainConfig`)."""
-        from pipeline.train_config import TrainConfig
+        """The ``train`` section (:class:`pipeline.train.config.TrainConfig`)."""
+        from pipeline.train.config import TrainConfig
 
         if self.train_data is None:
             raise ConfigError("train", f"{self.source} has no 'train' section")

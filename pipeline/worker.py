@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 -m pipeline.worker --config c.yaml [--set train.key=value ...]
 
-Every rank runs :func:`pipeline.ddp.train_worker` on the config's ``train`` section, exactly
+Every rank runs :func:`pipeline.train.engine.train_worker` on the config's ``train`` section, exactly
 as the Spark launcher does; rank 0 writes the bundle and prints the run summary as JSON.
 ``torchrun --max-restarts=N`` relaunches after a failure, and the relaunched ranks resume
 from the latest checkpoint (torchrun's restart count plays the launcher's attempt number).
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline.config import load_config
-from pipeline.configbase import ConfigError
-from pipeline.ddp import train_worker
+from pipeline.core.configbase import ConfigError
+from pipeline.train.engine import train_worker
 
 __all__ = ["main"]
 

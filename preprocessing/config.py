@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.configbase import ConfigError, build, check
-from pipeline.outputs import check_output_uri
+from pipeline.core.configbase import ConfigError, build, check
+from pipeline.core.outputs import check_output_uri
 
 __all__ = ["EtlConfig", "InputConfig", "SplitConfig"]
 

@@ -22,11 +22,11 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline import storage
-from pipeline.configbase import to_dict
-from pipeline.outputs import check_disjoint, check_output_dir
-from pipeline.redact import redact
-from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
+from pipeline.core import storage
+from pipeline.core.configbase import to_dict
+from pipeline.core.outputs import check_disjoint, check_output_dir
+from pipeline.core.redact import redact
+from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
 from preprocessing.features import apply_features, fit_features
@@ -287,7 +287,7 @@ def _build(
 
 
 def _check_output(cfg: EtlConfig) -> None:
-    """``etl.output`` follows :mod:`pipeline.outputs` and is not inside ``etl.input.path``."""
+    """``etl.output`` follows :mod:`pipeline.core.outputs` and is not inside ``etl.input.path``."""
     inputs = {} if cfg.input.format == "table" else {"etl.input.path": cfg.input.path}
     check_disjoint({"etl.output": cfg.output}, inputs)
     check_output_dir("etl.output", cfg.output, "shardset")

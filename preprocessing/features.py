@@ -26,7 +26,7 @@ from pyspark.ml.feature import (
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 
-from pipeline.shardset import FEATURES_COLUMN
+from pipeline.data.shardset import FEATURES_COLUMN
 from preprocessing.config import EtlConfig
 
 __all__ = ["FittedFeatures", "apply_features", "fit_features"]

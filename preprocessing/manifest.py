@@ -12,8 +12,9 @@ import pyarrow.fs as pafs
 import pyspark
 from pyspark.sql import DataFrame, SparkSession
 
-from pipeline import __version__, storage
-from pipeline.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
+from pipeline import __version__
+from pipeline.core import storage
+from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
 
 __all__ = ["cleanup_generations", "commit_manifest", "fingerprint", "read_existing"]
 

@@ -11,7 +11,7 @@ split's shards differ by at most one. One shuffle by (split, shard) then puts ea
 exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
 which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
 ``fixed_size_list<float32>`` feature column, sha256 computed while writing) — or, with
-``etl.format: tfrecord``, as ``tf.train.Example`` records (:mod:`pipeline.tfrecord`) from the
+``etl.format: tfrecord``, as ``tf.train.Example`` records (:mod:`pipeline.data.formats.tfrecord`) from the
 same sorted batches, so both formats hold the same rows in the same order. Each writer
 reports (shard, rows, bytes, sha256) and the driver checks every count against the plan
 before anything is committed.
@@ -31,8 +31,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from pipeline import storage, tfrecord
-from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
+from pipeline.core import storage
+from pipeline.data.formats import tfrecord
+from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig, is_integral
 
 __all__ = [

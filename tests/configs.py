@@ -22,7 +22,7 @@ def pipeline_config(
     etl["num_shards"] = 2
     section = {
         "dataset": str(tmp_path / "shards"),
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [16]}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [16]}},
         "num_workers": 2,
         "epochs": 1,
         "batch_size": 128,

@@ -1,6 +1,6 @@
 """Write small, real shard sets for tests and benchmarks, without Spark.
 
-:func:`make_shardset` writes exactly what the ETL commits (see ``pipeline/shardset.py`` and
+:func:`make_shardset` writes exactly what the ETL commits (see ``pipeline/data/shardset.py`` and
 DESIGN.md, "Shard set"): Parquet shards ``<split>/part-NNNNN-<gen>.parquet`` with ``key``
 (int64, unique over the whole set), ``features`` (``fixed_size_list<float32>[dim]``) and
 ``label`` columns, and a ``manifest.json`` with each shard's real size and sha256, written
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.shardset import FORMAT_VERSION, MANIFEST_NAME, ShardSet
+from pipeline.core import storage
+from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, ShardSet
 
 __all__ = ["make_shardset", "read_split", "shard_entry", "write_manifest"]
 

@@ -1,7 +1,7 @@
 """An unmodified torchrun-style script: env:// rendezvous, one all_reduce, print, exit.
 
 Run it with ``torchrun --nproc-per-node 2 allreduce_script.py`` or through
-``pipeline.launcher.run_distributed``; ``--exit-code N`` makes it exit with N after the
+``pipeline.launch.launcher.run_distributed``; ``--exit-code N`` makes it exit with N after the
 collective (the launcher must report the failure with this script's output).
 """
 

@@ -14,14 +14,14 @@ import time
 
 from pyspark.sql import SparkSession
 
-from pipeline.launcher import barrier_slots, run_distributed
+from pipeline.launch.launcher import barrier_slots, run_distributed
 
 
 def allreduce() -> dict[str, object]:
     import torch
     import torch.distributed as dist
 
-    from pipeline.distenv import current, device_and_backend
+    from pipeline.runtime.distenv import current, device_and_backend
 
     device, backend = device_and_backend()
     dist.init_process_group(backend, init_method="env://")

@@ -17,7 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.averaging import (
+from pipeline.core.configbase import to_dict
+from pipeline.launch.fit import TrainResult, fit
+from pipeline.launch.launcher import DistributedError
+from pipeline.runtime.faults import FAULT_ENV, InjectedFault
+from pipeline.serve.evaluate import evaluate_bundle
+from pipeline.train.bundle import load_bundle
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import mlp
+from pipeline.train.modes.average import (
     MODEL_PREFIX,
     RoundSpec,
     pack,
@@ -25,15 +34,6 @@ from pipeline.averaging import (
     train_round,
     unpack,
 )
-from pipeline.bundle import load_bundle
-from pipeline.checkpoint import CheckpointManager
-from pipeline.configbase import to_dict
-from pipeline.evaluate import evaluate_bundle
-from pipeline.faults import FAULT_ENV, InjectedFault
-from pipeline.launcher import DistributedError
-from pipeline.models import mlp
-from pipeline.train import TrainResult, fit
-from pipeline.train_config import TrainConfig
 from tests.integration.test_training import _merge
 from tests.shards import make_shardset
 
@@ -56,7 +56,7 @@ def _cfg(tmp: Path, dataset: str, **over: Any) -> TrainConfig:
     base = {
         "dataset": dataset,
         "mode": "average",
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [16], "dropout": 0.1}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [16], "dropout": 0.1}},
         "num_workers": 2,
         "batch_size": 32,
         "optimizer": {"name": "adamw", "lr": 0.02},
@@ -114,7 +114,7 @@ def test_rounds_improve_the_model_and_the_bundle_is_a_normal_one(
     assert metrics["mode"] == "average" and metrics["rounds"] == rounds
     assert metrics["synchronizations"] == 3
     assert metrics["bytes_sent"] == sum(r["bytes_sent"] for r in rounds)
-    assert bundle.spec["builder"] == "pipeline.models:mlp" and bundle.spec["num_outputs"] == 2
+    assert bundle.spec["builder"] == "pipeline.train.models:mlp" and bundle.spec["num_outputs"] == 2
     # `spark-train evaluate` reads the bundle unchanged and agrees with the driver's val pass.
     evaluated = evaluate_bundle(cfg.output, split="val")
     assert evaluated["rows"] == 120
@@ -237,7 +237,7 @@ def test_a_stuck_worker_ends_the_round_within_the_timeout(
     """Worker 0 hangs outside any Spark call; its watchdog ends it, the run fails bounded."""
     import time
 
-    from pipeline.timeouts import stall_limit_s
+    from pipeline.runtime.timeouts import stall_limit_s
 
     base, _ = baseline
     cfg = _cfg(tmp_path, base.dataset, timeout_s=5)
@@ -256,8 +256,8 @@ def test_a_stuck_worker_ends_the_round_within_the_timeout(
 _RETRYING_DRIVER = """
 import json, sys
 from pyspark.sql import SparkSession
-from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+from pipeline.launch.fit import fit
+from pipeline.train.config import TrainConfig
 spark = (
     SparkSession.builder.master("local[2,2]").config("spark.ui.enabled", "false")
     .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")

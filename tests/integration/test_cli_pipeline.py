@@ -20,7 +20,7 @@ def _config(tmp_path: Path, raw: Path) -> Path:
     return pipeline_config(
         tmp_path,
         raw,
-        model={"builder": "pipeline.models:mlp", "args": {"hidden": [32]}},
+        model={"builder": "pipeline.train.models:mlp", "args": {"hidden": [32]}},
         epochs=3,
         optimizer={"name": "adamw", "lr": 0.01},
         checkpoint={"dir": str(tmp_path / "ckpt"), "every_steps": 10, "keep": 2},

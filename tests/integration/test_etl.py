@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shardset import ShardSet
+from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from tests import corpus

@@ -1,7 +1,7 @@
 """``train.mode: fsdp`` end to end: FSDP2 on real gloo process groups (CPU), real shard sets.
 
 The same launchers as DDP (``tests/integration/test_training.py``): plain ``torchrun -m
-pipeline.worker`` subprocesses and :func:`pipeline.train.fit` on the session's ``local[2]``.
+pipeline.worker`` subprocesses and :func:`pipeline.launch.fit.fit` on the session's ``local[2]``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import yaml
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from pipeline.bundle import load_bundle
-from pipeline.checkpoint import CheckpointManager
-from pipeline.configbase import ConfigError, to_dict
-from pipeline.faults import FAULT_ENV
-from pipeline.fsdp import load_full_state, shard_model, sharding_units
-from pipeline.metrics import EvalSums
-from pipeline.models import cnn, mlp
-from pipeline.reader import ShardReader
-from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.data.reader import ShardReader
+from pipeline.launch.fit import fit
+from pipeline.runtime.faults import FAULT_ENV
+from pipeline.train.bundle import load_bundle
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
+from pipeline.train.metrics import EvalSums
+from pipeline.train.models import cnn, mlp
+from pipeline.train.modes.fsdp import load_full_state, shard_model, sharding_units
 from tests.integration.test_training import (
     _assert_same_weights,
     _merge,
@@ -69,7 +69,10 @@ def _cfg(tmp: Path, dataset: str, **over: Any) -> TrainConfig:
     base = {
         "dataset": dataset,
         "mode": "fsdp",
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": HIDDEN, "dropout": 0.1}},
+        "model": {
+            "builder": "pipeline.train.models:mlp",
+            "args": {"hidden": HIDDEN, "dropout": 0.1},
+        },
         "num_workers": 2,
         "epochs": 3,
         "batch_size": 16,

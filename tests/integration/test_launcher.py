@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from pipeline import launcher
-from pipeline.distenv import ATTEMPT, RUN_TOKEN, TORCHRUN_VARS
-from pipeline.launcher import (
+from pipeline.launch import launcher
+from pipeline.launch.launcher import (
     DistributedError,
     DistributedTimeoutError,
     barrier_slots,
     run_distributed,
 )
+from pipeline.runtime.distenv import ATTEMPT, RUN_TOKEN, TORCHRUN_VARS
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCRIPT = str(DATA / "allreduce_script.py")
@@ -45,7 +45,7 @@ def allreduce_rank(offset: float) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from pipeline.distenv import device_and_backend
+    from pipeline.runtime.distenv import device_and_backend
 
     device, backend = device_and_backend()
     dist.init_process_group(backend, init_method="env://")
@@ -61,8 +61,8 @@ def allreduce_rank(offset: float) -> dict[str, Any]:
 
 
 def chatty_rank(steps: int) -> int:
-    from pipeline.distenv import current
-    from pipeline.progress import report
+    from pipeline.runtime.distenv import current
+    from pipeline.runtime.progress import report
 
     rank = current().rank
     logging.getLogger("user.train").info("hello from the training loop of rank %d", rank)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from jobs.cli import main
-from pipeline.shardset import ShardSet
+from pipeline.data.shardset import ShardSet
 from tests.configs import pipeline_config
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
@@ -137,7 +137,7 @@ def test_resume_lets_a_rerun_continue_a_failed_training(
     spark: Any, raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A scheduler's retry: the failed run left checkpoints, ``run --resume`` continues them."""
-    from pipeline.faults import FAULT_ENV
+    from pipeline.runtime.faults import FAULT_ENV
 
     cfg = pipeline_config(tmp_path, raw_data, max_attempts=1, epochs=2)
     summary = tmp_path / "s.json"

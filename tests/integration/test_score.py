@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from jobs.cli import main
-from pipeline import score
-from pipeline.bundle import BundleError, load_bundle, read_spec, write_bundle
-from pipeline.models import mlp
-from pipeline.score import OUTPUT_COLUMNS, cached_bundle, score_table
-from pipeline.shardset import SPLITS, ShardSet
-from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+from pipeline.data.shardset import SPLITS, ShardSet
+from pipeline.launch.fit import fit
+from pipeline.serve import score
+from pipeline.serve.score import OUTPUT_COLUMNS, cached_bundle, score_table
+from pipeline.train.bundle import BundleError, load_bundle, read_spec, write_bundle
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import mlp
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from preprocessing.make_data import COLUMNS, demo_etl_section, make_data
@@ -216,7 +216,7 @@ def test_model_is_loaded_once_per_python_worker(spark: Any, built: Built, tmp_pa
         for _ in range(2):
             scored = score(spark, df, bundle, load_counter=loads)
             # (a filter on the output also guards against the optimizer blow-up that
-            # pipeline.score._constraint_barrier prevents: without it this never finishes)
+            # pipeline.serve.score._constraint_barrier prevents: without it this never finishes)
             assert scored.filter(scored["prediction"].isNotNull()).count() == 400
     finally:
         spark.conf.unset(key)
@@ -225,7 +225,7 @@ def test_model_is_loaded_once_per_python_worker(spark: Any, built: Built, tmp_pa
 
 
 def test_cache_is_keyed_by_uri_and_weights(built: Built, tmp_path: Path) -> None:
-    from pipeline.storage import resolve, sha256_file
+    from pipeline.core.storage import resolve, sha256_file
 
     class Counter:
         n = 0

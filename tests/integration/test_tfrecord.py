@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import tfrecord
-from pipeline.reader import ShardReader
-from pipeline.shardset import ShardSet, ShardSetError
-from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+from pipeline.data.formats import tfrecord
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import ShardSet, ShardSetError
+from pipeline.launch.fit import fit
+from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from preprocessing.make_data import demo_etl_section, make_data
@@ -120,7 +120,7 @@ def test_one_ddp_epoch_on_tfrecord_equals_parquet(
         cfg = TrainConfig.from_mapping(
             {
                 "dataset": ss.uri,
-                "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [16]}},
+                "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [16]}},
                 "num_workers": 2,
                 "epochs": 1,
                 "batch_size": 128,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import tracking
-from pipeline.configbase import ConfigError
-from pipeline.train import fit
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import ConfigError
+from pipeline.launch import tracking
+from pipeline.launch.fit import fit
+from pipeline.train.config import TrainConfig
 from tests.shards import make_shardset
 
 mlflow = pytest.importorskip("mlflow")

@@ -1,7 +1,7 @@
 """The DDP training plane end to end: real gloo process groups on CPU, real shard sets.
 
 Two launchers run the same loop: plain ``torchrun -m pipeline.worker`` in a subprocess
-(no Spark) and :func:`pipeline.train.fit` on the session's ``local[2]`` Spark.
+(no Spark) and :func:`pipeline.launch.fit.fit` on the session's ``local[2]`` Spark.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.bundle import load_bundle
-from pipeline.checkpoint import CheckpointManager
-from pipeline.configbase import to_dict
-from pipeline.faults import FAULT_ENV
-from pipeline.models import mlp
-from pipeline.train import TrainResult, fit
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import to_dict
+from pipeline.launch.fit import TrainResult, fit
+from pipeline.runtime.faults import FAULT_ENV
+from pipeline.train.bundle import load_bundle
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import mlp
 from tests.conftest import spark_submit
 from tests.shards import make_shardset, read_split
 
@@ -57,7 +57,7 @@ def _cfg(tmp: Path, dataset: str, **over: Any) -> TrainConfig:
     """A small, quick config: MLP with dropout, AdamW, cosine with warm-up, checkpoints every 4."""
     base = {
         "dataset": dataset,
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [32], "dropout": 0.1}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [32], "dropout": 0.1}},
         "num_workers": 2,
         "epochs": 3,
         "batch_size": 32,
@@ -163,7 +163,7 @@ def test_two_ranks_learn_and_the_bundle_predicts_like_the_final_model(
     assert abs(accuracy - epochs[-1]["val_accuracy"]) < 0.01
 
     spec = bundle.spec
-    assert spec["builder"] == "pipeline.models:mlp" and spec["args"] == {
+    assert spec["builder"] == "pipeline.train.models:mlp" and spec["args"] == {
         "hidden": [32],
         "dropout": 0.1,
     }
@@ -199,7 +199,7 @@ def test_torchrun_shows_the_failing_ranks_traceback(shards: str, tmp_path: Path)
     assert proc.returncode != 0
     assert "[rank1]: Traceback" in proc.stderr
     assert (
-        "pipeline.faults.InjectedFault: SPARK_TRAIN_FAULT: injected failure on rank 1"
+        "pipeline.runtime.faults.InjectedFault: SPARK_TRAIN_FAULT: injected failure on rank 1"
         in proc.stderr
     )
     assert "maybe_fire" in proc.stderr  # the frame that raised
@@ -257,7 +257,7 @@ def test_spark_relaunch_after_a_hard_crash_resumes_exactly(
 def test_unfinished_checkpoints_need_resume_true(
     spark: Any, spark_baseline: tuple[TrainConfig, TrainResult], tmp_path: Path
 ) -> None:
-    from pipeline.launcher import DistributedError
+    from pipeline.launch.launcher import DistributedError
 
     base, _ = spark_baseline
     cfg = _cfg(tmp_path, base.dataset)
@@ -279,7 +279,7 @@ def test_unfinished_checkpoints_need_resume_true(
 def test_a_raising_rank_reaches_the_driver_with_its_traceback(
     spark: Any, shards: str, tmp_path: Path
 ) -> None:
-    from pipeline.launcher import DistributedError
+    from pipeline.launch.launcher import DistributedError
 
     with pytest.raises(DistributedError) as e:
         fit(_cfg(tmp_path, shards, epochs=1), spark, env={FAULT_ENV: "rank=1,step=3,kind=raise"},

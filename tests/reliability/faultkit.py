@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.train import TrainResult, fit
-from pipeline.train_config import TrainConfig
+from pipeline.launch.fit import TrainResult, fit
+from pipeline.train.config import TrainConfig
 from tests.integration.test_training import (
     TRAIN_SHARDS,
     _assert_same_weights,

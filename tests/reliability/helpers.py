@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.bundle import model_spec, write_bundle
-from pipeline.models import mlp
-from pipeline.shardset import ShardSet
-from pipeline.train_config import TrainConfig
+from pipeline.data.shardset import ShardSet
+from pipeline.train.bundle import model_spec, write_bundle
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import mlp
 
 
 def bundle_for(dataset: str, uri: Path) -> Path:
@@ -27,7 +27,7 @@ def train_section(tmp: Path, dataset: str, **over: Any) -> dict[str, Any]:
     """A small train section (2 workers, MLP [8], one attempt) over ``dataset``; ``over`` replaces keys."""
     section: dict[str, Any] = {
         "dataset": dataset,
-        "model": {"builder": "pipeline.models:mlp", "args": {"hidden": [8]}},
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [8]}},
         "num_workers": 2,
         "epochs": 2,
         "batch_size": 64,

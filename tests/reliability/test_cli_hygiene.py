@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline.configbase import ConfigError
-from pipeline.shardset import ShardSetError
+from pipeline.core.configbase import ConfigError
+from pipeline.data.shardset import ShardSetError
 from tests import corpus
 from tests.reliability.helpers import bundle_for
 from tests.shards import make_shardset

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline.configbase import to_dict
-from pipeline.ddp import train_worker
-from pipeline.launcher import run_distributed
-from pipeline.preflight import check_training_inputs
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import to_dict
+from pipeline.launch.launcher import run_distributed
+from pipeline.train.config import TrainConfig
+from pipeline.train.engine import train_worker
+from pipeline.train.preflight import check_training_inputs
 from tests import corpus
 from tests.reliability.helpers import train_config_file, train_section
 from tests.shards import make_shardset

@@ -1,4 +1,4 @@
-"""The fault hooks and the bounds of pipeline.timeouts, in real processes but without Spark.
+"""The fault hooks and the bounds of pipeline.runtime.timeouts, in real processes but without Spark.
 
 Quick checks of the pieces the Spark scenarios (test_training_faults, test_hangs,
 test_process_faults) rely on: a checkpoint write killed between its files, the watchdog
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launcher, progress
-from pipeline.checkpoint import CheckpointManager
-from pipeline.faults import (
+from pipeline.launch import launcher
+from pipeline.runtime import progress
+from pipeline.runtime.faults import (
     EXIT_CODE,
     FAULT_ENV,
     Fault,
@@ -27,12 +27,13 @@ from pipeline.faults import (
     executor_jvm_pid,
     parse_fault,
 )
-from pipeline.timeouts import (
+from pipeline.runtime.timeouts import (
     STALL_EXIT_CODE,
     CollectiveTimeoutError,
     naming_timeout,
     stall_limit_s,
 )
+from pipeline.train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +76,7 @@ def test_kill_executor_refuses_a_process_outside_an_executor() -> None:
 
 def test_a_crash_between_checkpoint_files_leaves_the_previous_one(tmp_path: Path) -> None:
     code = f"""
-        from pipeline.checkpoint import CheckpointManager
+        from pipeline.train.checkpoint import CheckpointManager
         mgr = CheckpointManager({str(tmp_path)!r})
         mgr.save(4, {{"step": 4}})
         mgr.save(8, {{"step": 8}})
@@ -101,7 +102,7 @@ def test_the_watchdog_ends_only_a_stuck_process(beating: bool) -> None:
     # The limit is shortened for the test; everything else is the real watchdog thread.
     code = f"""
         import logging, threading, time
-        from pipeline import timeouts
+        from pipeline.runtime import timeouts
         logging.basicConfig()
         timeouts.stall_limit_s = lambda timeout_s: 0.5
         with timeouts.watchdog(3, 0.2):
@@ -158,7 +159,9 @@ def test_a_rank_that_reported_nothing_is_the_cause_of_its_peers_errors() -> None
     assert "Python worker exited unexpectedly" in str(err)
     assert "also failed after it: rank 1 RuntimeError" in str(err)
     # Spark saw only the peer fail (the culprit is hung): the peer's error, naming the silent.
-    timeout = launcher._Failure(1, "CollectiveTimeoutError", "pipeline.timeouts", "waited", [])
+    timeout = launcher._Failure(
+        1, "CollectiveTimeoutError", "pipeline.runtime.timeouts", "waited", []
+    )
     peer_only = RuntimeError(crashed.args[0].replace("ResultTask(3, 0)", "ResultTask(3, 1)"))
     err = launcher._attempt_error(_collector(timeout), peer_only, attempt=0)
     assert (err.rank, err.exc_type) == (1, "CollectiveTimeoutError")

@@ -2,7 +2,7 @@
 
 Every run must end by itself within a bound derived from ``train.timeout_s`` plus a margin:
 relaunched and resumed when attempts are left, otherwise with an error that names the
-timeout. Which mechanism ends it (:mod:`pipeline.timeouts`):
+timeout. Which mechanism ends it (:mod:`pipeline.runtime.timeouts`):
 
 * two ranks, one frozen or stuck: the other one's collective timeout (``train.timeout_s``);
 * one rank stuck outside collectives: its progress watchdog (``stall_limit_s``);
@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.faults import FAULT_ENV
-from pipeline.launcher import DistributedError
-from pipeline.timeouts import stall_limit_s
-from pipeline.train import TrainResult, fit
-from pipeline.train_config import TrainConfig
+from pipeline.launch.fit import TrainResult, fit
+from pipeline.launch.launcher import DistributedError
+from pipeline.runtime.faults import FAULT_ENV
+from pipeline.runtime.timeouts import stall_limit_s
+from pipeline.train.config import TrainConfig
 from tests.reliability.faultkit import (
     assert_same_run,
     baseline,

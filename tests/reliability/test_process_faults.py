@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.checkpoint import CheckpointManager
-from pipeline.configbase import to_dict
-from pipeline.faults import FAULT_ENV
-from pipeline.train import TrainResult
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import to_dict
+from pipeline.launch.fit import TrainResult
+from pipeline.runtime.faults import FAULT_ENV
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
 from tests.conftest import spark_submit
 from tests.reliability.faultkit import (
     assert_same_run,

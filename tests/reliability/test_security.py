@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from jobs.cli import main
-from pipeline import distenv, logchannel, storage
-from pipeline.checkpoint import CheckpointError, CheckpointManager
-from pipeline.launcher import run_distributed
-from pipeline.shardset import ShardSet
+from pipeline.core import storage
+from pipeline.data.shardset import ShardSet
+from pipeline.launch.launcher import run_distributed
+from pipeline.runtime import distenv, logchannel
+from pipeline.train.checkpoint import CheckpointError, CheckpointManager
 from tests import corpus
 from tests.reliability.helpers import bundle_for, train_config_file
 from tests.shards import make_shardset
@@ -324,8 +325,8 @@ def test_effective_config_log_redacts_credentials(
     ],
 )
 def test_only_climbing_dotdot_is_refused(uri: str, allowed: bool) -> None:
-    from pipeline.configbase import ConfigError
-    from pipeline.outputs import check_output_uri
+    from pipeline.core.configbase import ConfigError
+    from pipeline.core.outputs import check_output_uri
 
     if allowed:
         check_output_uri("train.output", uri)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.faults import FAULT_ENV
-from pipeline.launcher import DistributedError
-from pipeline.train import TrainResult, fit
-from pipeline.train_config import TrainConfig
+from pipeline.launch.fit import TrainResult, fit
+from pipeline.launch.launcher import DistributedError
+from pipeline.runtime.faults import FAULT_ENV
+from pipeline.train.config import TrainConfig
 from tests.reliability.faultkit import assert_same_run, baseline, fault_cfg
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]

@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.averaging import (
+from pipeline.core.configbase import ConfigError
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import ShardSet
+from pipeline.train.config import AveragingConfig, TrainConfig
+from pipeline.train.modes.average import (
     average,
     combine,
     contribution,
@@ -18,10 +22,6 @@ from pipeline.averaging import (
     reduce_layout,
     shard_view,
 )
-from pipeline.configbase import ConfigError
-from pipeline.reader import ShardReader
-from pipeline.shardset import ShardSet
-from pipeline.train_config import AveragingConfig, TrainConfig
 from tests.shards import make_shardset
 
 
@@ -178,7 +178,7 @@ def test_local_length_defaults_to_one_epoch() -> None:
 
 def test_the_ddp_worker_refuses_average_mode() -> None:
     """Under torchrun (no Spark) an averaging config must not silently run as DDP."""
-    from pipeline.ddp import train_worker
+    from pipeline.train.engine import train_worker
 
     with pytest.raises(ConfigError) as e:
         train_worker({"mode": "average"})

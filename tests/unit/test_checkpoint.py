@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import storage
-from pipeline.checkpoint import (
+from pipeline.core import storage
+from pipeline.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -124,7 +124,7 @@ def test_half_written_checkpoints_are_ignored(
     # An object-store write interrupted before its meta.json marker.
     (tmp_path / "step-000000000003").mkdir()
     (tmp_path / "step-000000000003" / "state.pt").write_bytes(b"partial")
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         assert mgr.latest_step() == 1
         assert mgr.load() == {"step": 1}
     assert "unfinished checkpoint write" in caplog.text and "step-000000000003" in caplog.text
@@ -154,7 +154,7 @@ def test_corrupt_newest_falls_back_with_warning(
     data = bytearray(state_file.read_bytes())
     data[-200] ^= 0xFF  # same size: only the sha256 tells
     state_file.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         assert mgr.latest_step() == 1  # what a launcher broadcasts to every rank
         loaded = mgr.load()
     assert loaded is not None and torch.equal(loaded["w"], torch.ones(100))

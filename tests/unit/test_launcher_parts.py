@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import distenv, launcher, logchannel, progress, rankrun
-from pipeline.rankrun import RankInfo
+from pipeline.launch import launcher
+from pipeline.runtime import distenv, logchannel, progress, rankrun
+from pipeline.runtime.rankrun import RankInfo
 
 
 def _env(rank: int, infos: list[RankInfo]) -> dict[str, str]:
@@ -208,7 +209,7 @@ def test_report_logs_locally_without_the_launcher(
     for var in (distenv.RUN_TOKEN, distenv.LOG_ADDR, "RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(progress, "_local_last", float("-inf"))
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.runtime.progress")
     progress.report(epoch=1, step=5, steps=10, samples_per_s=12.5, loss=0.25)
     progress.report(epoch=1, step=6, steps=10, samples_per_s=12.5, loss=0.25)  # rate limited
     monkeypatch.setenv("RANK", "1")
@@ -237,7 +238,7 @@ def test_report_goes_to_the_installed_client(
 
 
 def test_display_logs_at_most_every_interval(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.runtime.progress")
     display = progress.ProgressDisplay(enabled=None, log_every_s=3600)
     for step in (1, 2, 3):
         display.update({"epoch": 0, "step": step, "steps": 3, "samples_per_s": 1.0, "loss": 1.0})
@@ -408,7 +409,7 @@ def test_script_child_progress_is_forwarded_by_its_rank(
     server, inbox = channel
     script = tmp_path / "p.py"
     script.write_text(
-        "from pipeline.progress import report\n"
+        "from pipeline.runtime.progress import report\n"
         "print('training')\n"
         "report(epoch=2, step=7, steps=9, samples_per_s=5.0, loss=0.5)\n"
     )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import BuilderError, build_model, cnn, mlp, resolve_builder
+from pipeline.train.models import BuilderError, build_model, cnn, mlp, resolve_builder
 
 
 def test_mlp_shapes_and_dropout() -> None:
@@ -43,9 +43,9 @@ def test_cnn_uses_2d_convolutions_for_images() -> None:
 
 
 def test_resolve_builtin_builders() -> None:
-    assert resolve_builder("pipeline.models:mlp") is mlp
+    assert resolve_builder("pipeline.train.models:mlp") is mlp
     model = build_model(
-        "pipeline.models:cnn", input_shape=(2, 8), num_outputs=3, args={"channels": [4]}
+        "pipeline.train.models:cnn", input_shape=(2, 8), num_outputs=3, args={"channels": [4]}
     )
     assert isinstance(model, nn.Module)
 
@@ -62,9 +62,9 @@ def _fake_module(monkeypatch: pytest.MonkeyPatch) -> None:
     ("spec", "match"),
     [
         ("no.such.module:f", "cannot import module 'no.such.module'"),
-        ("pipeline.models:nope", "has no attribute 'nope'"),
+        ("pipeline.train.models:nope", "has no attribute 'nope'"),
         ("fake_builders:CONST", "not callable"),
-        ("pipeline.models", "expected 'package.module:function'"),
+        ("pipeline.train.models", "expected 'package.module:function'"),
         (":mlp", "expected 'package.module:function'"),
     ],
 )
@@ -82,6 +82,6 @@ def test_build_model_checks_result_and_arguments(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(BuilderError, match=r"not a torch\.nn\.Module"):
         build_model("fake_builders:not_module", input_shape=(3,), num_outputs=2)
     with pytest.raises(BuilderError, match=r"train\.model\.args"):
-        build_model("pipeline.models:mlp", input_shape=(3,), num_outputs=2, args={"width": 3})
+        build_model("pipeline.train.models:mlp", input_shape=(3,), num_outputs=2, args={"width": 3})
     nested = build_model("fake_builders:ns.inner", input_shape=(3,), num_outputs=2)
     assert isinstance(nested, nn.Sequential)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.progress import ProgressDisplay
+from pipeline.runtime.progress import ProgressDisplay
 
 
 class _Terminal(io.StringIO):
@@ -38,7 +38,7 @@ def test_log_lines_without_a_terminal(
 ) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     display = ProgressDisplay(log_every_s=3600)
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+    with caplog.at_level(logging.INFO, logger="pipeline.runtime.progress"):
         for step in (1, 2, 10):
             display.update(_msg(0, step))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress")]

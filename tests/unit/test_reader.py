@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.reader import (
+from pipeline.data.reader import (
     Batch,
     ShardReader,
     features_to_numpy,
     features_to_tensor,
     labels_to_numpy,
 )
-from pipeline.shardset import MANIFEST_NAME, ShardSet, ShardSetError
+from pipeline.data.shardset import MANIFEST_NAME, ShardSet, ShardSetError
 from tests.shards import make_shardset, read_split, shard_entry
 
 UNEVEN = [100, 3, 0, 57]  # 160 rows; row groups of 16 rows

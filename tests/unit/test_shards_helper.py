@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shardset import ShardSet
+from pipeline.data.shardset import ShardSet
 from tests.shards import make_shardset, read_split
 
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import tfrecord
-from pipeline.reader import ShardReader
-from pipeline.shardset import MANIFEST_NAME, ShardSet, ShardSetError
-from pipeline.tfrecord import TFRecordError
+from pipeline.data.formats import tfrecord
+from pipeline.data.formats.tfrecord import TFRecordError
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import MANIFEST_NAME, ShardSet, ShardSetError
 from tests.shards import make_shardset, shard_entry
 
 LOCAL = pafs.LocalFileSystem()
@@ -509,7 +509,7 @@ def test_reader_names_the_corrupt_shard(both: tuple[str, str], tmp_path: Path) -
 
 
 def test_etl_format_key_is_validated(tmp_path: Path) -> None:
-    from pipeline.configbase import ConfigError
+    from pipeline.core.configbase import ConfigError
     from preprocessing.config import EtlConfig
     from tests import corpus
 

@@ -6,15 +6,15 @@ import pytest
 import yaml
 
 from pipeline.config import parse_config
-from pipeline.configbase import ConfigError, to_dict
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.train.config import TrainConfig
 
 CONTRACT_YAML = """
 train:
   dataset: out/shards
   task: classification
   mode: ddp
-  model: {builder: "pipeline.models:mlp", args: {hidden: [256, 256]}}
+  model: {builder: "pipeline.train.models:mlp", args: {hidden: [256, 256]}}
   num_workers: 2
   epochs: 5
   batch_size: 512

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import bundle
-from pipeline.distenv import current
-from pipeline.faults import Fault, InjectedFault, parse_fault
-from pipeline.models import mlp
-from pipeline.optim import LRFactor, build_optimizer, build_scheduler
-from pipeline.shardset import ShardSet
-from pipeline.train_config import LRScheduleConfig, OptimizerConfig, TrainConfig
+from pipeline.data.shardset import ShardSet
+from pipeline.runtime.distenv import current
+from pipeline.runtime.faults import Fault, InjectedFault, parse_fault
+from pipeline.train import bundle
+from pipeline.train.config import LRScheduleConfig, OptimizerConfig, TrainConfig
+from pipeline.train.models import mlp
+from pipeline.train.optim import LRFactor, build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
@@ -165,7 +165,7 @@ def test_training_side_imports_without_pyspark() -> None:
     import sys
 
     code = (
-        "import sys, pipeline.worker, pipeline.ddp, pipeline.bundle, pipeline.train; "
+        "import sys, pipeline.worker, pipeline.train.engine, pipeline.train.bundle, pipeline.launch.fit; "
         "sys.exit('pyspark' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.train_config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 __all__ = ["gloo_bf16_compress_hook", "register_comm_hook"]
 

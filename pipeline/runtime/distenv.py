@@ -1,6 +1,6 @@
 """The torchrun environment contract, read from inside a training process.
 
-The launcher (:mod:`pipeline.launcher`) sets these variables in every Spark barrier task;
+The launcher (:mod:`pipeline.launch.launcher`) sets these variables in every Spark barrier task;
 ``torchrun`` sets the same ones without Spark. Training code reads them through
 :func:`current` and picks its device and process-group backend with
 :func:`device_and_backend`, so one training function runs unchanged under both.
@@ -98,7 +98,7 @@ def current(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
-    """True inside a rank started by :func:`pipeline.launcher.run_distributed`."""
+    """True inside a rank started by :func:`pipeline.launch.launcher.run_distributed`."""
     env = os.environ if environ is None else environ
     return bool(env.get(RUN_TOKEN)) and bool(env.get(LOG_ADDR))
 

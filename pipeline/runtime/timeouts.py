@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Final
 
-from pipeline import logchannel, rankrun
+from pipeline.runtime import logchannel, rankrun
 
 __all__ = [
     "HEARTBEAT_S",

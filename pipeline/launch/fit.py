@@ -1,10 +1,10 @@
-"""Driver side of training: run :func:`pipeline.ddp.train_worker` on every rank and collect.
+"""Driver side of training: run :func:`pipeline.train.engine.train_worker` on every rank and collect.
 
 :func:`fit` is what ``spark-train train`` and ``jobs/train.py`` call. It launches
 ``train.num_workers`` ranks as one Spark barrier job (relaunched up to ``train.max_attempts``
 times, each relaunch resuming from the latest checkpoint) and returns rank 0's summary.
 Without Spark the same worker runs under torchrun: ``python -m pipeline.worker``.
-With ``train.mode: average`` it runs :func:`pipeline.averaging.fit_average` instead: one
+With ``train.mode: average`` it runs :func:`pipeline.train.modes.average.fit_average` instead: one
 ordinary Spark job per averaging round, no barrier and no process group.
 """
 
@@ -17,15 +17,15 @@ from typing import Any
 
 import yaml
 
-from pipeline import storage
-from pipeline.bundle import CONFIG, SPEC, model_spec
-from pipeline.configbase import to_dict
-from pipeline.ddp import train_worker
-from pipeline.preflight import check_training_inputs
-from pipeline.shardset import ShardSet, ShardSetError
-from pipeline.timeouts import stall_limit_s
-from pipeline.tracking import tracked
-from pipeline.train_config import TrainConfig
+from pipeline.core import storage
+from pipeline.core.configbase import to_dict
+from pipeline.data.shardset import ShardSet, ShardSetError
+from pipeline.launch.tracking import tracked
+from pipeline.runtime.timeouts import stall_limit_s
+from pipeline.train.bundle import CONFIG, SPEC, model_spec
+from pipeline.train.config import TrainConfig
+from pipeline.train.engine import train_worker
+from pipeline.train.preflight import check_training_inputs
 
 __all__ = ["TrainResult", "bundle_is_current", "fit"]
 
@@ -49,7 +49,7 @@ class TrainResult:
     """Number of ranks."""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     """``train.mode: average`` only: per-round metrics (also the last entries of ``epochs``),
-    with ``bytes_sent``, ``bytes_received`` and ``attempts`` (see :mod:`pipeline.averaging`)."""
+    with ``bytes_sent``, ``bytes_received`` and ``attempts`` (see :mod:`pipeline.train.modes.average`)."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -58,7 +58,7 @@ class TrainResult:
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> TrainResult:
-        """Build from a rank's :func:`pipeline.ddp.train_worker` summary."""
+        """Build from a rank's :func:`pipeline.train.engine.train_worker` summary."""
         return cls(
             epochs=list(summary["epochs"]),
             bundle=str(summary["bundle"]),
@@ -79,10 +79,10 @@ def fit(
     """Train ``cfg`` on Spark (``spark`` or the active session) and return rank 0's result.
 
     ``env`` adds environment variables to every rank (e.g. ``NCCL_*`` settings);
-    ``show_progress`` is passed to :func:`pipeline.launcher.run_distributed`. Raises
-    :class:`pipeline.launcher.DistributedError` naming the failing rank, with its traceback,
+    ``show_progress`` is passed to :func:`pipeline.launch.launcher.run_distributed`. Raises
+    :class:`pipeline.launch.launcher.DistributedError` naming the failing rank, with its traceback,
     when every one of ``train.max_attempts`` launches failed. With ``train.tracking`` set,
-    the finished (or failed) run is logged to MLflow / TensorBoard (:mod:`pipeline.tracking`).
+    the finished (or failed) run is logged to MLflow / TensorBoard (:mod:`pipeline.launch.tracking`).
     """
     with tracked(cfg) as runlog:
         check_training_inputs(cfg)  # refuse damaged or unusable inputs before launching
@@ -100,10 +100,10 @@ def _train(
 ) -> TrainResult:
     """Run the configured training mode; see :func:`fit`."""
     if cfg.mode == "average":
-        from pipeline.averaging import fit_average
+        from pipeline.train.modes.average import fit_average
 
         return fit_average(cfg, spark, env=env, show_progress=show_progress)
-    from pipeline.launcher import run_distributed
+    from pipeline.launch.launcher import run_distributed
 
     summaries = run_distributed(
         train_worker,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.train_config import LRScheduleConfig, OptimizerConfig
+from pipeline.train.config import LRScheduleConfig, OptimizerConfig
 
 __all__ = ["LRFactor", "build_optimizer", "build_scheduler"]
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline import distenv, logchannel
+from pipeline.runtime import distenv, logchannel
 
 __all__ = ["MARKER", "ProgressDisplay", "report"]
 

@@ -29,7 +29,7 @@ ordered. Same seed, same batches (for a given numpy version); another epoch, ano
 TFRecord shards (manifest ``file_format: tfrecord``) are read in the same pieces: their row
 groups are runs of the manifest's ``row_group_rows`` records (the sizes of the Parquet row
 groups of the same data), found by an index of byte offsets built by one scan of the file
-when it is first used (:mod:`pipeline.tfrecord`); every record's CRCs are checked when its
+when it is first used (:mod:`pipeline.data.formats.tfrecord`); every record's CRCs are checked when its
 row group is decoded. The two formats of the same data give the same batches.
 
 Memory: one window (``S`` rows), up to three decoded row groups (the one being batched and
@@ -69,8 +69,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import tfrecord, timeouts
-from pipeline.shardset import FEATURES_COLUMN, LABEL_COLUMN, ShardSet, ShardSetError
+from pipeline.data.formats import tfrecord
+from pipeline.data.shardset import FEATURES_COLUMN, LABEL_COLUMN, ShardSet, ShardSetError
+from pipeline.runtime import timeouts
 
 __all__ = ["Batch", "ShardReader", "features_to_numpy", "features_to_tensor", "labels_to_numpy"]
 

@@ -1,6 +1,6 @@
 """Fully sharded data parallel training (``train.mode: fsdp``) with FSDP2's ``fully_shard``.
 
-The DDP loop (:mod:`pipeline.ddp`) runs unchanged in this mode — same launcher, reader,
+The DDP loop (:mod:`pipeline.train.engine`) runs unchanged in this mode — same launcher, reader,
 checkpoints and bundle — and calls the hooks here where DDP's behaviour does not carry over:
 
 * **Wrapping.** :func:`shard_model` applies ``fully_shard`` bottom-up on one 1-d device mesh
@@ -24,7 +24,7 @@ checkpoints and bundle — and calls the hooks here where DDP's behaviour does n
 **Checkpoints hold the gathered full state, not ``torch.distributed.checkpoint`` shards.**
 :func:`full_state` all-gathers the model's and the optimizer's state into plain CPU tensors
 on rank 0 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
-``full_state_dict=True, cpu_offload=True``), and :class:`pipeline.checkpoint.CheckpointManager`
+``full_state_dict=True, cpu_offload=True``), and :class:`pipeline.train.checkpoint.CheckpointManager`
 writes them as it writes DDP's: one ``state.pt`` in an atomic step directory, with its size
 and sha256 in ``meta.json``, loaded only with ``torch.load(weights_only=True)``; on resume
 every rank keeps its own shard of that state (:func:`load_full_state`). We chose this over
@@ -37,7 +37,7 @@ in host memory while it saves — the right trade for models that outgrow one GP
 host; beyond that, DCP's sharded save would be the next step.
 
 The bundle gets the consolidated weights too (:func:`consolidated_model`): a plain module on
-rank 0 that :func:`pipeline.bundle.write_bundle` saves as ``model.safetensors``.
+rank 0 that :func:`pipeline.train.bundle.write_bundle` saves as ``model.safetensors``.
 """
 
 from __future__ import annotations

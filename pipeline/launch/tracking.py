@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
-from pipeline.configbase import ConfigError, to_dict
-from pipeline.train_config import TrackingConfig, TrainConfig
+from pipeline.core import storage
+from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.train.config import TrackingConfig, TrainConfig
 
 __all__ = ["RunLog", "flatten_params", "redact_uri", "tracked"]
 

@@ -24,7 +24,7 @@ Kinds that fire right after optimizer step ``K`` completes (before any checkpoin
     a standalone or local-cluster executor, never the driver), then block for ``seconds``
     until the executor's end takes this process along.
 
-And one that fires inside :meth:`pipeline.checkpoint.CheckpointManager.save` of step ``K``
+And one that fires inside :meth:`pipeline.train.checkpoint.CheckpointManager.save` of step ``K``
 on rank ``R``, once ``state.pt`` is written and before ``meta.json`` is:
 
 ``checkpoint-exit``
@@ -114,7 +114,7 @@ def checkpoint_write_point(step: int) -> None:
     fault = parse_fault()
     if fault is None or fault.kind != "checkpoint-exit":
         return
-    from pipeline.distenv import current
+    from pipeline.runtime.distenv import current
 
     env = current()
     if fault._here(env.rank, step, env.attempt):

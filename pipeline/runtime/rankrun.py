@@ -1,6 +1,6 @@
 """Task side of the launcher: one rank's environment, execution and failure report.
 
-:mod:`pipeline.launcher` gathers a :class:`RankInfo` from every barrier task, and each task
+:mod:`pipeline.launch.launcher` gathers a :class:`RankInfo` from every barrier task, and each task
 then calls :func:`rank_environment` (pure: the torchrun variables, device and threads for one
 rank) and :func:`run_rank`, which runs the target with that environment applied, streams
 its logs and output to the driver, and on failure sends a report (exception type, message,
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import distenv, logchannel, progress
+from pipeline.runtime import distenv, logchannel, progress
 
 __all__ = [
     "TAIL_LINES",
@@ -165,7 +165,7 @@ def _device_environment(
     # show each rank only its own, and it is cuda:0 there.
     log.warning(
         "ranks on host %s report the same GPU ids %s; giving each rank only its own GPU, so "
-        "LOCAL_RANK does not index CUDA_VISIBLE_DEVICES (use pipeline.distenv.device_and_backend)",
+        "LOCAL_RANK does not index CUDA_VISIBLE_DEVICES (use pipeline.runtime.distenv.device_and_backend)",
         infos[same_host[0]].host,
         host_gpus,
     )
@@ -191,7 +191,7 @@ def run_rank(spec: RankSpec, env: Mapping[str, str], *, cpus: int) -> Any:
     """Run ``spec`` as one rank with ``env`` applied; return its value (or the script's exit code).
 
     Logs, output and a failure report go to the driver when a channel client is installed
-    (:func:`pipeline.logchannel.install_client`). The environment, torch's thread count, the
+    (:func:`pipeline.runtime.logchannel.install_client`). The environment, torch's thread count, the
     logging setup and sys.stdout/stderr are restored afterwards, because Spark reuses the
     Python worker for later tasks.
     """

@@ -10,7 +10,7 @@ trained on; ``RDD.treeReduce`` sums ``n_i · w_i`` in float64, and the driver di
 the round (losses, bytes moved, seconds) and checkpoints it.
 
 Which data a worker reads (``train.averaging.partition``): ``rows`` gives worker ``i`` the
-slice DDP rank ``i`` reads (:class:`~pipeline.reader.ShardReader` with ``rank=i``,
+slice DDP rank ``i`` reads (:class:`~pipeline.data.reader.ShardReader` with ``rank=i``,
 ``world_size=num_workers``: equal rows and steps); ``shards`` gives it whole shard files
 ``i, i + W, …`` (sizes may differ; the sample-weighted average then weighs them).
 
@@ -66,25 +66,26 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipeline import bundle, storage
-from pipeline.checkpoint import CheckpointManager
-from pipeline.configbase import to_dict
-from pipeline.ddp import ResumeError, builder_args, model_shape
-from pipeline.faults import Fault, parse_fault
-from pipeline.metrics import EvalSums, loss_fn
-from pipeline.models import build_model
-from pipeline.optim import LRFactor, build_optimizer
-from pipeline.rankrun import scoped_environ
-from pipeline.reader import ShardReader
-from pipeline.shardset import ShardSet
-from pipeline.timeouts import watchdog
-from pipeline.train import TrainResult, _train
-from pipeline.train_config import TrainConfig
+from pipeline.core import storage
+from pipeline.core.configbase import to_dict
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import ShardSet
+from pipeline.launch.fit import TrainResult, _train
+from pipeline.runtime.faults import Fault, parse_fault
+from pipeline.runtime.rankrun import scoped_environ
+from pipeline.runtime.timeouts import watchdog
+from pipeline.train import bundle
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
+from pipeline.train.engine import ResumeError, builder_args, model_shape
+from pipeline.train.metrics import EvalSums, loss_fn
+from pipeline.train.models import build_model
+from pipeline.train.optim import LRFactor, build_optimizer
 
 if TYPE_CHECKING:
     from pyspark import Broadcast, SparkContext
 
-    from pipeline.launcher import DistributedError
+    from pipeline.launch.launcher import DistributedError
 
 __all__ = [
     "MODEL_PREFIX",
@@ -532,8 +533,8 @@ _NOTE_RE = re.compile(rf"\[{_NOTE} (\d+) raised ([\w.]*):([\w.]+)\]")
 
 
 def _task_error(err: BaseException, attempt: int) -> DistributedError:
-    """A failed round job as :class:`~pipeline.launcher.DistributedError` naming the worker."""
-    from pipeline.launcher import _error, _from_spark_error
+    """A failed round job as :class:`~pipeline.launch.launcher.DistributedError` naming the worker."""
+    from pipeline.launch.launcher import _error, _from_spark_error
 
     base = _from_spark_error(err, attempt)
     found = _NOTE_RE.search(str(err))
@@ -572,11 +573,11 @@ def fit_average(
 
     ``spark`` is the session (default: the active one); ``env`` adds environment variables to
     every task; ``show_progress`` applies to the DDP warm-up (rounds are logged). Raises
-    :class:`pipeline.launcher.DistributedError` naming the failing worker when a round's job
-    failed ``train.max_attempts`` times, and :class:`pipeline.ddp.ResumeError` when
+    :class:`pipeline.launch.launcher.DistributedError` naming the failing worker when a round's job
+    failed ``train.max_attempts`` times, and :class:`pipeline.train.engine.ResumeError` when
     ``train.checkpoint.dir`` holds an unfinished run and ``train.resume`` is false.
     """
-    from pipeline.launcher import _require_driver, _spark_context
+    from pipeline.launch.launcher import _require_driver, _spark_context
 
     _require_driver("fit_average")
     if cfg.mode != "average":
@@ -793,7 +794,7 @@ class _Driver:
 
     def _run_round(self, r: int, payload: Broadcast[bytes]) -> tuple[Contribution, int]:
         """Run the round's job, rerunning it up to ``train.max_attempts`` times."""
-        from pipeline.launcher import _all_failed
+        from pipeline.launch.launcher import _all_failed
 
         failures: list[DistributedError] = []
         for attempt in range(self.cfg.max_attempts):

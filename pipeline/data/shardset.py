@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline.core import storage
 
 __all__ = [
     "FORMAT_VERSION",

@@ -6,7 +6,7 @@ Layout under the checkpoint root (a local path or any ``pyarrow.fs`` URI)::
     step-000000001234/meta.json   step, torch version, top-level keys, size and sha256 of state.pt
 
 A checkpoint is written into ``.tmp-<uuid>-step-…`` and renamed into place
-(:func:`pipeline.storage.atomic_dir`), so a crash mid-write leaves only a temporary directory,
+(:func:`pipeline.core.storage.atomic_dir`), so a crash mid-write leaves only a temporary directory,
 which listings skip. Object stores (S3, GCS) cannot rename a directory: there the files are
 written in place and ``meta.json`` — written last, in one PUT — is the commit marker. In both
 cases a checkpoint counts only when ``meta.json`` parses and ``state.pt`` has the recorded
@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from pipeline import faults, storage
+from pipeline.core import storage
+from pipeline.runtime import faults
 
 __all__ = [
     "CheckpointError",

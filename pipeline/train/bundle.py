@@ -32,11 +32,11 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import storage
-from pipeline.configbase import ConfigError, to_dict
-from pipeline.models import build_model
-from pipeline.shardset import ShardSet
-from pipeline.train_config import TrainConfig
+from pipeline.core import storage
+from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.data.shardset import ShardSet
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import build_model
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
@@ -169,7 +169,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def require_bundle(uri: str, key: str = "--model") -> None:
-    """:class:`~pipeline.configbase.ConfigError` naming ``key`` when ``uri`` holds no bundle.
+    """:class:`~pipeline.core.configbase.ConfigError` naming ``key`` when ``uri`` holds no bundle.
 
     A path without ``model.json`` is a wrong argument (exit 2 in the CLI); a bundle that is
     there but broken stays a :class:`BundleError` (exit 1).

@@ -51,9 +51,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from pipeline import storage
-from pipeline.configbase import ConfigError, check
-from pipeline.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
+from pipeline.core import storage
+from pipeline.core.configbase import ConfigError, check
+from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     import torch
     from pyspark.sql import Column, DataFrame, SparkSession
 
-    from pipeline.bundle import LoadedBundle
+    from pipeline.train.bundle import LoadedBundle
     from preprocessing.config import EtlConfig
     from preprocessing.validate import RawInput
 
@@ -163,11 +163,11 @@ def cached_bundle(uri: str, sha256: str, counter: _Counter | None = None) -> Loa
     """The bundle at ``uri`` whose weights hash to ``sha256``, loaded at most once per process.
 
     A miss loads it (checking the digest against the bytes loaded, so a bundle replaced
-    since the driver hashed it fails with :class:`~pipeline.bundle.BundleError` instead of
+    since the driver hashed it fails with :class:`~pipeline.train.bundle.BundleError` instead of
     scoring with other weights), evicts other versions of the same URI, keeps at most
     ``_CACHE_MAX`` bundles, and adds 1 to ``counter`` (e.g. a Spark accumulator).
     """
-    from pipeline.bundle import load_bundle
+    from pipeline.train.bundle import load_bundle
 
     key = (uri, sha256)
     with _CACHE_LOCK:
@@ -257,7 +257,7 @@ def _features_matrix(vectors: pa.Array, job: _Job) -> np.ndarray:
     import numpy as np
     import pyarrow.compute as pc
 
-    from pipeline.bundle import BundleError
+    from pipeline.train.bundle import BundleError
 
     values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if not values.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
@@ -286,7 +286,7 @@ def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:
 
 def _open_bundle(uri: str) -> _Bundle:
     """Spec, weights digest and etl section of the bundle at ``uri``; needs its ``features/``."""
-    from pipeline.bundle import FEATURES, WEIGHTS, BundleError, read_spec
+    from pipeline.train.bundle import FEATURES, WEIGHTS, BundleError, read_spec
     from preprocessing.config import EtlConfig
 
     spec = read_spec(uri)
@@ -302,7 +302,7 @@ def _open_bundle(uri: str) -> _Bundle:
 
 def _etl_section(uri: str, spec: dict[str, Any]) -> dict[str, Any]:
     """``model.json``'s ``etl``; older bundles: the config in their shard set's manifest."""
-    from pipeline.bundle import BundleError
+    from pipeline.train.bundle import BundleError
 
     if spec.get("etl"):
         return dict(spec["etl"])
@@ -333,7 +333,7 @@ def score(
     back unchanged, plus :data:`OUTPUT_COLUMNS` (``probability`` for classification only).
     ``batch_size`` rows go through the network at once; ``load_counter`` (e.g.
     ``spark.sparkContext.accumulator(0)``) counts model loads in the workers.
-    Raises :class:`~pipeline.bundle.BundleError` for a missing or incomplete bundle and
+    Raises :class:`~pipeline.train.bundle.BundleError` for a missing or incomplete bundle and
     :class:`~preprocessing.validate.SchemaMismatchError` naming absent feature columns.
     """
     from preprocessing.validate import CORRUPT, RawInput, require_columns
@@ -362,7 +362,7 @@ def _score_raw(
     from pyspark.ml import PipelineModel
     from pyspark.sql import functions as F
 
-    from pipeline.bundle import FEATURES
+    from pipeline.train.bundle import FEATURES
     from preprocessing.features import apply_features
     from preprocessing.validate import REASON, REASON_COLUMN, validate_features
 
@@ -454,7 +454,9 @@ def _on_driver(what: str) -> None:
     from pyspark import TaskContext
 
     if TaskContext.get() is not None:
-        raise RuntimeError(f"pipeline.score.{what} runs on the driver, not inside a Spark task")
+        raise RuntimeError(
+            f"pipeline.serve.score.{what} runs on the driver, not inside a Spark task"
+        )
 
 
 def score_table(
@@ -471,10 +473,10 @@ def score_table(
     ``input`` is read like the ETL's input: format ``fmt`` or the bundle's
     ``etl.input.format`` (csv, json, parquet, or a catalog table), with that section's
     options when the format is the same. The arguments mirror ``spark-train score``'s flags,
-    and a missing bundle or input is a :class:`~pipeline.configbase.ConfigError` naming
+    and a missing bundle or input is a :class:`~pipeline.core.configbase.ConfigError` naming
     ``--model`` / ``--input``.
     """
-    from pipeline.bundle import require_bundle
+    from pipeline.train.bundle import require_bundle
     from preprocessing.validate import CORRUPT, SOURCE, read_raw
 
     _on_driver("score_table")
@@ -524,11 +526,11 @@ def _with_missing_input(read: Callable[[], RawInput]) -> RawInput:
 
 
 def _check_output(input: str, output: str) -> None:
-    """``--output`` follows :mod:`pipeline.outputs` (it is replaced as a whole).
+    """``--output`` follows :mod:`pipeline.core.outputs` (it is replaced as a whole).
 
     It must be new, empty or an earlier scored table, and not hold or lie inside the input.
     """
-    from pipeline.outputs import check_disjoint, check_output_dir
+    from pipeline.core.outputs import check_disjoint, check_output_dir
 
     check_disjoint({"--output": output, "--input": input})
     check_output_dir("--output", output, "table")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline import storage
-from pipeline.bundle import METRICS, SPEC, WEIGHTS
-from pipeline.checkpoint import CheckpointManager
-from pipeline.shardset import MANIFEST_NAME, ShardSet
+from pipeline.core import storage
+from pipeline.data.shardset import MANIFEST_NAME, ShardSet
+from pipeline.train.bundle import METRICS, SPEC, WEIGHTS
+from pipeline.train.checkpoint import CheckpointManager
 
 __all__ = ["describe", "render"]
 

@@ -1,6 +1,6 @@
 """The ``train`` config section: what to train, how, and where checkpoints and the bundle go.
 
-Built from plain YAML data with :func:`pipeline.configbase.build`; every section validates
+Built from plain YAML data with :func:`pipeline.core.configbase.build`; every section validates
 its own values in ``__post_init__`` and names the dotted key of a bad value
 (``train.optimizer.lr``).
 """
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.configbase import ConfigError, build, check
-from pipeline.outputs import check_output_uri
+from pipeline.core.configbase import ConfigError, build, check
+from pipeline.core.outputs import check_output_uri
 
 __all__ = [
     "AveragingConfig",
@@ -40,7 +40,7 @@ def _frozen_mapping(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]
 class ModelConfig:
     """Which network to build (``train.model``)."""
 
-    builder: str = "pipeline.models:mlp"
+    builder: str = "pipeline.train.models:mlp"
     """``module:function`` returning an ``nn.Module``; called with ``input_shape``,
     ``num_outputs`` (both taken from the shard set) and ``args``."""
 

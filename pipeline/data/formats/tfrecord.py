@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, ShardSetError
+from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, ShardSetError
 
 __all__ = [
     "Feature",

@@ -32,8 +32,8 @@ from typing import Final
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
-from pipeline.configbase import ConfigError
+from pipeline.core import storage
+from pipeline.core.configbase import ConfigError
 
 __all__ = [
     "OWNED",
@@ -59,7 +59,7 @@ def _bundle_entries(names: set[str]) -> bool:
     }
 
 
-# pipeline.averaging keeps per-worker states and its DDP warm-up in these subdirectories.
+# pipeline.train.modes.average keeps per-worker states and its DDP warm-up in these subdirectories.
 _CHECKPOINT_SUBDIRS: Final = frozenset({"workers", "ddp-warmup"})
 
 

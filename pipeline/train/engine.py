@@ -29,20 +29,23 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import bundle, distenv, fsdp, storage
-from pipeline.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from pipeline.comm_hooks import register_comm_hook
-from pipeline.configbase import ConfigError, to_dict
-from pipeline.distenv import device_and_backend
-from pipeline.faults import parse_fault
-from pipeline.metrics import EvalSums, loss_fn
-from pipeline.models import build_model
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.progress import report
-from pipeline.reader import ShardReader
-from pipeline.shardset import ShardSet
-from pipeline.timeouts import naming_timeout, watchdog
-from pipeline.train_config import TrainConfig
+from pipeline.core import storage
+from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import ShardSet
+from pipeline.runtime import distenv
+from pipeline.runtime.distenv import device_and_backend
+from pipeline.runtime.faults import parse_fault
+from pipeline.runtime.progress import report
+from pipeline.runtime.timeouts import naming_timeout, watchdog
+from pipeline.train import bundle
+from pipeline.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from pipeline.train.comm_hooks import register_comm_hook
+from pipeline.train.config import TrainConfig
+from pipeline.train.metrics import EvalSums, loss_fn
+from pipeline.train.models import build_model
+from pipeline.train.modes import fsdp
+from pipeline.train.optim import build_optimizer, build_scheduler
 
 __all__ = ["ResumeError", "builder_args", "model_shape", "train_worker"]
 
@@ -70,7 +73,7 @@ def train_worker(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     if cfg.mode == "average":
         raise ConfigError(
             "train.mode",
-            "'average' runs as Spark jobs, one per round (spark-train train, pipeline.train.fit), "
+            "'average' runs as Spark jobs, one per round (spark-train train, pipeline.fit), "
             "not as ranks of one process group: use 'ddp' or 'fsdp' under torchrun",
         )
     if torch.cuda.is_available():
@@ -181,7 +184,7 @@ class _Trainer:
         _seed_everything(cfg.seed)  # identical model initialisation on every rank
         self.train_reader, self.val_reader = self._readers()
         self.input_shape, self.num_outputs = self._model_shape()
-        self.sharded = cfg.mode == "fsdp"  # FSDP2: pipeline/fsdp.py has the hooks
+        self.sharded = cfg.mode == "fsdp"  # FSDP2: pipeline/train/modes/fsdp.py has the hooks
         module = self._new_model()
         self.module = fsdp.shard_model(module, device) if self.sharded else module.to(device)
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optimizer)

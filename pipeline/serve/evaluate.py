@@ -1,7 +1,7 @@
 """``spark-train evaluate``: a bundle's loss and accuracy / RMSE on one split of a shard set.
 
 Runs in one process without Spark or a process group: the bundle loads from safetensors,
-the split streams through the same :class:`~pipeline.reader.ShardReader` as training.
+the split streams through the same :class:`~pipeline.data.reader.ShardReader` as training.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from pipeline.bundle import BundleError, load_bundle
-from pipeline.metrics import EvalSums
-from pipeline.reader import ShardReader
-from pipeline.shardset import ShardSet
+from pipeline.data.reader import ShardReader
+from pipeline.data.shardset import ShardSet
+from pipeline.train.bundle import BundleError, load_bundle
+from pipeline.train.metrics import EvalSums
 
 __all__ = ["evaluate_bundle"]
 

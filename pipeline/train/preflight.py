@@ -5,7 +5,7 @@ job, built the model and joined the process group — and then again by every re
 (``train.max_attempts``), since a corrupt file does not heal. :func:`check_training_inputs`
 runs before any of that and raises an error that names the file, split or key:
 
-* the outputs follow :mod:`pipeline.outputs` (no ``..``, no symlinks, empty-or-ours, no
+* the outputs follow :mod:`pipeline.core.outputs` (no ``..``, no symlinks, empty-or-ours, no
   overlap between ``train.output``, ``train.checkpoint.dir`` and ``train.dataset``);
 * the shard set is committed, of the configured task, with at least two classes for
   classification, and its manifest agrees with itself (split rows = sum of shard rows,
@@ -28,11 +28,11 @@ from typing import Final
 
 import pyarrow.parquet as pq
 
-from pipeline import tfrecord
-from pipeline.configbase import ConfigError
-from pipeline.outputs import check_disjoint, check_output_dir
-from pipeline.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
-from pipeline.train_config import TrainConfig
+from pipeline.core.configbase import ConfigError
+from pipeline.core.outputs import check_disjoint, check_output_dir
+from pipeline.data.formats import tfrecord
+from pipeline.data.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
+from pipeline.train.config import TrainConfig
 
 __all__ = ["check_training_inputs"]
 

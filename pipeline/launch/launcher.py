@@ -18,7 +18,7 @@ cause of a failure (:class:`DistributedError`), and relaunches the whole job up 
 ``max_attempts`` times.
 
 This is the only ``pipeline`` module that imports pyspark, and it does so lazily; the task
-side lives in the Spark-free :mod:`pipeline.rankrun`.
+side lives in the Spark-free :mod:`pipeline.runtime.rankrun`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import logchannel, rankrun
-from pipeline.progress import ProgressDisplay
+from pipeline.runtime import logchannel, rankrun
+from pipeline.runtime.progress import ProgressDisplay
 
 if TYPE_CHECKING:
     from pyspark import BarrierTaskContext, SparkContext
@@ -131,10 +131,10 @@ def run_distributed(
         timeout_s: bound on the whole call, relaunches included; the job is cancelled and
             :class:`DistributedTimeoutError` raised when it passes. None: no bound.
         env: extra environment variables for every rank.
-        show_progress: show :func:`pipeline.progress.report` figures (a bar on a terminal,
+        show_progress: show :func:`pipeline.runtime.progress.report` figures (a bar on a terminal,
             else log lines); None: automatic, False: off.
         heartbeat_timeout_s: cancel the attempt (and relaunch, if attempts are left) when a
-            rank that sends heartbeats (:func:`pipeline.timeouts.watchdog`) goes this long
+            rank that sends heartbeats (:func:`pipeline.runtime.timeouts.watchdog`) goes this long
             without any message: it is frozen (SIGSTOP, a paused VM) or cut off. None: off.
         **kwargs: keyword arguments for a callable target.
 
@@ -217,7 +217,7 @@ def _require_driver(name: str) -> None:
     if TaskContext.get() is not None:
         raise RuntimeError(
             f"{name} is driver-only but was called inside a Spark task; call it from the "
-            "driver program (a training function gets its rank from pipeline.distenv.current())"
+            "driver program (a training function gets its rank from pipeline.runtime.distenv.current())"
         )
 
 
@@ -640,7 +640,7 @@ def _rendezvous(
 # -- errors --------------------------------------------------------------------------------
 
 # torch.distributed errors and Spark barrier errors a rank gets because *another* rank died
-# (or hung: a collective timeout, pipeline.timeouts.CollectiveTimeoutError).
+# (or hung: a collective timeout, pipeline.runtime.timeouts.CollectiveTimeoutError).
 _SECONDARY = re.compile(
     r"barrier|Connection (closed|reset) by peer|DistNetworkError|DistBackendError|"
     r"DistStoreError|broken pipe|CollectiveTimeoutError",
