@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
+from pipeline.data.formats import DEFAULT_FORMAT, FormatName
 
 __all__ = ["EtlConfig", "InputConfig", "SplitConfig"]
 
@@ -104,7 +105,7 @@ class EtlConfig:
     """Shard-set directory (any pyarrow.fs URI)."""
     num_shards: int = 8
     """Files per split; their row counts differ by at most one."""
-    format: Literal["parquet", "tfrecord"] = "parquet"
+    format: FormatName = DEFAULT_FORMAT
     """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records)."""
     row_group_rows: int = 65536
     """Rows per Parquet row group; for ``tfrecord``, rows per reader piece (same batches)."""

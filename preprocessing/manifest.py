@@ -14,6 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from pipeline import __version__
 from pipeline.core import storage
+from pipeline.data.formats import DEFAULT_FORMAT
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
 
 __all__ = ["cleanup_generations", "commit_manifest", "fingerprint", "read_existing"]
@@ -105,7 +106,7 @@ def build_manifest(*, generation: str, **parts: Any) -> dict[str, Any]:
         "created_by": f"spark-train {__version__} (pyspark {pyspark.__version__})",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "generation": generation,
-        "file_format": parts.pop("file_format", "parquet"),
+        "file_format": parts.pop("file_format", DEFAULT_FORMAT),
         **parts,
         "splits": {
             s: {

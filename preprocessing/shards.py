@@ -9,12 +9,13 @@ inside its split (partition offset + ``monotonically_increasing_id``'s in-partit
 counter, all in the JVM), and ``shard = index mod num_shards`` — so the row counts of a
 split's shards differ by at most one. One shuffle by (split, shard) then puts each shard in
 exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
-which writes it with pyarrow (row groups of ``row_group_rows`` rows, a
-``fixed_size_list<float32>`` feature column, sha256 computed while writing) — or, with
-``etl.format: tfrecord``, as ``tf.train.Example`` records (:mod:`pipeline.data.formats.tfrecord`) from the
-same sorted batches, so both formats hold the same rows in the same order. Each writer
-reports (shard, rows, bytes, sha256) and the driver checks every count against the plan
-before anything is committed.
+which writes it with the writer of ``etl.format`` from :mod:`pipeline.data.formats` (Parquet
+row groups of ``row_group_rows`` rows, or ``tf.train.Example`` records; sha256 computed while
+writing) from the same sorted batches, so every format holds the same rows in the same
+order. The shard schema comes from the column specs (:func:`shard_columns`, the manifest's
+``schema``) through :func:`pipeline.data.columns.arrow_schema`. Each writer reports (shard,
+rows, bytes, sha256) and the driver checks every count against the plan before anything is
+committed.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from pipeline.core import storage
-from pipeline.data.formats import tfrecord
+from pipeline.data.arrays import to_shard_batch
+from pipeline.data.columns import ColumnSpec
+from pipeline.data.formats import DEFAULT_FORMAT, ShardFormat, ShardWriter, get_format
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig, is_integral
 
@@ -41,7 +43,7 @@ __all__ = [
     "SPLIT",
     "ShardPlan",
     "assign_split",
-    "shard_schema",
+    "shard_columns",
     "with_buckets",
     "write_shards",
 ]
@@ -64,16 +66,16 @@ def assign_split(df: DataFrame, cfg: EtlConfig) -> DataFrame:
     return df.withColumn(SPLIT, split)
 
 
-def shard_schema(dim: int, key_dtype: str, task: str) -> pa.Schema:
-    """Arrow schema of a shard file."""
-    key_type = pa.int64() if is_integral(key_dtype) else pa.string()
-    label_type = pa.int64() if task == "classification" else pa.float32()
-    return pa.schema(
-        [
-            pa.field(KEY_COLUMN, key_type, nullable=False),
-            pa.field(FEATURES_COLUMN, pa.list_(pa.float32(), dim), nullable=False),
-            pa.field(LABEL_COLUMN, label_type, nullable=False),
-        ]
+def shard_columns(dim: int, key_dtype: str, task: str) -> tuple[ColumnSpec, ...]:
+    """The columns of a shard file, as the manifest's ``schema`` records them.
+
+    ``key_dtype`` is the Spark SQL type of the key column (integers are kept as int64, other
+    keys as strings); labels are int64 class codes (classification) or float32 targets.
+    """
+    return (
+        ColumnSpec(KEY_COLUMN, "int64" if is_integral(key_dtype) else "string"),
+        ColumnSpec(FEATURES_COLUMN, "float32", (dim,)),
+        ColumnSpec(LABEL_COLUMN, "int64" if task == "classification" else "float32"),
     )
 
 
@@ -140,9 +142,11 @@ def with_buckets(df: DataFrame, plan: ShardPlan) -> DataFrame:
     return out
 
 
-def shard_relpath(split: str, shard: int, generation: str, file_format: str = "parquet") -> str:
-    """Path of a shard relative to the shard-set root (extension ``.parquet`` / ``.tfrecord``)."""
-    return f"{split}/part-{shard:05d}-{generation}.{file_format}"
+def shard_relpath(
+    split: str, shard: int, generation: str, file_format: str = DEFAULT_FORMAT
+) -> str:
+    """Path of a shard relative to the shard-set root (the format's suffix: ``.parquet``…)."""
+    return f"{split}/part-{shard:05d}-{generation}{get_format(file_format).suffix}"
 
 
 _RESULT_SCHEMA = pa.schema(
@@ -156,93 +160,12 @@ _RESULT_SCHEMA = pa.schema(
 )
 
 
-class _ShardFile:
-    """One open shard: buffers batches up to a row group, writes through a hashing stream."""
-
-    def __init__(self, fs: Any, path: str, schema: pa.Schema, row_group_rows: int) -> None:
-        self.path = path
-        self._schema = schema
-        self._rg = row_group_rows
-        self._buf: list[pa.RecordBatch] = []
-        self._buffered = 0
-        self.rows = 0
-        self._raw = fs.open_output_stream(path)
-        self._sink = storage.HashingWriter(self._raw)
-        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema)
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        self._buf.append(batch)
-        self._buffered += batch.num_rows
-        while self._buffered >= self._rg:
-            self._flush(self._rg)
-
-    def _flush(self, n: int) -> None:
-        table = pa.Table.from_batches(self._buf, schema=self._schema)
-        self._writer.write_table(table.slice(0, n), row_group_size=n)
-        rest = table.slice(n)
-        self._buf = rest.to_batches()
-        self._buffered = rest.num_rows
-        self.rows += n
-
-    def close(self) -> tuple[int, int, str]:
-        if self._buffered:
-            self._flush(self._buffered)
-        self._writer.close()
-        self._raw.close()
-        return self.rows, self._sink.size, self._sink.sha256
-
-
-class _TFRecordShardFile:
-    """One open TFRecord shard: each batch is encoded and written through a hashing stream."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.path = path
-        self.rows = 0
-        self._raw = fs.open_output_stream(path)
-        self._sink = storage.HashingWriter(self._raw)
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        n = batch.num_rows
-        feats = batch.column(FEATURES_COLUMN).flatten().to_numpy().reshape(n, -1)
-        labels = batch.column(LABEL_COLUMN).to_numpy()
-        self._sink.write(tfrecord.encode_examples(batch.column(KEY_COLUMN), feats, labels))
-        self.rows += n
-
-    def close(self) -> tuple[int, int, str]:
-        self._raw.close()
-        return self.rows, self._sink.size, self._sink.sha256
-
-
-def _open_shard(
-    fs: Any, path: str, schema: pa.Schema, row_group_rows: int, file_format: str
-) -> _ShardFile | _TFRecordShardFile:
-    if file_format == "tfrecord":
-        return _TFRecordShardFile(fs, path)
-    return _ShardFile(fs, path, schema, row_group_rows)
-
-
 def write_empty_shard(
-    fs: Any, path: str, schema: pa.Schema, file_format: str = "parquet"
+    fs: Any, path: str, schema: pa.Schema, file_format: str = DEFAULT_FORMAT
 ) -> tuple[int, str]:
     """Write a zero-row shard (a split with fewer rows than shards); returns (bytes, sha256)."""
-    _, size, digest = _open_shard(fs, path, schema, 1, file_format).close()
-    return size, digest
-
-
-def _to_shard_batch(batch: pa.RecordBatch, schema: pa.Schema, dim: int) -> pa.RecordBatch:
-    feats = batch.column(FEATURES_COLUMN)
-    values = feats.flatten()
-    if feats.null_count or len(values) != len(feats) * dim:
-        raise ValueError(f"feature arrays must all have length {dim} and no nulls")
-    fixed = pa.FixedSizeListArray.from_arrays(values.cast(pa.float32()), dim)
-    return pa.RecordBatch.from_arrays(
-        [
-            batch.column(KEY_COLUMN).cast(schema.field(KEY_COLUMN).type),
-            fixed,
-            batch.column(LABEL_COLUMN).cast(schema.field(LABEL_COLUMN).type),
-        ],
-        schema=schema,
-    )
+    written = get_format(file_format).open_writer(fs, path, schema, 1).close()
+    return written.bytes, written.sha256
 
 
 def _shard_writer(
@@ -251,13 +174,11 @@ def _shard_writer(
     num_shards: int,
     row_group_rows: int,
     schema: pa.Schema,
-    file_format: str,
+    fmt: ShardFormat,
 ) -> Any:
-    dim = schema.field(FEATURES_COLUMN).type.list_size
-
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs, root = storage.resolve(root_uri)
-        files: dict[int, _ShardFile | _TFRecordShardFile] = {}
+        files: dict[int, ShardWriter] = {}
         token = uuid.uuid4().hex[:12]
         for batch in batches:
             buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
@@ -265,13 +186,12 @@ def _shard_writer(
                 rows = batch.filter(pa.array(buckets == b))
                 if int(b) not in files:
                     split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
-                    rel = shard_relpath(split, shard, generation, file_format)
+                    rel = shard_relpath(split, shard, generation, fmt.name)
                     name = f".tmp-{token}-{rel.replace('/', '-')}"
                     fs.create_dir(storage.join(root, split), recursive=True)
-                    files[int(b)] = _open_shard(
-                        fs, storage.join(root, split, name), schema, row_group_rows, file_format
-                    )
-                files[int(b)].add(_to_shard_batch(rows, schema, dim))
+                    path = storage.join(root, split, name)
+                    files[int(b)] = fmt.open_writer(fs, path, schema, row_group_rows)
+                files[int(b)].add(to_shard_batch(rows, schema))
         out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
         for b, f in sorted(files.items()):
             rows, size, digest = f.close()
@@ -298,7 +218,8 @@ def write_shards(
     shuffled = bucketed.repartition(len(SPLITS) * k, F.col(BUCKET)).sortWithinPartitions(
         F.col(BUCKET), order
     )
-    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema, cfg.format)
+    fmt = get_format(cfg.format)
+    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema, fmt)
     results = shuffled.mapInArrow(writer, from_arrow_schema(_RESULT_SCHEMA)).collect()
     fs, root = storage.resolve(cfg.output)
     written = {int(r["bucket"]): r for r in results}

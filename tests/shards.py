@@ -10,6 +10,8 @@ last. Features are standard normal; labels are a learnable function of them:
   (``features @ w > 0`` for two), so a linear model can reach ~100 % accuracy;
 * regression: ``label = features @ w + 0.01 * noise`` (float32).
 
+With ``file_format`` the shards are written by that format's writer from
+:mod:`pipeline.data.formats` (the one the ETL's executors use) instead of ``pq.write_table``.
 No ``features/`` PipelineModel is written (that needs Spark), although the manifest names
 one as the ETL's does. The same ``seed`` gives byte-identical files. :func:`read_split` returns a split's rows in
 manifest order, for comparing against what a reader yields.
@@ -28,6 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.core import storage
+from pipeline.data.columns import ColumnSpec
+from pipeline.data.formats import DEFAULT_FORMAT, get_format
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, ShardSet
 
 __all__ = ["make_shardset", "read_split", "shard_entry", "write_manifest"]
@@ -47,6 +51,7 @@ def make_shardset(
     num_classes: int = 2,
     feature_type: FeatureType = "fixed_size_list",
     compression: str = "snappy",
+    file_format: str | None = None,
 ) -> str:
     """Write a committed shard set under ``root`` and return its URI (the path as a string).
 
@@ -54,6 +59,8 @@ def make_shardset(
     ``{"train": [100, 3, 0, 57], "val": [20]}``; a 0 writes a valid Parquet file with no rows.
     Splits of ``train``/``val``/``test`` that are not given are recorded with no shards.
     ``feature_type="list"`` writes ``list<float32>`` as Spark's ``vector_to_array`` does.
+    ``file_format`` (a name in :mod:`pipeline.data.formats`) writes every shard with that
+    format's writer (``compression`` and ``feature_type`` then do not apply).
     """
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be classification or regression, got {task!r}")
@@ -67,15 +74,27 @@ def make_shardset(
         for i, n in enumerate(counts):
             table = _table(rng, key, n, weights, task, num_classes, feature_type)
             key += n
-            rel = f"{split}/part-{i:05d}-{generation}.parquet"
+            suffix = get_format(file_format or DEFAULT_FORMAT).suffix
+            rel = f"{split}/part-{i:05d}-{generation}{suffix}"
             (root / split).mkdir(parents=True, exist_ok=True)
-            pq.write_table(
-                table, root / rel, row_group_size=row_group_rows, compression=compression
-            )
+            if file_format is None:
+                pq.write_table(
+                    table, root / rel, row_group_size=row_group_rows, compression=compression
+                )
+            else:
+                fs = pafs.LocalFileSystem()
+                get_format(file_format).write(fs, str(root / rel), table, row_group_rows)
             splits[split].append(shard_entry(root, rel, n))
     classes = list(range(num_classes)) if task == "classification" else None
     write_manifest(
-        root, splits, dim=dim, task=task, classes=classes, seed=seed, row_group_rows=row_group_rows
+        root,
+        splits,
+        dim=dim,
+        task=task,
+        classes=classes,
+        seed=seed,
+        row_group_rows=row_group_rows,
+        file_format=file_format or DEFAULT_FORMAT,
     )
     return str(root)
 
@@ -89,6 +108,7 @@ def write_manifest(
     classes: Sequence[object] | None = (0, 1),
     seed: int = 0,
     row_group_rows: int = 64,
+    file_format: str = DEFAULT_FORMAT,
 ) -> None:
     """Write ``manifest.json`` for shards already on disk (``splits``: name → shard entries).
 
@@ -96,21 +116,21 @@ def write_manifest(
     """
     for name in ("train", "val", "test"):
         splits.setdefault(name, [])
-    label_dtype = "int64" if task == "classification" else "float32"
+    columns = (
+        ColumnSpec("key", "int64"),
+        ColumnSpec("features", "float32", (dim,)),
+        ColumnSpec("label", "int64" if task == "classification" else "float32"),
+    )
     rows = {name: sum(int(s["rows"]) for s in shards) for name, shards in splits.items()}
     total = sum(rows.values())
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "tests.shards.make_shardset",
         "generation": f"g{seed:08x}",
-        "file_format": "parquet",
+        "file_format": file_format,
         "config": {"seed": seed, "row_group_rows": row_group_rows},
         "fingerprint": {"combined": f"synthetic-{seed}"},
-        "schema": [
-            {"name": "key", "dtype": "int64", "shape": []},
-            {"name": "features", "dtype": "float32", "shape": [dim]},
-            {"name": "label", "dtype": label_dtype, "shape": []},
-        ],
+        "schema": [c.to_manifest() for c in columns],
         "feature_names": [f"f{i}" for i in range(dim)],
         "label": {"column": "label", "task": task, "classes": list(classes or [])},
         "row_group_rows": row_group_rows,

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import pyarrow.fs as pafs
 
 from pipeline.core import storage
+from pipeline.data.columns import ColumnSpec, columns_from_manifest
 
 __all__ = [
+    "DEFAULT_FILE_FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "SPLITS",
@@ -34,6 +36,10 @@ SPLITS = ("train", "val", "test")
 FEATURES_COLUMN = "features"
 LABEL_COLUMN = "label"
 KEY_COLUMN = "key"
+# The shard file format of a manifest that names none (see :mod:`pipeline.data.formats`).
+DEFAULT_FILE_FORMAT: Final = "parquet"
+# Rows per row group (Parquet) or reader piece (TFRecord) when the manifest does not say.
+DEFAULT_ROW_GROUP_ROWS: Final = 65536
 # Files under this size are sha256-verified by default (``verify: auto``).
 FULL_VERIFY_LIMIT_BYTES = 1 << 30
 
@@ -102,20 +108,43 @@ class ShardSet:
     # -- schema ---------------------------------------------------------------
     @property
     def file_format(self) -> str:
-        """``parquet`` or ``tfrecord``."""
-        return str(self.manifest.get("file_format", "parquet"))
+        """The name of the shard file format (its code: :func:`pipeline.data.formats.format_of`)."""
+        return str(self.manifest.get("file_format", DEFAULT_FILE_FORMAT))
+
+    @property
+    def row_group_rows(self) -> int:
+        """Rows per row group as the ETL wrote them (TFRecord readers cut pieces of this size)."""
+        return int(self.manifest.get("row_group_rows", DEFAULT_ROW_GROUP_ROWS))
+
+    @property
+    def columns(self) -> tuple[ColumnSpec, ...]:
+        """Every column of the shard files, from the manifest's ``schema``."""
+        try:
+            return columns_from_manifest(self.manifest.get("schema"))
+        except ValueError as e:
+            raise ShardSetError(f"{storage.join(self.uri, MANIFEST_NAME)}: {e}") from e
+
+    def column_spec(self, name: str) -> ColumnSpec:
+        """The :class:`~pipeline.data.columns.ColumnSpec` of one column."""
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise ShardSetError(f"{self.uri}: manifest schema has no column {name!r}")
 
     def column(self, name: str) -> dict[str, Any]:
         """The schema entry ``{name, dtype, shape}`` of one column."""
-        for c in self.manifest["schema"]:
-            if c["name"] == name:
-                return dict(c)
-        raise ShardSetError(f"{self.uri}: manifest schema has no column {name!r}")
+        return self.column_spec(name).to_manifest()
 
     @property
     def feature_dim(self) -> int:
         """Length of the fixed-size ``features`` vector."""
-        return int(self.column(FEATURES_COLUMN)["shape"][0])
+        spec = self.column_spec(FEATURES_COLUMN)
+        if len(spec.shape) != 1:
+            raise ShardSetError(
+                f"{self.uri}: manifest column {FEATURES_COLUMN!r} has shape {list(spec.shape)}; "
+                "expected one dimension"
+            )
+        return spec.shape[0]
 
     @property
     def feature_names(self) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.data.formats import tfrecord
+from pipeline.data.formats._example import _varint
 from pipeline.data.formats.tfrecord import TFRecordError
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import MANIFEST_NAME, ShardSet, ShardSetError
@@ -206,14 +207,14 @@ def test_encode_rejects_bad_input() -> None:
 
 # -- decoding other encodings -------------------------------------------------------------------
 def _ld(field: int, body: bytes) -> bytes:
-    return tfrecord._varint(field << 3 | 2) + tfrecord._varint(len(body)) + body
+    return _varint(field << 3 | 2) + _varint(len(body)) + body
 
 
 def _foreign_example(feats: np.ndarray, label: int, key: bytes) -> bytes:
     """Another writer's valid encoding: entries out of order, unpacked floats and int64,
     an unknown field, a duplicate entry (the last one wins), Features split in two."""
     unpacked = b"".join(b"\x0d" + struct.pack("<f", x) for x in feats)
-    label_list = _ld(3, b"\x08" + tfrecord._varint(label))  # int64_list, unpacked value
+    label_list = _ld(3, b"\x08" + _varint(label))  # int64_list, unpacked value
     stale = _ld(1, _ld(1, b"features") + _ld(2, _ld(2, _ld(1, b"\x00" * 4 * len(feats)))))
     entries = [
         _ld(1, _ld(1, b"label") + _ld(2, label_list)),

@@ -1,0 +1,111 @@
+"""What the columns of a shard set are: name, dtype and per-row shape, from the manifest.
+
+The manifest's ``schema`` lists every column of the shard files as
+``{"name": ..., "dtype": ..., "shape": [...]}``: ``dtype`` an Arrow/numpy type name
+(``float32``, ``int64``, ``int32``, ``uint8``, ``string``…), ``shape`` the shape of one row's
+value — ``[]`` for a scalar (``key``, ``label``), ``[D]`` for the ``features`` vector, and
+e.g. ``[H, W, C]`` for an image. :class:`ColumnSpec` is that entry, parsed and checked;
+:attr:`pipeline.data.shardset.ShardSet.columns` reads them from a manifest.
+
+In a shard file a scalar column has the Arrow type of its ``dtype``; a tensor column (a
+non-empty ``shape``) is a ``fixed_size_list<dtype>[prod(shape)]`` holding the row's values in
+row-major (C) order. :func:`arrow_type` is the one place that mapping is made: the writer's
+shard schema (:func:`arrow_schema`) and the readers' checks
+(:func:`pipeline.data.arrays.tensor_to_numpy`) both derive the type from it.
+
+Imports nothing else of the package (the shard set, the formats and the arrays module build
+on it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["ColumnSpec", "arrow_schema", "arrow_type", "columns_from_manifest"]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    """One column of a shard set: its name, element dtype and per-row shape (``()``: scalar)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a column name must be a non-empty string, got {self.name!r}")
+        try:
+            pa.type_for_alias(self.dtype)
+        except (TypeError, ValueError, KeyError):
+            raise ValueError(f"column {self.name!r}: unknown dtype {self.dtype!r}") from None
+        shape = tuple(self.shape)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(
+                f"column {self.name!r}: shape must be a list of positive integers, got "
+                f"{list(self.shape)!r}"
+            )
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any]) -> ColumnSpec:
+        """The spec of one manifest ``schema`` entry; ValueError when it is malformed."""
+        if not isinstance(entry, Mapping) or "name" not in entry or "dtype" not in entry:
+            raise ValueError(f"a schema entry needs a name and a dtype, got {entry!r}")
+        shape = entry.get("shape", [])
+        if not isinstance(shape, list | tuple):
+            raise ValueError(f"column {entry['name']!r}: shape must be a list, got {shape!r}")
+        return cls(str(entry["name"]), str(entry["dtype"]), tuple(shape))
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest ``schema`` entry of this column."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @property
+    def is_tensor(self) -> bool:
+        """True for a column with a per-row shape (stored as a fixed-size list)."""
+        return bool(self.shape)
+
+    @property
+    def size(self) -> int:
+        """Values per row: the product of the shape (1 for a scalar)."""
+        return math.prod(self.shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of the values (``object`` for strings)."""
+        return np.dtype(arrow_type(self, element=True).to_pandas_dtype())
+
+
+def arrow_type(spec: ColumnSpec, *, element: bool = False) -> pa.DataType:
+    """The Arrow type of ``spec``'s column in a shard file (``element``: of one value).
+
+    A scalar has the type of its dtype; a tensor is ``fixed_size_list<dtype>[prod(shape)]``.
+    """
+    value = pa.type_for_alias(spec.dtype)
+    if element or not spec.shape:
+        return value
+    return pa.list_(value, spec.size)
+
+
+def arrow_schema(columns: Iterable[ColumnSpec]) -> pa.Schema:
+    """The Arrow schema of a shard file holding ``columns`` (in that order, none nullable)."""
+    return pa.schema([pa.field(c.name, arrow_type(c), nullable=False) for c in columns])
+
+
+def columns_from_manifest(entries: object) -> tuple[ColumnSpec, ...]:
+    """The specs of a manifest's ``schema`` list; ValueError for a malformed or repeated entry."""
+    if not isinstance(entries, list | tuple):
+        raise ValueError(f"schema must be a list of columns, got {entries!r}")
+    specs = tuple(ColumnSpec.from_manifest(e) for e in entries)
+    names = [c.name for c in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"schema lists column(s) {repeated} more than once")
+    return specs

@@ -1,0 +1,116 @@
+"""Parquet shards: the default format.
+
+A shard is one Parquet file in the shard schema (``key``, ``features`` as
+``fixed_size_list<float32>[D]``, ``label``; :func:`pipeline.data.columns.arrow_schema`), in
+row groups of the manifest's ``row_group_rows`` rows, written with pyarrow's defaults
+(snappy). The reader takes row groups and the row count from the file's footer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.core import storage
+from pipeline.data.arrays import labels_to_numpy, tensor_to_numpy
+from pipeline.data.columns import ColumnSpec
+from pipeline.data.formats.base import RowGroupIndex, ShardFormat, ShardWriter, WrittenShard
+from pipeline.data.shardset import LABEL_COLUMN, ShardSetError
+
+__all__ = ["ParquetFormat", "ParquetShardWriter"]
+
+
+class ParquetShardWriter(ShardWriter):
+    """One open shard: buffers batches up to a row group, writes through a hashing stream."""
+
+    def __init__(
+        self, fs: pafs.FileSystem, path: str, schema: pa.Schema, row_group_rows: int
+    ) -> None:
+        self.path = path
+        self._schema = schema
+        self._rg = row_group_rows
+        self._buf: list[pa.RecordBatch] = []
+        self._buffered = 0
+        self.rows = 0
+        self._raw = fs.open_output_stream(path)
+        self._sink = storage.HashingWriter(self._raw)
+        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Buffer ``batch``; write every full row group."""
+        self._buf.append(batch)
+        self._buffered += batch.num_rows
+        while self._buffered >= self._rg:
+            self._flush(self._rg)
+
+    def _flush(self, n: int) -> None:
+        table = pa.Table.from_batches(self._buf, schema=self._schema)
+        self._writer.write_table(table.slice(0, n), row_group_size=n)
+        rest = table.slice(n)
+        self._buf = rest.to_batches()
+        self._buffered = rest.num_rows
+        self.rows += n
+
+    def close(self) -> WrittenShard:
+        """Write the last (short) row group and the footer."""
+        if self._buffered:
+            self._flush(self._buffered)
+        self._writer.close()
+        self._raw.close()
+        return WrittenShard(self.rows, self._sink.size, self._sink.sha256)
+
+
+class ParquetFormat(ShardFormat):
+    """Parquet files (``file_format: parquet``)."""
+
+    name: ClassVar[str] = "parquet"
+    suffix: ClassVar[str] = ".parquet"
+    index_source: ClassVar[str] = "Parquet footer"
+
+    def open_writer(
+        self, fs: pafs.FileSystem, path: str, schema: pa.Schema, row_group_rows: int
+    ) -> ParquetShardWriter:
+        """A writer of row groups of ``row_group_rows`` rows (the last may be shorter)."""
+        return ParquetShardWriter(fs, path, schema, row_group_rows)
+
+    def index(
+        self, fs: pafs.FileSystem, path: str, row_group_rows: int, *, where: str
+    ) -> RowGroupIndex:
+        """The file's footer (``pyarrow.parquet.FileMetaData``); ``row_group_rows`` is unused."""
+        with fs.open_input_file(path) as f:
+            metadata: RowGroupIndex = pq.read_metadata(f)
+        return metadata
+
+    def read_row_group(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        index: RowGroupIndex,
+        i: int,
+        *,
+        features: ColumnSpec,
+        label_dtype: np.dtype[Any],
+        where: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode row group ``i`` (opens its own file handle: runs in the read pool)."""
+        try:
+            with fs.open_input_file(path) as source:
+                table = pq.ParquetFile(source, metadata=index).read_row_group(
+                    i, columns=[features.name, LABEL_COLUMN]
+                )
+            feats = tensor_to_numpy(table.column(0), features, where=where)
+            labels = labels_to_numpy(table.column(1), label_dtype, where=where)
+        except ShardSetError:
+            raise
+        except Exception as e:
+            raise ShardSetError(f"shard {where}: reading row group {i} failed: {e}") from e
+        return feats, labels
+
+    def count_rows(self, fs: pafs.FileSystem, path: str, *, where: str) -> int:
+        """The footer's row count."""
+        with fs.open_input_file(path) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)

@@ -1,0 +1,221 @@
+"""The prefetch thread of :class:`pipeline.data.reader.ShardReader`: an epoch plan → batches.
+
+The reader plans which row-group pieces a rank reads in an epoch and in what order (a
+:class:`Job`); a :class:`Producer` thread decodes the pieces (through the shard format, in a
+small read pool), cuts the stream into shuffle windows, permutes each and puts the batches on
+a bounded queue. See the reader's module docstring for the row policy, shuffle and resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from pipeline.data.reader import ShardReader
+
+__all__ = ["Batch", "Job", "Piece", "Producer", "rng"]
+
+log = logging.getLogger("pipeline.data.reader")  # the reader's messages
+
+# Seed-sequence tags keep the three random streams of an epoch independent.
+SHARD_ORDER, PIECE_ORDER, WINDOW_ORDER = 0, 1, 2
+_STOP_WAIT_S: Final = 30.0  # how long close() waits for the prefetch thread
+_POLL_S: Final = 0.1  # the prefetch thread re-checks its stop flag this often while blocked
+_READ_AHEAD: Final = 2  # row-group pieces decoded ahead of the one being batched
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: ``features`` float32 ``[B, D]`` and ``labels`` ``[B]``, both contiguous.
+
+    Labels are int64 class codes for classification and float32 targets for regression.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+        """A copy of the batch on ``device``."""
+        return Batch(
+            self.features.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+        )
+
+
+# -- the plan of an epoch ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Rows ``[start, stop)`` of one row group of one shard: a unit of the rank's stream."""
+
+    shard: int  # index into the split's shards
+    row_group: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a prefetch thread produces: the rest of one epoch of one rank."""
+
+    epoch: int
+    pieces: tuple[Piece, ...]
+    first_batch: int
+    batches: int  # how many to produce
+
+
+def rng(*key: int) -> np.random.Generator:
+    """A generator seeded by ``key`` (seed, epoch, stream tag, …)."""
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+# -- the prefetch thread ---------------------------------------------------------------------
+class _Stopped(Exception):
+    """Raised inside the prefetch thread when it is told to stop."""
+
+
+class Producer:
+    """A daemon thread that turns a :class:`Job` into batches on a bounded queue.
+
+    Row groups are decoded by a small pool, up to :data:`_READ_AHEAD` pieces ahead of the one
+    being batched (pyarrow releases the GIL while decoding), so that decoding overlaps the
+    shuffle and the consumer, and uses more than one core.
+    """
+
+    _END: Final = object()
+
+    def __init__(self, reader: ShardReader, job: Job) -> None:
+        self._reader, self._job = reader, job
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=reader.prefetch_batches)
+        self._stop = threading.Event()
+        name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
+        self._pool = ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix=f"{name}-read")
+        self._reads: dict[int, Future[tuple[np.ndarray, np.ndarray]]] = {}  # piece → read
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None  # the last piece used
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def get(self) -> Batch | None:
+        """The next batch, None at the end; re-raises the thread's error."""
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(
+                        "the ShardReader prefetch thread ended unexpectedly"
+                    ) from None
+        if item is self._END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, Batch)
+        return item
+
+    def stop(self) -> None:
+        """Tell the thread to stop, unblock it, and wait for it a bounded time."""
+        self._stop.set()
+        while not self._queue.empty():  # only this thread takes items: get cannot block
+            self._queue.get_nowait()
+        self.thread.join(_STOP_WAIT_S)
+        if self.thread.is_alive():
+            log.warning(
+                "%s did not stop within %.0f s; leaving it (daemon thread)",
+                self.thread.name,
+                _STOP_WAIT_S,
+            )
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:  # noqa: PERF203 - a blocking wait, not a hot loop
+                continue
+        raise _Stopped
+
+    def _run(self) -> None:
+        try:
+            self._produce()
+            self._put(self._END)
+        except _Stopped:
+            pass
+        except Exception as e:  # handed to the consumer, which re-raises it
+            try:
+                self._put(e)
+            except _Stopped:
+                pass
+        finally:
+            self._cached = None
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _produce(self) -> None:
+        r, job = self._reader, self._job
+        size, batch = r._window_rows, r.batch_size
+        first_row = job.first_batch * batch
+        sizes = np.array([p.stop - p.start for p in job.pieces], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        left = job.batches
+        window = first_row // size
+        while left > 0:
+            lo, hi = window * size, min((window + 1) * size, r.rows_per_rank)
+            feats, labels = self._window(starts, ends, lo, hi)
+            rows = self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
+            # np.take copies whole rows; it is ~10x faster than fancy indexing here.
+            feats, labels = np.take(feats, rows, axis=0), np.take(labels, rows)
+            for i in range(0, len(rows), batch):
+                self._put(
+                    Batch(
+                        torch.from_numpy(feats[i : i + batch]),
+                        torch.from_numpy(labels[i : i + batch]),
+                    )
+                )
+                left -= 1
+                if left == 0:
+                    return
+            window += 1
+
+    def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
+        r = self._reader
+        if not r.shuffle:
+            return np.arange(n)
+        return rng(r.seed, epoch, WINDOW_ORDER, r.rank, window).permutation(n)
+
+    def _window(
+        self, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of stream rows ``[lo, hi)``; piece j is ``[starts[j], ends[j])``."""
+        feats, labels = [], []
+        j = int(np.searchsorted(ends, lo, side="right"))
+        while j < len(ends) and starts[j] < hi:
+            if self._stop.is_set():
+                raise _Stopped
+            f, lab = self._piece(j)
+            a, b = max(lo, starts[j]) - starts[j], min(hi, ends[j]) - starts[j]
+            feats.append(f[a:b])
+            labels.append(lab[a:b])
+            j += 1
+        if len(feats) == 1:
+            return feats[0], labels[0]
+        return np.concatenate(feats), np.concatenate(labels)
+
+    def _piece(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of piece ``j``; the last one is kept, as a piece may span two windows."""
+        if self._cached is not None and self._cached[0] == j:
+            return self._cached[1], self._cached[2]
+        pieces = self._job.pieces
+        for k in range(j, min(j + 1 + _READ_AHEAD, len(pieces))):
+            if k not in self._reads:
+                self._reads[k] = self._pool.submit(self._reader._read_piece, pieces[k])
+        feats, labels = self._reads.pop(j).result()
+        self._cached = (j, feats, labels)
+        return feats, labels
