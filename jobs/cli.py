@@ -1,8 +1,8 @@
 """``spark-train``: one console script whose subcommands are the spark-submit jobs.
 
 ``spark-submit jobs/etl.py --config c.yaml`` runs exactly ``spark-train etl --config c.yaml``
-(the job files call :func:`main` with the subcommand prepended). Exit codes: 0 success,
-2 bad usage or config (the message names the key or argument), 1 runtime failure.
+(the job files call :func:`submit`: :func:`main` with the subcommand prepended). Exit codes:
+0 success, 2 bad usage or config (the message names the key or argument), 1 runtime failure.
 ``--debug`` shows tracebacks instead of one-line errors.
 """
 
@@ -16,22 +16,25 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from jobs.clierrors import OneLineParser, log_effective_config, report_error
+from jobs.clierrors import (
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    UsageError,
+    log_effective_config,
+    report_error,
+)
+from jobs.stages import run_etl_stage, run_train_stage, spark_session
+from jobs.workflow import FORCEABLE, parse_force, run_workflow
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.core import storage
 
-__all__ = ["main"]
+__all__ = ["DEMO_CONFIG", "build_parser", "main", "submit"]
 
 log = logging.getLogger("spark_train")
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-
-
-class UsageError(Exception):
-    """Bad command-line usage (exit 2)."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,8 +51,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    from jobs.workflow import FORCEABLE, parse_force
-
     p.add_argument(
         "--force",
         nargs="?",
@@ -68,7 +69,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spark-train`` argument parser (every subcommand and flag)."""
     parser = OneLineParser(prog="spark-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("make-data", help="write a synthetic raw table (demo/benchmark data)")
@@ -112,22 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spark_session(cfg: Config, *, under_submit: bool) -> Any:
-    """The SparkSession for a command; under spark-submit the master comes from spark-submit."""
-    from pyspark.sql import SparkSession
-
-    builder = SparkSession.builder.appName(cfg.spark.app_name)
-    if not under_submit:
-        builder = builder.master(cfg.spark.master)
-        if cfg.spark.master.startswith("local"):
-            # Local Python workers must run this interpreter (the venv), not `python3` on PATH.
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    conf = {"spark.ui.showConsoleProgress": "false", **dict(cfg.spark.conf)}
-    for k, v in conf.items():
-        builder = builder.config(k, v)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("SPARK_TRAIN_SPARK_LOG_LEVEL", "WARN"))
-    return spark
+# Each command imports what it runs inside its function, so that pyspark, torch and the ETL
+# load only for the command that needs them (and not for --help or a usage error).
 
 
 def _cmd_make_data(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
@@ -149,51 +137,18 @@ def _cmd_make_data(args: argparse.Namespace, cfg: Config, under_submit: bool) ->
 
 
 def _cmd_etl(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from preprocessing.etl import run_etl
-
-    etl = cfg.etl
     spark = spark_session(cfg, under_submit=under_submit)
-    result = _with_input_errors(lambda: run_etl(spark, etl, force=args.force))
-    print(result.summary())
+    run_etl_stage(spark, cfg.etl, force=args.force)
     return EXIT_OK
 
 
-def _with_input_errors(fn: Callable[[], Any]) -> Any:
-    """Turn Spark's 'path does not exist' into a config error naming ``etl.input.path``."""
-    from pyspark.errors import AnalysisException
-
-    try:
-        return fn()
-    except AnalysisException as e:
-        if getattr(e, "getCondition", lambda: None)() == "PATH_NOT_FOUND":
-            raise ConfigError("etl.input.path", str(e).splitlines()[0]) from e
-        raise
-
-
 def _cmd_train(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from pipeline.launch.fit import fit
-
     train = cfg.train
     if args.resume:
         train = dataclasses.replace(train, resume=True)
     spark = spark_session(cfg, under_submit=under_submit)
-    result = fit(train, spark)
-    print(_train_summary(result))
+    run_train_stage(spark, train)
     return EXIT_OK
-
-
-def _train_summary(result: Any) -> str:
-    final = {k: v for k, v in result.final.items() if v is not None}
-    shown = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
-    )
-    resumed = (
-        f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
-    )
-    return (
-        f"trained {len(result.epochs)} epoch(s), {result.steps} steps on {result.world_size} "
-        f"workers (attempt {result.attempt + 1}{resumed})\n  final: {shown}\n  bundle: {result.bundle}"
-    )
 
 
 def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
@@ -225,8 +180,6 @@ def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int
 
 
 def _cmd_run(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    from jobs.workflow import run_workflow
-
     return run_workflow(args, cfg, under_submit)
 
 
@@ -265,7 +218,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
 def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None) -> int:
     """Run one subcommand; returns the exit code."""
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2), already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(
@@ -290,6 +243,14 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
         if args.debug:
             raise
         return report_error(args.command, e, usage=False)
+
+
+def submit(command: str) -> None:
+    """Run ``spark-train COMMAND <argv>`` under spark-submit and exit with its code.
+
+    The body of the ``jobs/*.py`` spark-submit entry files.
+    """
+    sys.exit(main([command, *sys.argv[1:]], under_submit=True))
 
 
 if __name__ == "__main__":

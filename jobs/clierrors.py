@@ -1,4 +1,4 @@
-"""How ``spark-train`` reports errors and its effective config.
+"""How ``spark-train`` reports errors and its effective config, and its exit codes.
 
 Every error is one line on stderr, ``spark-train COMMAND: error: …``, naming the key, path,
 file or row (exit 2 for bad usage or config, 1 for a runtime failure); ``--debug`` raises
@@ -17,9 +17,22 @@ from typing import NoReturn
 from pipeline.config import Config
 from pipeline.core.redact import redact
 
-__all__ = ["OneLineParser", "log_effective_config", "one_line", "report_error"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "OneLineParser",
+    "UsageError",
+    "log_effective_config",
+    "one_line",
+    "report_error",
+]
 
-EXIT_RUNTIME, EXIT_USAGE = 1, 2
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """spark-submit entry point: ``spark-submit jobs/evaluate.py --config c.yaml [--set k=v] ...``."""
 
-from jobs._submit import submit
+from jobs.cli import submit
 
 if __name__ == "__main__":
     submit("evaluate")

@@ -1,6 +1,6 @@
 """spark-submit entry point: ``spark-submit jobs/score.py --model B --input IN --output OUT``."""
 
-from jobs._submit import submit
+from jobs.cli import submit
 
 if __name__ == "__main__":
     submit("score")

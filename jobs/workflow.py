@@ -24,16 +24,9 @@ import json
 import logging
 from typing import Any
 
-from jobs.cli import (
-    EXIT_OK,
-    EXIT_RUNTIME,
-    EXIT_USAGE,
-    UsageError,
-    _train_summary,
-    _with_input_errors,
-    spark_session,
-)
+from jobs.clierrors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, UsageError
 from jobs.runsummary import RunSummary, default_summary_path
+from jobs.stages import run_etl_stage, run_train_stage, spark_session
 from pipeline.config import Config, ConfigError
 
 __all__ = ["FORCEABLE", "STAGES", "etl_counts", "exit_status", "parse_force", "run_workflow"]
@@ -118,11 +111,8 @@ def _run_stages(
 
 
 def _etl_stage(summary: RunSummary, spark: Any, etl: Any, *, force: bool) -> None:
-    from preprocessing.etl import run_etl
-
     with summary.stage("etl") as stage:
-        result = _with_input_errors(lambda: run_etl(spark, etl, force=force))
-        print(result.summary())
+        result = run_etl_stage(spark, etl, force=force)
         if result.status == "up_to_date":
             stage.skip("shard set up to date (same input files and etl config)")
         stage.counts = etl_counts(result.manifest)
@@ -143,7 +133,7 @@ def etl_counts(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) -> None:
-    from pipeline.launch.fit import bundle_is_current, fit
+    from pipeline.launch.fit import bundle_is_current  # lazy: loads torch
 
     with summary.stage("train") as stage:
         if not force and bundle_is_current(train):
@@ -152,8 +142,7 @@ def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) ->
             )
             stage.skip("bundle up to date (same shard-set generation and train config)")
             return
-        result = fit(train, spark)
-        print(_train_summary(result))
+        result = run_train_stage(spark, train)
         stage.counts = {
             "epochs": len(result.epochs),
             "steps": result.steps,
@@ -165,7 +154,7 @@ def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) ->
 
 
 def _evaluate_stage(summary: RunSummary, bundle: str, dataset: str) -> None:
-    from pipeline.serve.evaluate import evaluate_bundle
+    from pipeline.serve.evaluate import evaluate_bundle  # lazy: loads torch
 
     with summary.stage("evaluate") as stage:
         metrics = evaluate_bundle(bundle, dataset, "test")

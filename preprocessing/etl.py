@@ -26,20 +26,12 @@ from pipeline.core import storage
 from pipeline.core.configbase import to_dict
 from pipeline.core.outputs import check_disjoint, check_output_dir
 from pipeline.core.redact import redact
+from pipeline.data.columns import arrow_schema
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
-from preprocessing.features import apply_features, fit_features
-from preprocessing.shards import (
-    BUCKET,
-    SPLIT,
-    ShardPlan,
-    assign_split,
-    shard_schema,
-    with_buckets,
-    write_shards,
-)
-from preprocessing.validate import (
+from preprocessing.features import FittedFeatures, apply_features, fit_features
+from preprocessing.read import (
     CORRUPT,
     RAW_PREFIX,
     REASON,
@@ -47,6 +39,15 @@ from preprocessing.validate import (
     SOURCE,
     read_raw,
     validate,
+)
+from preprocessing.shards import (
+    BUCKET,
+    SPLIT,
+    ShardPlan,
+    assign_split,
+    shard_columns,
+    with_buckets,
+    write_shards,
 )
 
 __all__ = ["EtlError", "EtlResult", "run_etl"]
@@ -223,31 +224,17 @@ def _build(
             _write_quarantine(validated, cfg, storage.join(cfg.output, quarantine_rel))
     classes = _classes(cfg, tally)
     plan = ShardPlan(tally.plan_counts, cfg.num_shards)
-    if plan.split_rows("train") == 0:
-        kept = f", see {storage.join(cfg.output, quarantine_rel)}" if tally.rows_quarantined else ""
-        raise EtlError(
-            f"no valid rows in the train split of {cfg.input.path} (rows_in={tally.rows_in}, "
-            f"quarantined={tally.rows_quarantined}: {dict(tally.by_reason)}{kept}); "
-            "nothing to fit features on"
-        )
-    _check_numeric_values(cfg, tally, plan.split_rows("train"))
+    _check_trainable(cfg, tally, plan, storage.join(cfg.output, quarantine_rel))
     ok = validated.filter(F.col(REASON).isNull())
     with timer("fit_features"):
         fitted = fit_features(ok.filter(F.col(SPLIT) == "train"), cfg)
     features_rel = f"features/{generation}"
     with timer("save_features"):
         fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
-    used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical])
-    bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
-    encoded = apply_features(fitted.model, bucketed).select(
-        F.col(cfg.key).alias(KEY_COLUMN),
-        F.col(FEATURES_COLUMN),
-        _encode_label(cfg, classes).alias(LABEL_COLUMN),
-        F.col(BUCKET),
-    )
-    schema = shard_schema(fitted.dim, cfg.dtype(cfg.key), cfg.resolved_task)
+    encoded = _encoded(ok, cfg, fitted, classes, plan)
+    columns = shard_columns(fitted.dim, cfg.dtype(cfg.key), cfg.resolved_task)
     with timer("write_shards"):
-        splits = write_shards(encoded, plan, cfg, schema, generation)
+        splits = write_shards(encoded, plan, cfg, arrow_schema(columns), generation)
     rows_ok = sum(plan.split_rows(s) for s in SPLITS)
     if rows_ok + tally.rows_quarantined != tally.rows_in:  # pragma: no cover - invariant
         raise AssertionError("reconciliation failed: rows_ok + rows_quarantined != rows_in")
@@ -256,15 +243,7 @@ def _build(
         config=redact(cfg_dict, "etl"),
         file_format=cfg.format,
         fingerprint=fp,
-        schema=[
-            {"name": KEY_COLUMN, "dtype": str(schema.field(KEY_COLUMN).type), "shape": []},
-            {"name": FEATURES_COLUMN, "dtype": "float32", "shape": [fitted.dim]},
-            {
-                "name": LABEL_COLUMN,
-                "dtype": "int64" if classes is not None else "float32",
-                "shape": [],
-            },
-        ],
+        schema=[c.to_manifest() for c in columns],
         feature_names=fitted.names,
         label={"column": cfg.label, "task": cfg.resolved_task, "classes": classes},
         row_group_rows=cfg.row_group_rows,
@@ -284,6 +263,36 @@ def _build(
         timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
         splits=splits,
     )
+
+
+def _encoded(
+    ok: DataFrame,
+    cfg: EtlConfig,
+    fitted: FittedFeatures,
+    classes: list[Any] | None,
+    plan: ShardPlan,
+) -> DataFrame:
+    """The good rows as shard rows: key, features, encoded label and the shard bucket."""
+    used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical])
+    bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
+    return apply_features(fitted.model, bucketed).select(
+        F.col(cfg.key).alias(KEY_COLUMN),
+        F.col(FEATURES_COLUMN),
+        _encode_label(cfg, classes).alias(LABEL_COLUMN),
+        F.col(BUCKET),
+    )
+
+
+def _check_trainable(cfg: EtlConfig, tally: _Tally, plan: ShardPlan, quarantine: str) -> None:
+    """Raise :class:`EtlError` when the train split cannot fit the features."""
+    if plan.split_rows("train") == 0:
+        kept = f", see {quarantine}" if tally.rows_quarantined else ""
+        raise EtlError(
+            f"no valid rows in the train split of {cfg.input.path} (rows_in={tally.rows_in}, "
+            f"quarantined={tally.rows_quarantined}: {dict(tally.by_reason)}{kept}); "
+            "nothing to fit features on"
+        )
+    _check_numeric_values(cfg, tally, plan.split_rows("train"))
 
 
 def _check_output(cfg: EtlConfig) -> None:

@@ -52,7 +52,7 @@ def write_corpus(path: Path, *, good: int = 400, copies: int = 2, seed: int = 0)
     """Write the corpus; returns expected counts ``{"rows_in", "good", "by_reason"}``.
 
     Blank lines are sprinkled in: Spark's CSV reader does not produce records for them, so
-    they are not rows (documented in preprocessing/validate.py).
+    they are not rows (documented in preprocessing/read/raw.py).
     """
     rng = random.Random(seed)
     lines = [good_line(i, rng) for i in range(good)]

@@ -1,4 +1,4 @@
-"""What the ETL does when a typed input (Parquet, a table) stores a column as another type.
+"""How the declared schema meets the columns an input has: missing, extra and stored types.
 
 Text inputs (CSV, JSON) arrive as strings and are parsed value by value; typed inputs carry
 a stored type per column, which may differ from the one declared in ``etl.schema``:
@@ -12,8 +12,8 @@ a stored type per column, which may differ from the one declared in ``etl.schema
   date/timestamp for a numeric column) is a :class:`SchemaMismatchError` naming the column,
   both types and the input, raised before any Spark job runs.
 
-Missing declared columns are an error and extra columns are ignored
-(:func:`preprocessing.validate.require_columns`).
+Missing declared columns are a :class:`SchemaMismatchError` too (:func:`require_columns`,
+for every input format) and extra columns are ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig, is_integral, is_numeric
 
-__all__ = ["check_stored_types", "exact_cast"]
+__all__ = ["SchemaMismatchError", "check_stored_types", "exact_cast", "require_columns"]
 
 _NUMERIC_SOURCES = (T.NumericType, T.BooleanType, T.StringType)
 _TIME_SOURCES = (T.StringType, T.DateType, T.TimestampType, T.TimestampNTZType)
@@ -40,6 +40,22 @@ _SCALAR_SOURCES = (
 )
 
 
+class SchemaMismatchError(ValueError):
+    """An input lacks a declared column, or stores one as a type that cannot hold it.
+
+    The message names the column and the input (and, for a type, both types).
+    """
+
+
+def require_columns(found: Sequence[str], needed: Sequence[str], where: str) -> None:
+    """Raise :class:`SchemaMismatchError` naming the ``needed`` columns absent from ``found``."""
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise SchemaMismatchError(
+            f"{where} has no column(s) {missing} declared in etl.schema; it has: {', '.join(found)}"
+        )
+
+
 def _accepts(declared: str, stored: T.DataType) -> bool:
     if is_numeric(declared) or declared == "boolean":
         return isinstance(stored, _NUMERIC_SOURCES)
@@ -50,8 +66,6 @@ def _accepts(declared: str, stored: T.DataType) -> bool:
 
 def check_stored_types(df: DataFrame, cfg: EtlConfig, columns: Sequence[str], where: str) -> None:
     """Raise :class:`SchemaMismatchError` for the first of ``columns`` stored as an unusable type."""
-    from preprocessing.validate import SchemaMismatchError
-
     stored = {f.name: f.dataType for f in df.schema.fields}
     for c in columns:
         if c in stored and not _accepts(cfg.dtype(c), stored[c]):

@@ -1,9 +1,8 @@
-"""Read the raw table and validate every row against the declared schema.
+"""Validate every row of the raw table (:mod:`preprocessing.read.raw`) against the schema.
 
-Text inputs (CSV, JSON) are read with every declared column as a string plus Spark's
-corrupt-record column, then cast with ``try_cast``: this is what lets a bad value be
-quarantined with the column it came from, instead of Spark silently nulling it. Typed
-inputs (Parquet, tables) are cast from their stored type the same way.
+Each declared column is cast with ``try_cast`` (from the string a text input holds, or from
+a typed input's stored type, see :mod:`preprocessing.read.schema_policy`): this is what lets
+a bad value be quarantined with the column it came from, instead of Spark silently nulling it.
 
 Each row gets ``_reason`` (null when the row is good) and ``_reason_column``. Reasons, in
 priority order (the first that applies wins):
@@ -23,122 +22,28 @@ priority order (the first that applies wins):
 =====================  ===============================================================
 
 With ``missing: impute`` (the default) null / NaN / ±inf numeric values become null here and
-are imputed later with the train-split statistic. Blank lines are not records to Spark's CSV
-reader and are not counted; every record the reader produces is counted exactly once. Lines
-may end in LF, CRLF or a lone CR; a UTF-8 BOM is dropped with the header; invalid UTF-8
-reads as U+FFFD. Typed inputs whose stored types differ from the declared ones follow
-:mod:`preprocessing.schema_policy`.
+are imputed later with the train-split statistic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
-from preprocessing.schema_policy import check_stored_types, exact_cast
+from preprocessing.read.raw import CORRUPT, SOURCE, RawInput
+from preprocessing.read.schema_policy import exact_cast
 
-__all__ = [
-    "CORRUPT",
-    "REASON",
-    "REASON_COLUMN",
-    "SOURCE",
-    "SchemaMismatchError",
-    "read_raw",
-    "require_columns",
-    "validate",
-    "validate_features",
-]
+__all__ = ["RAW_PREFIX", "REASON", "REASON_COLUMN", "validate", "validate_features"]
 
-CORRUPT = "_corrupt_record"
 REASON = "_reason"
 REASON_COLUMN = "_reason_column"
-SOURCE = "_source_file"
 RAW_PREFIX = "_raw_"
 _TYPED = "_typed_"
 _CODE = "_reason_code"
-
-
-class SchemaMismatchError(ValueError):
-    """A typed input lacks a declared column (names the column and the input)."""
-
-
-@dataclass(frozen=True)
-class RawInput:
-    """The raw DataFrame and what is known about how it was read."""
-
-    df: DataFrame
-    text: bool  # every declared column arrived as a string
-    trimmed: bool = False  # the parser already trimmed values (blank == null)
-
-
-def read_raw(
-    spark: SparkSession, cfg: EtlConfig, *, for_scoring: bool = False, source: str = "etl.input"
-) -> RawInput:
-    """Read ``etl.input`` with the declared columns (strings for text formats).
-
-    ``for_scoring``: the input need not have the label (nor the key). CSV with a header,
-    Parquet and tables are read with every column they have and must hold the feature
-    columns; headerless CSV and JSON are read as the declared columns in declared order
-    without the label. ``source`` names the input in errors.
-    """
-    inp = cfg.input
-    need = [*cfg.numeric, *cfg.categorical] if for_scoring else list(cfg.schema)
-    if inp.format in ("csv", "json"):
-        if inp.format == "csv" and inp.header:
-            columns = _csv_header(spark, cfg, need, source)
-        else:
-            columns = [c for c in cfg.schema if not (for_scoring and c == cfg.label)]
-        fields = [T.StructField(c, T.StringType(), True) for c in columns]
-        schema = T.StructType([*fields, T.StructField(CORRUPT, T.StringType(), True)])
-        reader = (
-            spark.read.schema(schema)
-            .option("mode", "PERMISSIVE")
-            .option("columnNameOfCorruptRecord", CORRUPT)
-            .options(**dict(inp.options))
-        )
-        if inp.format == "csv":
-            # enforceSchema=false: Spark checks every file's header against these names.
-            # The parser trims fields, so a blank field arrives as null (no per-value trim).
-            reader = reader.option("header", str(inp.header).lower())
-            reader = reader.option("ignoreLeadingWhiteSpace", "true")
-            reader = reader.option("ignoreTrailingWhiteSpace", "true")
-            df = reader.option("enforceSchema", "false").csv(inp.path)
-        else:
-            df = reader.json(inp.path)
-        df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
-        return RawInput(df, text=True, trimmed=inp.format == "csv")
-    if inp.format == "parquet":
-        df = spark.read.options(**dict(inp.options)).parquet(inp.path)
-        df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
-    else:
-        df = spark.read.table(inp.path).withColumn(SOURCE, F.lit(inp.path))
-    found = [c for c in df.columns if c != SOURCE]
-    require_columns(found, need, f"{source} {inp.path!r} ({inp.format})")
-    check_stored_types(df, cfg, need, f"{source} {inp.path!r} ({inp.format})")
-    df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
-    return RawInput(df, text=False)
-
-
-def require_columns(found: Sequence[str], needed: Sequence[str], where: str) -> None:
-    """Raise :class:`SchemaMismatchError` naming the ``needed`` columns absent from ``found``."""
-    missing = [c for c in needed if c not in found]
-    if missing:
-        raise SchemaMismatchError(
-            f"{where} has no column(s) {missing} declared in etl.schema; it has: {', '.join(found)}"
-        )
-
-
-def _csv_header(spark: SparkSession, cfg: EtlConfig, need: Sequence[str], source: str) -> list[str]:
-    """Column names in file order, from the header: CSV columns match the schema by name."""
-    inp = cfg.input
-    found = spark.read.options(**dict(inp.options)).option("header", "true").csv(inp.path).columns
-    require_columns(found, need, f"{source} {inp.path!r}: the CSV header")
-    return list(found)
 
 
 def _blank(c: Column, trimmed: bool = False) -> Column:

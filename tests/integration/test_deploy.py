@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.cli import _parser
+from jobs.cli import build_parser
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -306,7 +306,7 @@ def test_example_commands_use_real_options_settings_and_files(spark: Any) -> Non
 def _check_cli_args(command: str, args: list[str], where: str) -> None:
     """The job's arguments parse with the CLI, and its --set overrides are real config keys."""
     concrete = ["c.yaml" if "$" in a else a for a in args]
-    parsed = _parser().parse_args([command, *concrete])
+    parsed = build_parser().parse_args([command, *concrete])
     assert parsed.config == "c.yaml", where
     load_config(DEPLOY / "cluster.yaml", parsed.overrides)
 
@@ -398,7 +398,7 @@ def test_airflow_dag_submits_the_jobs_with_real_arguments(
         alias = kw["archives"].rsplit("#", 1)[1]
         assert kw["conf"]["spark.pyspark.python"].startswith(f"./{alias}/")
         args = [a.replace("{{ ds_nodash }}", "20260101") for a in kw["application_args"]]
-        parsed = _parser().parse_args([job.stem, *args])
+        parsed = build_parser().parse_args([job.stem, *args])
         assert Path(kw["files"].split(",")[0]).name == parsed.config
         load_config(DEPLOY / "cluster.yaml", parsed.overrides)
     assert [Path(t.kwargs["application"]).stem for t in (etl, train, score)] == [

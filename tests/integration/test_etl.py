@@ -226,7 +226,7 @@ def test_features_model_and_manifest_contents(spark: Any, tmp_path: Path) -> Non
 
 
 def test_json_and_parquet_inputs(spark: Any, tmp_path: Path) -> None:
-    from preprocessing.validate import SchemaMismatchError
+    from preprocessing.read import SchemaMismatchError
 
     rows = [
         {"id": i, "f0": float(i % 7) / 7, "f1": 1.0, "city": "lyon", "label": i % 2}
@@ -249,7 +249,7 @@ def test_json_and_parquet_inputs(spark: Any, tmp_path: Path) -> None:
 
 
 def test_csv_columns_match_by_header_name(spark: Any, tmp_path: Path) -> None:
-    from preprocessing.validate import SchemaMismatchError
+    from preprocessing.read import SchemaMismatchError
 
     raw = tmp_path / "raw" / "data.csv"
     corpus.write_corpus(raw, good=60, copies=0)

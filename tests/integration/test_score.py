@@ -31,7 +31,7 @@ from pipeline.train.models import mlp
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from preprocessing.make_data import COLUMNS, demo_etl_section, make_data
-from preprocessing.validate import SchemaMismatchError
+from preprocessing.read import SchemaMismatchError
 from tests.conftest import spark_submit
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]

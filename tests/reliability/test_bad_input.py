@@ -17,7 +17,7 @@ import pytest
 from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import EtlError, run_etl
-from preprocessing.validate import SchemaMismatchError, read_raw
+from preprocessing.read import SchemaMismatchError, read_raw
 from tests import corpus
 from tests.reliability import hostile
 

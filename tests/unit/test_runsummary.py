@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import UsageError
+from jobs.clierrors import UsageError
 from jobs.runsummary import RunSummary, default_summary_path, one_line_error, versions
 from jobs.workflow import FORCEABLE, exit_status, parse_force
 from pipeline.config import ConfigError
@@ -26,9 +26,9 @@ def test_parse_force_accepts_stage_lists_and_all() -> None:
 
 
 def test_run_parser_force_forms(capsys: pytest.CaptureFixture[str]) -> None:
-    from jobs.cli import _parser
+    from jobs.cli import build_parser
 
-    parse = _parser().parse_args
+    parse = build_parser().parse_args
     assert parse(["run", "--config", "c.yaml"]).force == frozenset()
     assert parse(["run", "--force", "--config", "c.yaml"]).force == {"etl", "train"}
     assert parse(["run", "--config", "c.yaml", "--force"]).force == {"etl", "train"}

@@ -1,0 +1,99 @@
+"""What ``spark-train``'s commands and ``spark-train run`` share: the session and the stages.
+
+:func:`spark_session` builds a command's SparkSession; :func:`run_etl_stage` and
+:func:`run_train_stage` run one stage and print what it did, the same for ``spark-train etl``
+/ ``train`` as for a stage of ``spark-train run`` (:mod:`jobs.workflow`).
+
+pyspark, torch and the ETL are imported inside the functions that use them, so that
+``spark-train --help``, a usage error and the commands that need neither stay quick.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pipeline.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.launch.fit import TrainResult
+    from pipeline.train.config import TrainConfig
+    from preprocessing.config import EtlConfig
+    from preprocessing.etl import EtlResult
+
+__all__ = [
+    "run_etl_stage",
+    "run_train_stage",
+    "spark_session",
+    "train_summary",
+    "with_input_errors",
+]
+
+T = TypeVar("T")
+
+
+def spark_session(cfg: Config, *, under_submit: bool) -> SparkSession:
+    """The SparkSession for a command; under spark-submit the master comes from spark-submit."""
+    from pyspark.sql import SparkSession  # lazy: see the module docstring
+
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not under_submit:
+        builder = builder.master(cfg.spark.master)
+        if cfg.spark.master.startswith("local"):
+            # Local Python workers must run this interpreter (the venv), not `python3` on PATH.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    conf = {"spark.ui.showConsoleProgress": "false", **dict(cfg.spark.conf)}
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("SPARK_TRAIN_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def with_input_errors(fn: Callable[[], T]) -> T:
+    """Turn Spark's 'path does not exist' into a config error naming ``etl.input.path``."""
+    from pyspark.errors import AnalysisException  # lazy: see the module docstring
+
+    try:
+        return fn()
+    except AnalysisException as e:
+        if getattr(e, "getCondition", lambda: None)() == "PATH_NOT_FOUND":
+            raise ConfigError("etl.input.path", str(e).splitlines()[0]) from e
+        raise
+
+
+def run_etl_stage(spark: SparkSession, cfg: EtlConfig, *, force: bool) -> EtlResult:
+    """Run the ETL (a no-op when up to date unless ``force``) and print its summary."""
+    from preprocessing.etl import run_etl  # lazy: see the module docstring
+
+    result = with_input_errors(lambda: run_etl(spark, cfg, force=force))
+    print(result.summary())
+    return result
+
+
+def run_train_stage(spark: SparkSession, cfg: TrainConfig) -> TrainResult:
+    """Train on the shard set and print :func:`train_summary`."""
+    from pipeline.launch.fit import fit  # lazy: see the module docstring
+
+    result = fit(cfg, spark)
+    print(train_summary(result))
+    return result
+
+
+def train_summary(result: TrainResult) -> str:
+    """What a finished training run prints: epochs, steps, workers, final metrics, bundle."""
+    final = {k: v for k, v in result.final.items() if v is not None}
+    shown = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
+    )
+    resumed = (
+        f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
+    )
+    return (
+        f"trained {len(result.epochs)} epoch(s), {result.steps} steps on {result.world_size} "
+        f"workers (attempt {result.attempt + 1}{resumed})\n  final: {shown}\n  bundle: {result.bundle}"
+    )

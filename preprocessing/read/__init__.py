@@ -1,0 +1,31 @@
+"""Read the raw table and validate every row against the declared schema.
+
+:mod:`~preprocessing.read.raw` reads the input with the declared columns (strings for text
+formats); :mod:`~preprocessing.read.schema_policy` decides what a typed input's missing or
+differently stored columns mean; :mod:`~preprocessing.read.validation` casts every value and
+gives each row its quarantine reason. The ETL and scoring use the names exported here.
+"""
+
+from preprocessing.read.raw import CORRUPT, SOURCE, RawInput, read_raw
+from preprocessing.read.schema_policy import SchemaMismatchError, require_columns
+from preprocessing.read.validation import (
+    RAW_PREFIX,
+    REASON,
+    REASON_COLUMN,
+    validate,
+    validate_features,
+)
+
+__all__ = [
+    "CORRUPT",
+    "RAW_PREFIX",
+    "REASON",
+    "REASON_COLUMN",
+    "SOURCE",
+    "RawInput",
+    "SchemaMismatchError",
+    "read_raw",
+    "require_columns",
+    "validate",
+    "validate_features",
+]
