@@ -3,12 +3,12 @@
 Per row, the same steps as the ETL and the training run, so nothing differs between
 training and serving:
 
-1. the ETL's feature checks (:func:`preprocessing.validate.validate_features`: the ETL's
+1. the ETL's feature checks (:func:`preprocessing.read.validate_features`: the ETL's
    validation without the key and label checks, since scoring input normally has no label);
 2. the bundle's fitted feature ``PipelineModel`` (``features/``), applied with the ETL's own
    :func:`preprocessing.features.apply_features`;
 3. the network, in ``mapInArrow`` batches. The model is loaded once per Python worker:
-   :func:`cached_bundle` keeps it in a module-level cache keyed by the bundle URI and the
+   :func:`~pipeline.serve.predict.cached_bundle` keeps it in a module-level cache keyed by the bundle URI and the
    sha256 of its weights (computed on the driver), which later batches and later tasks in
    the same reused worker hit. A bundle rewritten in place gets a new digest, hence a reload.
 
@@ -31,10 +31,9 @@ renamed to the output when Spark's job has committed, replacing an old output, s
 sees the old result or the complete new one. Object stores cannot rename a directory: there
 Spark's committer writes in place and ``_SUCCESS`` marks a complete output.
 
-Only :func:`cached_bundle` and the batch code run in executors. pyspark and
-``preprocessing`` are imported inside the driver-side functions, so this module imports
-without Spark, and torch inside the functions that use it, so that ``import pipeline``
-(which re-exports :func:`score`) stays cheap for Python workers that never score.
+Only :mod:`pipeline.serve.predict` (the cached model and the batch code) runs in executors.
+pyspark and ``preprocessing`` are imported inside the driver-side functions, so this module
+imports without Spark.
 """
 
 from __future__ import annotations
@@ -43,27 +42,30 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, check
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
+from pipeline.serve.predict import (
+    CLASS_INDEX,
+    PREDICTION,
+    PROBABILITY,
+    VALUE,
+    Counter,
+    PredictJob,
+    cached_bundle,
+    predict_partition,
+)
 
 if TYPE_CHECKING:
-    import numpy as np
-    import pyarrow as pa
-    import torch
     from pyspark.sql import Column, DataFrame, SparkSession
 
-    from pipeline.train.bundle import LoadedBundle
     from preprocessing.config import EtlConfig
-    from preprocessing.validate import RawInput
+    from preprocessing.read import RawInput
 
 __all__ = [
     "INPUT_FORMATS",
@@ -80,35 +82,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREDICTION = "prediction"
-PROBABILITY = "probability"
 SCORE_ERROR = "score_error"
 SCORE_ERROR_COLUMN = "score_error_column"
 OUTPUT_COLUMNS = (PREDICTION, PROBABILITY, SCORE_ERROR, SCORE_ERROR_COLUMN)
 INPUT_FORMATS = ("csv", "json", "parquet", "table")
 _KEEP = "_in_"  # input columns travel under this prefix while features take their names
-_INDEX = "_class_index"
-_VALUE = "_value"
-_CACHE_MAX = 4  # bundles kept per worker process (other digests of the same URI are evicted)
-_CACHE: OrderedDict[tuple[str, str], LoadedBundle] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-
-
-class _Counter(Protocol):
-    def add(self, term: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What each Python worker needs (pickled into the mapInArrow closure)."""
-
-    uri: str
-    sha256: str
-    task: str
-    dim: int
-    batch_size: int
-    reason_column: str
-    counter: _Counter | None
 
 
 @dataclass(frozen=True)
@@ -156,131 +134,6 @@ class ScoreResult:
         return "\n".join(lines)
 
 
-# -- executor side ------------------------------------------------------------------------
-
-
-def cached_bundle(uri: str, sha256: str, counter: _Counter | None = None) -> LoadedBundle:
-    """The bundle at ``uri`` whose weights hash to ``sha256``, loaded at most once per process.
-
-    A miss loads it (checking the digest against the bytes loaded, so a bundle replaced
-    since the driver hashed it fails with :class:`~pipeline.train.bundle.BundleError` instead of
-    scoring with other weights), evicts other versions of the same URI, keeps at most
-    ``_CACHE_MAX`` bundles, and adds 1 to ``counter`` (e.g. a Spark accumulator).
-    """
-    from pipeline.train.bundle import load_bundle
-
-    key = (uri, sha256)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            return hit
-        loaded = load_bundle(uri, expected_sha256=sha256)
-        for stale in [k for k in _CACHE if k[0] == uri]:
-            del _CACHE[stale]
-        _CACHE[key] = loaded
-        while len(_CACHE) > _CACHE_MAX:
-            _CACHE.popitem(last=False)
-    if counter is not None:
-        counter.add(1)
-    return loaded
-
-
-def _predict_partition(batches: Iterator[pa.RecordBatch], job: _Job) -> Iterator[pa.RecordBatch]:
-    """The mapInArrow body: every batch of one task through the worker's cached model."""
-    import torch
-
-    model = cached_bundle(job.uri, job.sha256, job.counter).model
-    with _torch_threads(_task_cpus()), torch.inference_mode():
-        for batch in batches:
-            yield _predict_batch(model, batch, job)
-
-
-def _task_cpus() -> int:
-    """``spark.task.cpus`` inside a task (so tasks sharing a host do not oversubscribe it)."""
-    import torch
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    return int(ctx.cpus()) if ctx is not None else torch.get_num_threads()
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _predict_batch(model: torch.nn.Module, batch: pa.RecordBatch, job: _Job) -> pa.RecordBatch:
-    """The batch without ``features``, plus the class index and probabilities, or the value.
-
-    Rows with a validation reason are not run through the model; their outputs are null.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import torch
-
-    ok = pc.is_null(batch.column(job.reason_column)).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(ok)
-    x = _features_matrix(batch.column(FEATURES_COLUMN).take(pa.array(rows)), job)
-    chunks = [
-        model(torch.from_numpy(x[i : i + job.batch_size])).float()
-        for i in range(0, len(x), job.batch_size)
-    ]
-    out = torch.cat(chunks) if chunks else torch.zeros((0, 1))
-    names = [n for n in batch.schema.names if n != FEATURES_COLUMN]
-    arrays = [batch.column(n) for n in names]
-    missing = ~ok
-    if job.task == "classification":
-        probs = torch.softmax(out, dim=1).numpy() if chunks else np.zeros((0, 1), np.float32)
-        index = np.zeros(len(ok), np.int32)
-        index[rows] = probs.argmax(axis=1) if len(rows) else 0
-        arrays += [pa.array(index, mask=missing), _list_array(probs, ok)]
-        names += [_INDEX, PROBABILITY]
-    else:
-        value = np.zeros(len(ok), np.float64)
-        value[rows] = out.reshape(-1).double().numpy()
-        arrays.append(pa.array(value, mask=missing))
-        names.append(_VALUE)
-    return pa.RecordBatch.from_arrays(arrays, names=names)
-
-
-def _features_matrix(vectors: pa.Array, job: _Job) -> np.ndarray:
-    """``[rows, dim]`` float32 from an Arrow ``list<float>`` column."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from pipeline.train.bundle import BundleError
-
-    values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if not values.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
-        values = values.copy()
-    if values.size != len(vectors) * job.dim:
-        raise BundleError(
-            f"{job.uri}: the feature model produced {values.size} values for {len(vectors)} "
-            f"rows, but the network takes {job.dim} per row"
-        )
-    return values.reshape(len(vectors), job.dim)
-
-
-def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:
-    """``list<float>`` with ``probs``' rows at the ``ok`` positions and nulls elsewhere."""
-    import numpy as np
-    import pyarrow as pa
-
-    offsets = np.zeros(len(ok) + 1, np.int32)
-    np.cumsum(np.where(ok, probs.shape[1], 0), out=offsets[1:])
-    values = pa.array(probs.reshape(-1).astype(np.float32, copy=False))
-    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~ok))
-
-
 # -- driver side ----------------------------------------------------------------------------
 
 
@@ -324,7 +177,7 @@ def score(
     bundle: str,
     *,
     batch_size: int = 4096,
-    load_counter: _Counter | None = None,
+    load_counter: Counter | None = None,
 ) -> DataFrame:
     """Score ``df`` with the bundle at URI ``bundle`` (lazy: returns the scored DataFrame).
 
@@ -334,9 +187,9 @@ def score(
     ``batch_size`` rows go through the network at once; ``load_counter`` (e.g.
     ``spark.sparkContext.accumulator(0)``) counts model loads in the workers.
     Raises :class:`~pipeline.train.bundle.BundleError` for a missing or incomplete bundle and
-    :class:`~preprocessing.validate.SchemaMismatchError` naming absent feature columns.
+    :class:`~preprocessing.read.SchemaMismatchError` naming absent feature columns.
     """
-    from preprocessing.validate import CORRUPT, RawInput, require_columns
+    from preprocessing.read import CORRUPT, RawInput, require_columns
 
     _on_driver("score")
     opened = _open_bundle(bundle)
@@ -356,7 +209,7 @@ def _score_raw(
     opened: _Bundle,
     keep: Sequence[str],
     batch_size: int,
-    load_counter: _Counter | None,
+    load_counter: Counter | None,
 ) -> DataFrame:
     """Validate, featurize, predict; ``keep`` are the input columns to return unchanged."""
     from pyspark.ml import PipelineModel
@@ -364,7 +217,7 @@ def _score_raw(
 
     from pipeline.train.bundle import FEATURES
     from preprocessing.features import apply_features
-    from preprocessing.validate import REASON, REASON_COLUMN, validate_features
+    from preprocessing.read import REASON, REASON_COLUMN, validate_features
 
     taken = sorted(set(keep) & set(OUTPUT_COLUMNS))
     if taken:
@@ -376,7 +229,7 @@ def _score_raw(
     featurized = apply_features(features_model, checked).select(
         *[_KEEP + c for c in keep], FEATURES_COLUMN, REASON, REASON_COLUMN
     )
-    job = _Job(
+    job = PredictJob(
         uri=opened.uri,
         sha256=opened.sha256,
         task=opened.task,
@@ -386,7 +239,7 @@ def _score_raw(
         counter=load_counter,
     )
     predicted = _constraint_barrier(featurized).mapInArrow(
-        functools.partial(_predict_partition, job=job), _output_schema(featurized, opened.task)
+        functools.partial(predict_partition, job=job), _output_schema(featurized, opened.task)
     )
     return predicted.select(
         *[F.col(_KEEP + c).alias(c) for c in keep],
@@ -419,11 +272,11 @@ def _output_schema(featurized: DataFrame, task: str) -> Any:
     fields = [f for f in featurized.schema.fields if f.name != FEATURES_COLUMN]
     if task == "classification":
         fields += [
-            T.StructField(_INDEX, T.IntegerType(), True),
+            T.StructField(CLASS_INDEX, T.IntegerType(), True),
             T.StructField(PROBABILITY, T.ArrayType(T.FloatType(), False), True),
         ]
     else:
-        fields.append(T.StructField(_VALUE, T.DoubleType(), True))
+        fields.append(T.StructField(VALUE, T.DoubleType(), True))
     return T.StructType(fields)
 
 
@@ -432,10 +285,10 @@ def _prediction_columns(opened: _Bundle) -> list[Column]:
     from pyspark.sql import functions as F
 
     if opened.task != "classification":
-        return [F.col(_VALUE).alias(PREDICTION)]
+        return [F.col(VALUE).alias(PREDICTION)]
     dtype = opened.etl.dtype(opened.etl.label)
     classes = F.array(*[F.lit(c).cast(dtype) for c in opened.spec["classes"]])
-    index = F.col(_INDEX)
+    index = F.col(CLASS_INDEX)
     # The guard is not redundant: on PySpark 4.3, element_at(<literal array>, NULL) returns
     # the array's last element instead of NULL.
     return [
@@ -477,7 +330,7 @@ def score_table(
     ``--model`` / ``--input``.
     """
     from pipeline.train.bundle import require_bundle
-    from preprocessing.validate import CORRUPT, SOURCE, read_raw
+    from preprocessing.read import CORRUPT, SOURCE, read_raw
 
     _on_driver("score_table")
     started = time.monotonic()

@@ -1,0 +1,195 @@
+"""The executor side of scoring: a bundle loaded once per Python worker, batches predicted.
+
+:func:`predict_partition` is the ``mapInArrow`` body :func:`pipeline.serve.score.score` runs:
+every Arrow batch of a task goes through the model that :func:`cached_bundle` keeps in a
+module-level cache keyed by the bundle URI and the sha256 of its weights (computed on the
+driver), which later batches and later tasks in the same reused worker hit; a bundle
+rewritten in place gets a new digest, hence a reload. Rows the validation flagged are not run
+through the model; their outputs are null. pyspark, numpy, pyarrow and torch are imported
+inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pipeline.data.shardset import FEATURES_COLUMN
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from pipeline.train.bundle import LoadedBundle
+
+__all__ = [
+    "CLASS_INDEX",
+    "PREDICTION",
+    "PROBABILITY",
+    "VALUE",
+    "Counter",
+    "PredictJob",
+    "cached_bundle",
+    "predict_partition",
+]
+
+PREDICTION = "prediction"
+PROBABILITY = "probability"
+CLASS_INDEX = "_class_index"
+"""Column of a batch's predicted class index (mapped to the label's values by the driver)."""
+VALUE = "_value"
+"""Column of a batch's regression value."""
+_CACHE_MAX = 4  # bundles kept per worker process (other digests of the same URI are evicted)
+_CACHE: OrderedDict[tuple[str, str], LoadedBundle] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+class Counter(Protocol):
+    """What counts model loads (a Spark accumulator, or anything with ``add``)."""
+
+    def add(self, term: int) -> None:
+        """Add ``term``."""
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What each Python worker needs to predict (pickled into the ``mapInArrow`` closure)."""
+
+    uri: str
+    sha256: str
+    task: str
+    dim: int
+    batch_size: int
+    reason_column: str
+    counter: Counter | None
+
+
+def cached_bundle(uri: str, sha256: str, counter: Counter | None = None) -> LoadedBundle:
+    """The bundle at ``uri`` whose weights hash to ``sha256``, loaded at most once per process.
+
+    A miss loads it (checking the digest against the bytes loaded, so a bundle replaced
+    since the driver hashed it fails with :class:`~pipeline.train.bundle.BundleError` instead of
+    scoring with other weights), evicts other versions of the same URI, keeps at most
+    ``_CACHE_MAX`` bundles, and adds 1 to ``counter`` (e.g. a Spark accumulator).
+    """
+    from pipeline.train.bundle import load_bundle
+
+    key = (uri, sha256)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+        loaded = load_bundle(uri, expected_sha256=sha256)
+        for stale in [k for k in _CACHE if k[0] == uri]:
+            del _CACHE[stale]
+        _CACHE[key] = loaded
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    if counter is not None:
+        counter.add(1)
+    return loaded
+
+
+def predict_partition(
+    batches: Iterator[pa.RecordBatch], job: PredictJob
+) -> Iterator[pa.RecordBatch]:
+    """The mapInArrow body: every batch of one task through the worker's cached model."""
+    import torch
+
+    model = cached_bundle(job.uri, job.sha256, job.counter).model
+    with _torch_threads(_task_cpus()), torch.inference_mode():
+        for batch in batches:
+            yield _predict_batch(model, batch, job)
+
+
+def _task_cpus() -> int:
+    """``spark.task.cpus`` inside a task (so tasks sharing a host do not oversubscribe it)."""
+    import torch
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return int(ctx.cpus()) if ctx is not None else torch.get_num_threads()
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _predict_batch(
+    model: torch.nn.Module, batch: pa.RecordBatch, job: PredictJob
+) -> pa.RecordBatch:
+    """The batch without ``features``, plus the class index and probabilities, or the value.
+
+    Rows with a validation reason are not run through the model; their outputs are null.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import torch
+
+    ok = pc.is_null(batch.column(job.reason_column)).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(ok)
+    x = _features_matrix(batch.column(FEATURES_COLUMN).take(pa.array(rows)), job)
+    chunks = [
+        model(torch.from_numpy(x[i : i + job.batch_size])).float()
+        for i in range(0, len(x), job.batch_size)
+    ]
+    out = torch.cat(chunks) if chunks else torch.zeros((0, 1))
+    names = [n for n in batch.schema.names if n != FEATURES_COLUMN]
+    arrays = [batch.column(n) for n in names]
+    missing = ~ok
+    if job.task == "classification":
+        probs = torch.softmax(out, dim=1).numpy() if chunks else np.zeros((0, 1), np.float32)
+        index = np.zeros(len(ok), np.int32)
+        index[rows] = probs.argmax(axis=1) if len(rows) else 0
+        arrays += [pa.array(index, mask=missing), _list_array(probs, ok)]
+        names += [CLASS_INDEX, PROBABILITY]
+    else:
+        value = np.zeros(len(ok), np.float64)
+        value[rows] = out.reshape(-1).double().numpy()
+        arrays.append(pa.array(value, mask=missing))
+        names.append(VALUE)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def _features_matrix(vectors: pa.Array, job: PredictJob) -> np.ndarray:
+    """``[rows, dim]`` float32 from an Arrow ``list<float>`` column."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.train.bundle import BundleError
+
+    values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if not values.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
+        values = values.copy()
+    if values.size != len(vectors) * job.dim:
+        raise BundleError(
+            f"{job.uri}: the feature model produced {values.size} values for {len(vectors)} "
+            f"rows, but the network takes {job.dim} per row"
+        )
+    return values.reshape(len(vectors), job.dim)
+
+
+def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """``list<float>`` with ``probs``' rows at the ``ok`` positions and nulls elsewhere."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(ok) + 1, np.int32)
+    np.cumsum(np.where(ok, probs.shape[1], 0), out=offsets[1:])
+    values = pa.array(probs.reshape(-1).astype(np.float32, copy=False))
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~ok))
