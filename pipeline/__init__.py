@@ -24,7 +24,8 @@ name                   what it is
 ``ShardSet``           open a committed shard set (manifest, splits, columns)
 ``ShardReader``        the Arrow → torch reader training uses (equal steps per rank)
 ``load_bundle``        a trained model bundle, loaded without pickle
-``register_mode``      add a training mode (see :mod:`pipeline.train.modes`)
+``register_mode``      add a training mode, e.g. a ``BarrierMode`` subclass
+                       (see :mod:`pipeline.train.registry`)
 =====================  ==========================================================
 
 Names resolve on first use (PEP 562), so ``import pipeline.data`` or ``python -m
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from pipeline.serve.score import score
     from pipeline.train.bundle import load_bundle
     from pipeline.train.config import TrainConfig
-    from pipeline.train.modes import register_mode
+    from pipeline.train.registry import BarrierMode, register_mode
     from preprocessing.config import EtlConfig
 
 __version__ = "0.1.0"
@@ -76,10 +77,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.serve.evaluate", "evaluate_bundle"),
     "score": ("pipeline.serve.score", "score"),
     "load_bundle": ("pipeline.train.bundle", "load_bundle"),
-    "register_mode": ("pipeline.train.modes", "register_mode"),
+    "register_mode": ("pipeline.train.registry", "register_mode"),
+    "BarrierMode": ("pipeline.train.registry", "BarrierMode"),
 }
 
 __all__ = [
+    "BarrierMode",
     "Config",
     "ConfigError",
     "DistributedError",

@@ -2,8 +2,13 @@
 
     torchrun --nproc_per_node=2 -m pipeline.worker --config c.yaml [--set train.key=value ...]
 
-Every rank runs :func:`pipeline.train.engine.train_worker` on the config's ``train`` section, exactly
-as the Spark launcher does; rank 0 writes the bundle and prints the run summary as JSON.
+Rank 0 first runs the same preflight as ``spark-train train``
+(:func:`pipeline.train.preflight.check_training_inputs`: outputs, shard set, labels, rows per
+rank, the mode's own checks) and exits as the CLI does — 2 for a config error (the message
+names the key), 1 for damaged or unusable data — before any rank joins the process group.
+Then every rank runs :func:`pipeline.train.loop.train_worker` on the config's ``train``
+section, exactly as the Spark launcher does; rank 0 writes the bundle and prints the run
+summary as JSON.
 ``torchrun --max-restarts=N`` relaunches after a failure, and the relaunched ranks resume
 from the latest checkpoint (torchrun's restart count plays the launcher's attempt number).
 This module must not import pyspark: GPU machines have none.
@@ -22,7 +27,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline.config import load_config
 from pipeline.core.configbase import ConfigError
-from pipeline.train.engine import train_worker
+from pipeline.data.shardset import ShardSetError
+from pipeline.train.loop import train_worker
+from pipeline.train.preflight import check_training_inputs
 
 __all__ = ["main"]
 
@@ -53,9 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, args.overrides).train
+        if rank == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
+            check_training_inputs(cfg)  # a restart resumes inputs that already passed
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ShardSetError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     summary = train_worker(cfg)
     if summary["rank"] == 0:
         print(json.dumps(summary, default=str))

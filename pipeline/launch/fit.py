@@ -1,18 +1,18 @@
-"""Driver side of training: run :func:`pipeline.train.engine.train_worker` on every rank and collect.
+"""Driver side of training: :func:`fit` checks the inputs, then runs the mode's launcher.
 
-:func:`fit` is what ``spark-train train`` and ``jobs/train.py`` call. It launches
-``train.num_workers`` ranks as one Spark barrier job (relaunched up to ``train.max_attempts``
-times, each relaunch resuming from the latest checkpoint) and returns rank 0's summary.
-Without Spark the same worker runs under torchrun: ``python -m pipeline.worker``.
-With ``train.mode: average`` it runs :func:`pipeline.train.modes.average.fit_average` instead: one
-ordinary Spark job per averaging round, no barrier and no process group.
+:func:`fit` is what ``spark-train train``, ``jobs/train.py`` and ``pipeline.fit`` call. It
+runs the one preflight (:func:`pipeline.train.preflight.check_training_inputs`), then the
+launcher that ``train.mode``'s registry entry names: ``barrier`` modes (``ddp``, ``fsdp``)
+as one Spark barrier job of ``train.num_workers`` ranks (:mod:`pipeline.launch.barrier`),
+``rounds`` (``average``) as one ordinary Spark job per averaging round
+(:mod:`pipeline.launch.rounds`). Without Spark the barrier loop runs under torchrun:
+``python -m pipeline.worker``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -20,53 +20,15 @@ import yaml
 from pipeline.core import storage
 from pipeline.core.configbase import to_dict
 from pipeline.data.shardset import ShardSet, ShardSetError
+from pipeline.launch.barrier import TrainResult, fit_barrier
+from pipeline.launch.rounds import fit_average
 from pipeline.launch.tracking import tracked
-from pipeline.runtime.timeouts import stall_limit_s
 from pipeline.train.bundle import CONFIG, SPEC, model_spec
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import train_worker
 from pipeline.train.preflight import check_training_inputs
+from pipeline.train.registry import BarrierMode, Mode, get_mode
 
 __all__ = ["TrainResult", "bundle_is_current", "fit"]
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished training run reports."""
-
-    epochs: list[dict[str, Any]]
-    """Per-epoch metrics: ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` or
-    ``val_rmse``, ``seconds``."""
-    bundle: str
-    """URI of the model bundle."""
-    steps: int
-    """Optimizer steps in the whole run."""
-    attempt: int
-    """0-based launch attempt that finished (> 0 after a relaunch)."""
-    resumed_from: int | None
-    """Checkpoint step the finishing attempt resumed from, or None."""
-    world_size: int
-    """Number of ranks."""
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    """``train.mode: average`` only: per-round metrics (also the last entries of ``epochs``),
-    with ``bytes_sent``, ``bytes_received`` and ``attempts`` (see :mod:`pipeline.train.modes.average`)."""
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """Metrics of the last epoch."""
-        return self.epochs[-1] if self.epochs else {}
-
-    @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> TrainResult:
-        """Build from a rank's :func:`pipeline.train.engine.train_worker` summary."""
-        return cls(
-            epochs=list(summary["epochs"]),
-            bundle=str(summary["bundle"]),
-            steps=int(summary["steps"]),
-            attempt=int(summary["attempt"]),
-            resumed_from=summary["resumed_from"],
-            world_size=int(summary["world_size"]),
-        )
 
 
 def fit(
@@ -85,38 +47,26 @@ def fit(
     the finished (or failed) run is logged to MLflow / TensorBoard (:mod:`pipeline.launch.tracking`).
     """
     with tracked(cfg) as runlog:
-        check_training_inputs(cfg)  # refuse damaged or unusable inputs before launching
-        result = _train(cfg, spark, env=env, show_progress=show_progress)
+        mode = get_mode(cfg.mode)
+        check_training_inputs(cfg, mode)  # refuse damaged or unusable inputs before launching
+        result = _launch(mode, cfg, spark, env=env, show_progress=show_progress)
         runlog.done(result.epochs, {"steps": result.steps, "attempt": result.attempt})
     return result
 
 
-def _train(
+def _launch(
+    mode: Mode,
     cfg: TrainConfig,
     spark: Any,
     *,
     env: Mapping[str, str] | None,
     show_progress: bool | None,
 ) -> TrainResult:
-    """Run the configured training mode; see :func:`fit`."""
-    if cfg.mode == "average":
-        from pipeline.train.modes.average import fit_average
-
+    """Run ``cfg`` with the launcher its mode names (:attr:`Mode.launcher`)."""
+    if mode.launcher == "rounds":
         return fit_average(cfg, spark, env=env, show_progress=show_progress)
-    from pipeline.launch.launcher import run_distributed
-
-    summaries = run_distributed(
-        train_worker,
-        to_dict(cfg),  # plain data: pickles with any serializer
-        num_workers=cfg.num_workers,
-        spark=spark,
-        max_attempts=cfg.max_attempts,
-        env=env,
-        show_progress=show_progress,
-        heartbeat_timeout_s=stall_limit_s(cfg.timeout_s),  # a frozen rank ends the attempt
-    )
-    rank0 = next(s for s in summaries if s["rank"] == 0)
-    return TrainResult.from_summary(rank0)
+    assert isinstance(mode, BarrierMode), f"mode {mode.name!r} launches as 'barrier'"
+    return fit_barrier(cfg, spark, mode=mode, env=env, show_progress=show_progress)
 
 
 # Keys that change how a run is operated, not what it produces.

@@ -23,12 +23,9 @@ side lives in the Spark-free :mod:`pipeline.runtime.rankrun`.
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
-import re
 import secrets
-import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -36,6 +33,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.launch.errors import (
+    SECONDARY,
+    DistributedError,
+    DistributedTimeoutError,
+    all_failed,
+    from_spark_error,
+    headline,
+    rank_error,
+    timeout_error,
+    with_history,
+)
+from pipeline.launch.session import (
+    BarrierSlots,
+    barrier_slots,
+    check_slots,
+    require_driver,
+    spark_context,
+)
 from pipeline.runtime import logchannel, rankrun
 from pipeline.runtime.progress import ProgressDisplay
 
@@ -57,7 +72,6 @@ _FINISH_WAIT_S = 10.0
 """How long the driver waits, after the job ended, for ranks' last log messages."""
 _CANCEL_WAIT_S = 30.0
 """How long a cancelled job may take to wind down before the driver stops waiting."""
-_SLOT_POLL_S = 0.25
 _WATCH_S = 1.0
 """How often the driver checks the deadline and the ranks' heartbeats while a job runs."""
 _RENDEZVOUS_WAIT_S = 30.0
@@ -65,44 +79,6 @@ _RENDEZVOUS_WAIT_S = 30.0
 ``BarrierTaskContext.allGather``."""
 _RENDEZVOUS_ANSWER_S = 90.0
 """How long a rank waits for the driver's rendezvous answer (more than the driver waits)."""
-
-
-class DistributedError(RuntimeError):
-    """A rank failed. Carries the rank, the original exception's type and message, and the tail.
-
-    Where the rank's exception type is importable on the driver, the raised error is also an
-    instance of it (``except ValueError`` works). ``attempts`` lists every attempt's error
-    when all ``max_attempts`` failed.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        rank: int | None,
-        exc_type: str,
-        exc_message: str,
-        tail: Sequence[str] = (),
-        attempt: int = 0,
-        attempts: Sequence[DistributedError] = (),
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.rank = rank
-        """The failing rank, or None when Spark's error did not say."""
-        self.exc_type = exc_type
-        self.exc_message = exc_message
-        self.tail = list(tail)
-        """Last lines of the rank's output and traceback."""
-        self.attempt = attempt
-        self.attempts = tuple(attempts)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class DistributedTimeoutError(DistributedError, TimeoutError):
-    """The barrier job ran past ``timeout_s`` and was cancelled."""
 
 
 def run_distributed(
@@ -146,13 +122,13 @@ def run_distributed(
         DistributedTimeoutError: ``timeout_s`` passed.
         ValueError: bad arguments, or more ranks than the cluster has barrier slots.
     """
-    _require_driver("run_distributed")
+    require_driver("run_distributed")
     spec = _spec(target, args, kwargs, env)
     _check_counts(num_workers, max_attempts, timeout_s)
     if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
         raise ValueError(f"heartbeat_timeout_s must be > 0 or None, got {heartbeat_timeout_s!r}")
-    sc = _spark_context(spark)
-    _check_slots(sc, num_workers)
+    sc = spark_context(spark)
+    check_slots(sc, num_workers)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     limits = _Limits(deadline=deadline, timeout_s=timeout_s, heartbeat_s=heartbeat_timeout_s)
     display = ProgressDisplay(enabled=show_progress)
@@ -160,11 +136,11 @@ def run_distributed(
     try:
         for attempt in range(max_attempts):
             if attempt:  # a lost executor may still be coming back: wait for it, or fail fast
-                _check_slots(sc, num_workers, failures)
+                check_slots(sc, num_workers, failures)
             try:
                 return _run_attempt(sc, spec, num_workers, attempt, limits, display)
             except DistributedTimeoutError as err:
-                raise _with_history(err, failures) from None
+                raise with_history(err, failures) from None
             except DistributedError as err:
                 failures.append(err)
                 if attempt + 1 < max_attempts:
@@ -172,11 +148,11 @@ def run_distributed(
                         "attempt %d of %d failed, relaunching: %s",
                         attempt + 1,
                         max_attempts,
-                        _headline(err),
+                        headline(err),
                     )
     finally:
         display.close()
-    raise _all_failed(failures)
+    raise all_failed(failures)
 
 
 def _spec(
@@ -209,174 +185,6 @@ def _check_counts(num_workers: int, max_attempts: int, timeout_s: float | None) 
         raise ValueError(f"max_attempts must be a positive int, got {max_attempts!r}")
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
-
-
-def _require_driver(name: str) -> None:
-    from pyspark import TaskContext
-
-    if TaskContext.get() is not None:
-        raise RuntimeError(
-            f"{name} is driver-only but was called inside a Spark task; call it from the "
-            "driver program (a training function gets its rank from pipeline.runtime.distenv.current())"
-        )
-
-
-def _spark_context(spark: SparkSession | None) -> SparkContext:
-    from pyspark.sql import SparkSession
-
-    if spark is None:
-        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
-    try:
-        return spark.sparkContext
-    except Exception as err:  # Spark Connect sessions have no SparkContext
-        raise ValueError(
-            "run_distributed needs a classic SparkSession with a SparkContext (barrier mode "
-            f"is not available over Spark Connect): {err}"
-        ) from err
-
-
-# -- barrier slots -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class BarrierSlots:
-    """How many barrier tasks the cluster can run at once, and where that number comes from."""
-
-    slots: int
-    master: str
-    executors: int
-    """Registered executors (1 for a local master)."""
-    expected_executors: int | None
-    """Executors the application asked for (``spark.executor.instances``, the N of
-    ``local-cluster[N,…]``), None when unknown."""
-    executor_cores: str
-    """``spark.executor.cores``, the N of ``local[N]``, or ``unset``."""
-    task_cpus: int
-    """``spark.task.cpus``."""
-
-    @property
-    def local(self) -> bool:
-        """True for ``local`` / ``local[N]`` (one in-process executor)."""
-        return _LOCAL.fullmatch(self.master) is not None
-
-    @property
-    def registering(self) -> bool:
-        """True while executors the application expects have not all registered yet."""
-        if self.local:
-            return False
-        if self.expected_executors is None:
-            return self.executors == 0
-        return self.executors < self.expected_executors
-
-    def explain(self) -> str:
-        """One sentence: the slots and the settings they follow from."""
-        if self.local:
-            return (
-                f"{self.slots} barrier slot(s) = {self.executor_cores} core(s) of "
-                f"master {self.master} / spark.task.cpus={self.task_cpus}"
-            )
-        expected = f" of {self.expected_executors}" if self.expected_executors is not None else ""
-        return (
-            f"{self.slots} barrier slot(s) = {self.executors}{expected} registered executor(s) × "
-            f"spark.executor.cores={self.executor_cores} / spark.task.cpus={self.task_cpus} "
-            "(GPU amounts also limit it when set)"
-        )
-
-
-_LOCAL = re.compile(r"local(\[(\d+|\*)(,\s*\d+)?\])?")
-_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,.*\]")
-
-
-def barrier_slots(spark: SparkSession | None = None) -> BarrierSlots:
-    """The cluster's barrier slots now (driver only): executors × cores / ``spark.task.cpus``.
-
-    Uses the scheduler's own count (``SparkContext.maxNumConcurrentTasks``, which also
-    accounts for task GPU amounts), falling back to the configuration when that private
-    API is unavailable.
-    """
-    _require_driver("barrier_slots")
-    return _slots(_spark_context(spark))
-
-
-def _slots(sc: SparkContext) -> BarrierSlots:
-    conf = sc.getConf()
-    task_cpus = int(conf.get("spark.task.cpus", "1") or 1)
-    master = str(sc.master)
-    jsc = sc._jsc.sc()
-    expected: int | None = 1
-    if local := _LOCAL.fullmatch(master):
-        cores = local.group(2) or "1"
-        executors = 1
-        executor_cores = str(os.cpu_count() or 1) if cores == "*" else cores
-    else:
-        executors = max(len(jsc.statusTracker().getExecutorInfos()) - 1, 0)  # minus the driver
-        executor_cores = conf.get("spark.executor.cores") or "unset"
-        cluster = _LOCAL_CLUSTER.fullmatch(master)
-        instances = cluster.group(1) if cluster else conf.get("spark.executor.instances")
-        expected = int(instances) if instances else None
-    try:
-        profile = jsc.resourceProfileManager().defaultResourceProfile()
-        slots = int(jsc.maxNumConcurrentTasks(profile))
-    except Exception as err:  # py4j: a private Scala API that may change
-        log.debug("maxNumConcurrentTasks unavailable (%s); computing slots from the conf", err)
-        cores_each = int(executor_cores) if executor_cores.isdigit() else 1
-        slots = executors * cores_each // task_cpus
-    return BarrierSlots(
-        slots=slots,
-        master=master,
-        executors=executors,
-        expected_executors=expected,
-        executor_cores=executor_cores,
-        task_cpus=task_cpus,
-    )
-
-
-def _check_slots(
-    sc: SparkContext, num_workers: int, failures: Sequence[DistributedError] = ()
-) -> None:
-    """Fail fast instead of Spark's minutes of retrying the barrier slot check.
-
-    While expected executors are still registering, wait for them up to
-    ``spark.scheduler.maxRegisteredResourcesWaitingTime``; otherwise decide at once. Before
-    a relaunch, ``failures`` are the earlier attempts' errors, chained to the ValueError.
-    """
-    found = _slots(sc)
-    if found.slots < num_workers and found.registering:
-        wait_s = (
-            sc._jsc.sc()
-            .conf()
-            .getTimeAsMs("spark.scheduler.maxRegisteredResourcesWaitingTime", "30s")
-            / 1000
-        )
-        log.info(
-            "waiting up to %.0f s for executors to register: %s; need %d",
-            wait_s,
-            found.explain(),
-            num_workers,
-        )
-        deadline = time.monotonic() + wait_s
-        while found.slots < num_workers and found.registering and time.monotonic() < deadline:
-            time.sleep(_SLOT_POLL_S)  # executors register asynchronously; Spark has no wait API
-            found = _slots(sc)
-    if found.slots < num_workers:
-        relaunch = f"cannot relaunch after {len(failures)} failed attempt(s): " if failures else ""
-        raise ValueError(
-            f"{relaunch}num_workers={num_workers} needs {num_workers} concurrent barrier tasks "
-            f"but the cluster has {found.explain()}. Lower num_workers, or give the job more "
-            "slots: " + _slot_advice(found, num_workers)
-        ) from (_all_failed(failures) if failures else None)
-
-
-def _slot_advice(found: BarrierSlots, num_workers: int) -> str:
-    if found.local:
-        return (
-            f"use master local[{num_workers * found.task_cpus}] (at least num_workers × "
-            "spark.task.cpus cores) or lower spark.task.cpus"
-        )
-    return (
-        "add executors (spark.executor.instances), raise spark.executor.cores, or lower "
-        "spark.task.cpus (and spark.task.resource.gpu.amount, if set)"
-    )
 
 
 # -- one attempt ---------------------------------------------------------------------------
@@ -514,7 +322,7 @@ def _run_attempt(
                 "some ranks' last log messages did not arrive within %.0f s", _FINISH_WAIT_S
             )
     if timed_out:
-        raise _timeout_error(limits.timeout_s, attempt, group, display)
+        raise timeout_error(limits.timeout_s, attempt, group, display)
     if silent:
         raise _silence_error(silent, limits.heartbeat_s, attempt, collector)
     if ranked is None:
@@ -637,17 +445,6 @@ def _rendezvous(
     )
 
 
-# -- errors --------------------------------------------------------------------------------
-
-# torch.distributed errors and Spark barrier errors a rank gets because *another* rank died
-# (or hung: a collective timeout, pipeline.runtime.timeouts.CollectiveTimeoutError).
-_SECONDARY = re.compile(
-    r"barrier|Connection (closed|reset) by peer|DistNetworkError|DistBackendError|"
-    r"DistStoreError|broken pipe|CollectiveTimeoutError",
-    re.IGNORECASE,
-)
-
-
 def _attempt_error(
     collector: _Collector, spark_error: BaseException | None, attempt: int
 ) -> DistributedError:
@@ -657,16 +454,16 @@ def _attempt_error(
     reported nothing — crashed, killed or hung: Spark's error names it if Spark saw it fail.
     """
     failures = collector.failures
-    primary = [f for f in failures if not _SECONDARY.search(f"{f.exc_type} {f.message}")]
+    primary = [f for f in failures if not SECONDARY.search(f"{f.exc_type} {f.message}")]
     silent = [r for r in range(collector.ranks) if all(f.rank != r for f in failures)]
     if not primary and (silent or not failures):
         also = [f"rank {f.rank} {f.exc_type}" for f in failures]
-        from_spark = _from_spark_error(spark_error, attempt, collector.outputs, also=also)
+        from_spark = from_spark_error(spark_error, attempt, collector.outputs, also=also)
         if not failures or from_spark.rank in silent:
             return from_spark
     first = (primary or list(failures))[0]
     others = [f"rank {f.rank} {f.exc_type}" for f in failures if f is not first]
-    return _error(
+    return rank_error(
         first.rank,
         first.exc_type,
         first.module,
@@ -675,136 +472,6 @@ def _attempt_error(
         attempt,
         also=others,
         silent=[] if primary else silent,
-    )
-
-
-def _from_spark_error(
-    spark_error: BaseException | None,
-    attempt: int,
-    outputs: Mapping[int, Sequence[str]] | None = None,
-    also: Sequence[str] = (),
-) -> DistributedError:
-    """No rank reported (it crashed, or never reached the driver): read Spark's own error.
-
-    The tail is the rank's last forwarded output, then Spark's message without JVM frames.
-    """
-    text = str(spark_error) if spark_error is not None else "the barrier job failed"
-    lines = text.splitlines()
-    start = next(
-        (i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")), None
-    )
-    spark_tail = [line for line in lines[start or 0 :] if not line.startswith("\t")]
-    found = re.search(r"barrier task ResultTask\(\d+, (\d+)\)|Task (\d+) in stage", text)
-    rank = int(found.group(1) or found.group(2)) if found else None
-    last = next(
-        (m for line in reversed(spark_tail) if (m := re.match(r"([\w.]+): (.*)", line))), None
-    )
-    exc_type = last.group(1).rsplit(".", 1)[-1] if last else type(spark_error).__name__
-    message = last.group(2) if last else (lines[0] if lines else text)
-    # No Python exception (a lost executor, a killed worker): Spark's reason for the task.
-    reason = None if last else re.search(r"finished unsuccessfully\.\n(\w+) (.+)", text)
-    if reason:
-        exc_type, message = reason.group(1), reason.group(2)
-    output = list((outputs or {}).get(rank, ())) if rank is not None else []
-    tail = [*output, *spark_tail][-rankrun.TAIL_LINES :]
-    return _error(rank, exc_type, "", message, tail, attempt, also=also)
-
-
-def _error(
-    rank: int | None,
-    exc_type: str,
-    module: str,
-    message: str,
-    tail: Sequence[str],
-    attempt: int,
-    also: Sequence[str] = (),
-    silent: Sequence[int] = (),
-) -> DistributedError:
-    who = f"rank {rank}" if rank is not None else "a rank"
-    text = f"{who} failed with {exc_type}: {message} (attempt {attempt})"
-    if also:
-        text += f"; also failed after it: {', '.join(also)}"
-    if silent:
-        ranks = ", ".join(map(str, silent))
-        text += f"; no error report from rank {ranks} (crashed, killed or hung)"
-    text += f"\n--- last {len(tail)} lines of {who} ---\n" + "\n".join(tail)
-
-    def build(cls: type[DistributedError]) -> DistributedError:
-        return cls(
-            text, rank=rank, exc_type=exc_type, exc_message=message, tail=tail, attempt=attempt
-        )
-
-    try:
-        return build(_typed_error_class(module, exc_type))
-    except Exception:  # an exotic original __new__: the plain error says everything too
-        return build(DistributedError)
-
-
-_TYPED: dict[type, type[DistributedError]] = {}
-
-
-def _typed_error_class(module: str, qualname: str) -> type[DistributedError]:
-    """``DistributedError`` that is also the rank's exception type, when the driver has it."""
-    original: Any = None
-    if module in ("builtins", "") and "." not in qualname:
-        original = getattr(builtins, qualname, None)
-    elif module:
-        original = sys.modules.get(module)
-        for part in qualname.split("."):
-            original = getattr(original, part, None)
-    if (
-        not isinstance(original, type)
-        or not issubclass(original, Exception)
-        or issubclass(DistributedError, original)
-        or issubclass(original, DistributedError)
-    ):
-        return DistributedError
-    if original not in _TYPED:
-        try:
-            _TYPED[original] = type(
-                f"Distributed{original.__name__}",
-                (DistributedError, original),
-                {"__module__": __name__},
-            )
-        except TypeError:  # incompatible instance layouts
-            return DistributedError
-    return _TYPED[original]
-
-
-def _headline(err: DistributedError) -> str:
-    return err.message.split("\n", 1)[0]
-
-
-def _all_failed(failures: Sequence[DistributedError]) -> DistributedError:
-    last = failures[-1]
-    if len(failures) == 1:
-        return last
-    lines = [f"all {len(failures)} attempts failed:"]
-    lines += [f"  attempt {e.attempt}: {_headline(e)}" for e in failures]
-    detail = last.message.split("\n", 1)[1] if "\n" in last.message else ""
-    text = "\n".join(lines) + ("\n" + detail if detail else "")
-    cls = type(last)
-    return cls(
-        text,
-        rank=last.rank,
-        exc_type=last.exc_type,
-        exc_message=last.exc_message,
-        tail=last.tail,
-        attempt=last.attempt,
-        attempts=failures,
-    )
-
-
-def _timeout_error(
-    timeout_s: float | None, attempt: int, group: str, display: ProgressDisplay
-) -> DistributedTimeoutError:
-    progress = f"; last progress: {dict(display.last)}" if display.last else ""
-    message = (
-        f"run_distributed timed out: timeout_s={timeout_s:g} passed during attempt "
-        f"{attempt}; the barrier job (group {group}) was cancelled{progress}"
-    )
-    return DistributedTimeoutError(
-        message, rank=None, exc_type="TimeoutError", exc_message=message, attempt=attempt
     )
 
 
@@ -818,20 +485,4 @@ def _silence_error(
         "off from the driver; the attempt was cancelled"
     )
     tail = list(collector.outputs.get(rank, ()))
-    return _error(rank, "HeartbeatTimeout", "", message, tail, attempt)
-
-
-def _with_history(
-    err: DistributedTimeoutError, failures: Sequence[DistributedError]
-) -> DistributedTimeoutError:
-    if not failures:
-        return err
-    earlier = "\n".join(f"  attempt {e.attempt}: {_headline(e)}" for e in failures)
-    return DistributedTimeoutError(
-        f"{err.message}\nearlier attempts failed:\n{earlier}",
-        rank=None,
-        exc_type=err.exc_type,
-        exc_message=err.exc_message,
-        attempt=err.attempt,
-        attempts=[*failures, err],
-    )
+    return rank_error(rank, "HeartbeatTimeout", "", message, tail, attempt)

@@ -172,6 +172,18 @@ def _device_environment(
     return {distenv.DEVICE: "cuda", "CUDA_VISIBLE_DEVICES": host_gpus[local_rank]}
 
 
+def task_device_environment(gpus: Sequence[str]) -> dict[str, str]:
+    """Device variables for a task outside a barrier job (an averaging round's task).
+
+    The task trains on its first GPU Spark assigned (``cuda:0`` once it is the only one
+    visible), or on the CPU with every GPU hidden from a stray CUDA initialisation.
+    """
+    if not gpus:
+        return {distenv.DEVICE: "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    visible = physical_gpus(gpus[:1], os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return {distenv.DEVICE: "cuda", "CUDA_VISIBLE_DEVICES": visible[0]}
+
+
 @contextlib.contextmanager
 def scoped_environ(updates: Mapping[str, str]) -> Iterator[None]:
     """Set ``updates`` in ``os.environ`` and put every touched variable back afterwards."""
@@ -245,7 +257,7 @@ def _is_launcher_frame(code: Any) -> bool:
     return any(path.endswith(os.path.join("pipeline", name)) for name in _LAUNCHER_FILES)
 
 
-_LAUNCHER_FILES = ("rankrun.py", "launcher.py")
+_LAUNCHER_FILES = (os.path.join("runtime", "rankrun.py"), os.path.join("launch", "launcher.py"))
 
 
 def _run_script(path: str, argv: Sequence[Any], out: _RankOutput) -> int:

@@ -36,6 +36,7 @@ from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.data.shardset import ShardSet
 from pipeline.train.config import TrainConfig
+from pipeline.train.engine import model_shape
 from pipeline.train.models import build_model
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "read_spec",
     "require_bundle",
     "write_bundle",
+    "write_trained",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,25 @@ def features_source(shards: ShardSet) -> str | None:
         )
         return None
     return uri
+
+
+def write_trained(
+    cfg: TrainConfig, shards: ShardSet, model: nn.Module, *, metrics: dict[str, Any]
+) -> str:
+    """Write the bundle of ``model`` trained by ``cfg`` on ``shards`` to ``train.output``.
+
+    What every mode writes at the end: the weights, ``model.json`` (:func:`model_spec`), the
+    metrics, the ``train`` section and a copy of the shard set's feature model.
+    """
+    input_shape, num_outputs = model_shape(cfg, shards)
+    return write_bundle(
+        cfg.output,
+        model=model,
+        spec=model_spec(cfg, shards, input_shape=input_shape, num_outputs=num_outputs),
+        metrics=metrics,
+        config={"train": to_dict(cfg)},
+        features_uri=features_source(shards),
+    )
 
 
 def write_bundle(

@@ -154,6 +154,11 @@ class CheckpointManager:
         """Steps of all complete checkpoints, oldest first."""
         return self._complete_steps(warn=True)
 
+    def delete_all(self) -> None:
+        """Delete every complete checkpoint (those of a finished earlier run)."""
+        for step in self.steps():
+            self.fs.delete_dir(storage.join(self.root, _dir_name(step)))
+
     def _complete_steps(self, *, warn: bool) -> list[int]:
         out = []
         for entry in storage.list_dir(self.fs, self.root):

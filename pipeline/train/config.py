@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
+from pipeline.train.registry import mode_names
 
 __all__ = [
     "AveragingConfig",
@@ -26,10 +27,6 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
 ]
-
-Mode = Literal["ddp", "average", "fsdp"]
-# Modes accepted by the schema but not implemented by this build yet.
-_PLANNED_MODES: tuple[str, ...] = ()
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -279,10 +276,11 @@ class TrainConfig:
     """``classification`` (cross-entropy, accuracy) or ``regression`` (MSE, RMSE); must
     match the shard set's label task."""
 
-    mode: Mode = "ddp"
-    """Training mode: ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2 ``fully_shard``:
-    parameters, gradients and optimizer state sharded over the ranks); ``average``: map-reduce
-    model averaging, one Spark job per round, no barrier (see ``train.averaging``)."""
+    mode: str = "ddp"
+    """Training mode, a name in the mode registry (:mod:`pipeline.train.modes`): ``ddp``
+    (DistributedDataParallel), ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and
+    optimizer state sharded over the ranks) or ``average`` (map-reduce model averaging, one
+    Spark job per round, no barrier; see ``train.averaging``), or a registered one."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
@@ -351,10 +349,11 @@ class TrainConfig:
     """MLflow and TensorBoard logging of the finished run."""
 
     def __post_init__(self) -> None:
+        known = mode_names()
         check(
-            self.mode not in _PLANNED_MODES,
+            self.mode in known,
             "train.mode",
-            f"{self.mode!r} is not implemented yet; this build supports 'ddp' and 'fsdp'",
+            f"unknown mode {self.mode!r}; known: {', '.join(map(repr, known))}",
         )
         check(bool(self.dataset), "train.dataset", "must not be empty")
         check(bool(self.output), "train.output", "must not be empty")
@@ -367,30 +366,8 @@ class TrainConfig:
             check(
                 self.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {self.grad_clip}"
             )
-        if self.mode == "fsdp":
-            check(
-                self.comm_hook == "none",
-                "train.comm_hook",
-                f"{self.comm_hook!r} is a DDP communication hook; train.mode 'fsdp' "
-                "reduce-scatters gradients itself: set it to 'none'",
-            )
-        if self.mode == "average":
-            self._check_average()
-
-    def _check_average(self) -> None:
-        check(
-            self.grad_accum_steps == 1,
-            "train.grad_accum_steps",
-            f"must be 1 with train.mode 'average' (got {self.grad_accum_steps}): each worker "
-            "steps on every batch of its own; raise train.batch_size instead",
-        )
-        check(
-            self.comm_hook == "none" or self.averaging.warmup_ddp_epochs > 0,
-            "train.comm_hook",
-            f"{self.comm_hook!r} is a DDP gradient hook; train.mode 'average' exchanges "
-            "weights once per round, so it applies only to a DDP warm-up "
-            "(train.averaging.warmup_ddp_epochs > 0): set it to 'none'",
-        )
+        # The chosen mode's own checks (fsdp and comm_hook, average and accumulation, ...)
+        # run in the training preflight: a mode module imports torch, a config does not.
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, prefix: str = "train") -> TrainConfig:

@@ -11,8 +11,9 @@ runs before any of that and raises an error that names the file, split or key:
   classification, and its manifest agrees with itself (split rows = sum of shard rows,
   shard paths relative and inside the set);
 * every train and val shard exists with the manifest's size and sha256 (per ``train.verify``:
-  sha256 for ``auto`` under 1 GiB / ``full``, size for ``size``, nothing for ``none``) and its
-  Parquet footer has the manifest's row count;
+  sha256 for ``auto`` under 1 GiB / ``full``, size for ``size``, nothing for ``none``) and
+  holds the manifest's row count (as its format counts them: a Parquet footer, a TFRecord
+  scan; :mod:`pipeline.data.formats`);
 * the train split has at least one row per rank.
 
 The sha256 pass reads the train and val splits once on the driver (about 1 s per GiB); ranks
@@ -26,27 +27,31 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-import pyarrow.parquet as pq
-
 from pipeline.core.configbase import ConfigError
 from pipeline.core.outputs import check_disjoint, check_output_dir
-from pipeline.data.formats import tfrecord
+from pipeline.data.formats import format_of
 from pipeline.data.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
 from pipeline.train.config import TrainConfig
+from pipeline.train.registry import Mode, get_mode
 
-__all__ = ["check_training_inputs"]
+__all__ = ["check_training_data", "check_training_inputs"]
 
 log = logging.getLogger(__name__)
 
 _READ_SPLITS: Final = ("train", "val")
 
 
-def check_training_inputs(cfg: TrainConfig) -> ShardSet:
+def check_training_inputs(cfg: TrainConfig, mode: Mode | None = None) -> ShardSet:
     """Refuse a run that cannot succeed; return the opened shard set.
 
-    Raises ``ConfigError`` (the key to change), :class:`ShardSetError` (the file or split
-    that is damaged) or ``ValueError`` (data that cannot be trained on).
+    The one preflight of every entry point: :func:`pipeline.fit` runs it on the driver before
+    launching, ``python -m pipeline.worker`` on rank 0 before joining the process group.
+    ``mode`` defaults to the registered ``train.mode``. Raises ``ConfigError`` (the key to
+    change), :class:`ShardSetError` (the file or split that is damaged) or ``ValueError``
+    (data that cannot be trained on).
     """
+    mode = mode or get_mode(cfg.mode)
+    mode.check_config(cfg)  # settings first: they need no I/O
     check_disjoint(
         {
             "train.output": cfg.output,
@@ -57,22 +62,39 @@ def check_training_inputs(cfg: TrainConfig) -> ShardSet:
     check_output_dir("train.output", cfg.output, "bundle")
     check_output_dir("train.checkpoint.dir", cfg.checkpoint.dir, "checkpoints")
     shards = ShardSet.open(cfg.dataset)
-    _check_label(cfg, shards)
-    train = shards.split("train")
-    if train.rows < cfg.num_workers:
-        what = "no rows" if train.rows == 0 else f"only {train.rows} row(s)"
-        raise ConfigError(
-            "train.num_workers",
-            f"split 'train' of {cfg.dataset} has {what}: too few for train.num_workers="
-            f"{cfg.num_workers} ranks (each rank needs at least one row); lower "
-            "train.num_workers or check the ETL's quarantine",
-        )
+    check_training_data(cfg, shards, mode=mode)
     for name in _READ_SPLITS:  # the cheap checks above first; these read every file
         split = shards.splits.get(name)
         if split is not None:
             _check_split(shards, split, cfg.verify)
-    log.info("preflight: %s passed (%d train rows, verify=%s)", cfg.dataset, train.rows, cfg.verify)
+    rows = shards.split("train").rows
+    log.info("preflight: %s passed (%d train rows, verify=%s)", cfg.dataset, rows, cfg.verify)
     return shards
+
+
+def check_training_data(
+    cfg: TrainConfig, shards: ShardSet, *, workers: int | None = None, mode: Mode | None = None
+) -> None:
+    """The cheap checks (manifest only) that every mode makes, also inside each rank or task.
+
+    The mode's own config and data checks, the label task and classes, and at least one
+    training row per worker (``workers``: the job's world size, default
+    ``train.num_workers``).
+    """
+    mode = mode or get_mode(cfg.mode)
+    mode.check_config(cfg)
+    _check_label(cfg, shards)
+    workers = cfg.num_workers if workers is None else workers
+    train = shards.split("train")
+    if train.rows < workers:
+        what = "no rows" if train.rows == 0 else f"only {train.rows} row(s)"
+        raise ConfigError(
+            "train.num_workers",
+            f"split 'train' of {cfg.dataset} has {what}: too few for train.num_workers="
+            f"{workers} ranks (each rank needs at least one row); lower "
+            "train.num_workers or check the ETL's quarantine",
+        )
+    mode.check_data(cfg, shards)
 
 
 def _check_label(cfg: TrainConfig, shards: ShardSet) -> None:
@@ -114,20 +136,13 @@ def _check_path(shards: ShardSet, shard: ShardInfo) -> None:
 
 
 def _check_footer(shards: ShardSet, shard: ShardInfo) -> None:
-    shown = shards.shard_uri(shard)
-    try:
-        if shards.file_format == "tfrecord":  # no footer: count the records (checks length CRCs)
-            path = shards.shard_path(shard)
-            rows = tfrecord.index_shard(shards.fs, path, 1 << 30, where=shown).num_rows
-        else:
-            with shards.fs.open_input_file(shards.shard_path(shard)) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
+    shown, fmt = shards.shard_uri(shard), format_of(shards)
+    try:  # a Parquet footer; TFRecord has none: its records are counted (length CRCs checked)
+        rows = fmt.count_rows(shards.fs, shards.shard_path(shard), where=shown)
     except FileNotFoundError as e:
         raise ShardSetError(f"shard {shown} is missing (listed in the manifest)") from e
     except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid is a ValueError
-        raise ShardSetError(
-            f"shard {shown} is not a readable {shards.file_format} file: {e}"
-        ) from e
+        raise ShardSetError(f"shard {shown} is not a readable {fmt.name} file: {e}") from e
     if rows != shard.rows:
         raise ShardSetError(
             f"shard {shown} has {rows} rows, the manifest says {shard.rows} "

@@ -31,6 +31,8 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.metrics import EvalSums
 from pipeline.train.models import cnn, mlp
 from pipeline.train.modes.fsdp import load_full_state, shard_model, sharding_units
+from pipeline.train.preflight import check_training_inputs
+from pipeline.train.registry import get_mode
 from tests.integration.test_training import (
     _assert_same_weights,
     _merge,
@@ -269,10 +271,11 @@ def test_each_rank_holds_its_share_of_parameters_and_optimizer_state(tmp_path: P
 
 @pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
 def test_fsdp_config_refuses_ddp_comm_hooks(tmp_path: Path, hook: str) -> None:
+    """The mode's own check, which the preflight runs on the driver before any rank starts."""
     with pytest.raises(ConfigError, match=r"train\.comm_hook") as e:
-        _cfg(tmp_path, "set", comm_hook=hook)
+        check_training_inputs(_cfg(tmp_path, "set", comm_hook=hook))
     assert e.value.key == "train.comm_hook" and "fsdp" in str(e.value)
-    assert _cfg(tmp_path, "set", mode="ddp", comm_hook=hook).comm_hook == hook
+    get_mode("ddp").check_config(_cfg(tmp_path, "set", mode="ddp", comm_hook=hook))
 
 
 def test_fsdp_worker_cli_names_the_refused_key(tmp_path: Path) -> None:

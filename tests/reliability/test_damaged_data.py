@@ -15,7 +15,7 @@ from jobs.cli import main
 from pipeline.core.configbase import to_dict
 from pipeline.launch.launcher import run_distributed
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import train_worker
+from pipeline.train.loop import train_worker
 from pipeline.train.preflight import check_training_inputs
 from tests import corpus
 from tests.reliability.helpers import train_config_file, train_section

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import launcher
+from pipeline.launch import errors, launcher
 from pipeline.runtime import progress
 from pipeline.runtime.faults import (
     EXIT_CODE,
@@ -178,6 +178,6 @@ def test_a_lost_executor_is_named_from_sparks_reason() -> None:
         "(executor 1 exited caused by one of the running tasks) Reason: Command exited with "
         "code 137\nDriver stacktrace:\n\tat org.apache.spark.Foo(Foo.scala:1)"
     )
-    err = launcher._from_spark_error(RuntimeError(text), attempt=0)
+    err = errors.from_spark_error(RuntimeError(text), attempt=0)
     assert (err.rank, err.exc_type) == (1, "ExecutorLostFailure")
     assert err.exc_message.endswith("Reason: Command exited with code 137")

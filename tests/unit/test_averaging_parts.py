@@ -22,6 +22,7 @@ from pipeline.train.modes.average import (
     reduce_layout,
     shard_view,
 )
+from pipeline.train.registry import get_mode
 from tests.shards import make_shardset
 
 
@@ -156,14 +157,16 @@ def test_averaging_config_errors_name_the_key(averaging: dict[str, Any], key: st
 
 
 def test_average_mode_rejects_settings_it_cannot_honour() -> None:
+    """The mode's own checks (run by the training preflight on the driver, before launch)."""
+    mode = get_mode("average")
     with pytest.raises(ConfigError, match=r"raise train\.batch_size") as e:
-        _train(grad_accum_steps=4)
+        mode.check_config(_train(grad_accum_steps=4))
     assert e.value.key == "train.grad_accum_steps"
     with pytest.raises(ConfigError, match="DDP warm-up") as e:
-        _train(comm_hook="fp16")
+        mode.check_config(_train(comm_hook="fp16"))
     assert e.value.key == "train.comm_hook"
     # The hook is fine when a DDP warm-up uses it.
-    assert _train(comm_hook="fp16", averaging={"warmup_ddp_epochs": 1}).comm_hook == "fp16"
+    mode.check_config(_train(comm_hook="fp16", averaging={"warmup_ddp_epochs": 1}))
     # DDP runs ignore the averaging section.
     assert TrainConfig.from_mapping({"grad_accum_steps": 4}).averaging == AveragingConfig()
 
@@ -178,7 +181,7 @@ def test_local_length_defaults_to_one_epoch() -> None:
 
 def test_the_ddp_worker_refuses_average_mode() -> None:
     """Under torchrun (no Spark) an averaging config must not silently run as DDP."""
-    from pipeline.train.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     with pytest.raises(ConfigError) as e:
         train_worker({"mode": "average"})

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.launch import launcher
+from pipeline.launch import errors, launcher
 from pipeline.runtime import distenv, logchannel, progress, rankrun
 from pipeline.runtime.rankrun import RankInfo
 
@@ -339,15 +339,15 @@ class _CustomError(Exception):
 
 
 def test_errors_take_the_rank_exception_type_when_the_driver_has_it() -> None:
-    err = launcher._error(1, "ValueError", "builtins", "bad", ["l1", "ValueError: bad"], 0)
+    err = errors.rank_error(1, "ValueError", "builtins", "bad", ["l1", "ValueError: bad"], 0)
     assert isinstance(err, ValueError) and isinstance(err, launcher.DistributedError)
     assert str(err).startswith("rank 1 failed with ValueError: bad (attempt 0)")
     assert str(err).endswith("l1\nValueError: bad")
-    custom = launcher._error(0, "_CustomError", __name__, "x", [], 0)
+    custom = errors.rank_error(0, "_CustomError", __name__, "x", [], 0)
     assert isinstance(custom, _CustomError)
-    unknown = launcher._error(0, "Gone", "no.such.module", "x", [], 0)
+    unknown = errors.rank_error(0, "Gone", "no.such.module", "x", [], 0)
     assert type(unknown) is launcher.DistributedError
-    key = launcher._error(0, "KeyError", "builtins", "'k'", [], 0)
+    key = errors.rank_error(0, "KeyError", "builtins", "'k'", [], 0)
     assert isinstance(key, KeyError) and str(key).startswith("rank 0 failed with KeyError")
 
 
@@ -380,7 +380,7 @@ def test_spark_error_text_is_parsed_when_no_rank_reported() -> None:
         "MemoryError: out of memory\n\tat org.apache.spark.Foo(Foo.scala:1)\n"
     )
     outputs = {1: ["last words of rank 1"], 0: ["rank 0 output"]}
-    err = launcher._from_spark_error(RuntimeError(text), attempt=2, outputs=outputs)
+    err = errors.from_spark_error(RuntimeError(text), attempt=2, outputs=outputs)
     assert (err.rank, err.exc_type, err.exc_message) == (1, "MemoryError", "out of memory")
     assert err.tail == [
         "last words of rank 1",
@@ -393,9 +393,10 @@ def test_spark_error_text_is_parsed_when_no_rank_reported() -> None:
 
 def test_all_failed_lists_every_attempt() -> None:
     errs = [
-        launcher._error(1, "ValueError", "builtins", f"boom {a}", [f"tail {a}"], a) for a in (0, 1)
+        errors.rank_error(1, "ValueError", "builtins", f"boom {a}", [f"tail {a}"], a)
+        for a in (0, 1)
     ]
-    err = launcher._all_failed(errs)
+    err = errors.all_failed(errs)
     lines = str(err).splitlines()
     assert lines[0] == "all 2 attempts failed:"
     assert lines[1].startswith("  attempt 0: rank 1 failed with ValueError: boom 0")

@@ -165,7 +165,7 @@ def test_training_side_imports_without_pyspark() -> None:
     import sys
 
     code = (
-        "import sys, pipeline.worker, pipeline.train.engine, pipeline.train.bundle, pipeline.launch.fit; "
+        "import sys, pipeline.worker, pipeline.train.loop, pipeline.train.bundle, pipeline.launch.fit; "
         "sys.exit('pyspark' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

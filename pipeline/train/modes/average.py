@@ -1,5 +1,8 @@
 """Map-reduce model averaging (``train.mode: average``): local SGD / FedAvg as Spark jobs.
 
+This module is the Spark-free half — a worker's round and the reduce; the driver that runs
+one Spark job per round is :mod:`pipeline.launch.rounds`.
+
 No barrier and no process group: every round is one ordinary Spark job. For round ``r``
 the driver broadcasts the global weights; each of ``train.num_workers`` tasks builds the
 model, loads them, trains ``train.averaging.local_epochs`` epochs (or ``local_steps``
@@ -50,56 +53,48 @@ own steps.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
-import random
-import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
 
 from pipeline.core import storage
-from pipeline.core.configbase import to_dict
+from pipeline.core.configbase import check
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import ShardSet
-from pipeline.launch.fit import TrainResult, _train
+from pipeline.runtime import distenv
 from pipeline.runtime.faults import Fault, parse_fault
 from pipeline.runtime.rankrun import scoped_environ
-from pipeline.runtime.timeouts import watchdog
-from pipeline.train import bundle
+from pipeline.train import engine
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import ResumeError, builder_args, model_shape
-from pipeline.train.metrics import EvalSums, loss_fn
-from pipeline.train.models import build_model
-from pipeline.train.optim import LRFactor, build_optimizer
-
-if TYPE_CHECKING:
-    from pyspark import Broadcast, SparkContext
-
-    from pipeline.launch.launcher import DistributedError
+from pipeline.train.metrics import loss_fn
+from pipeline.train.optim import LRFactor
+from pipeline.train.registry import Mode
 
 __all__ = [
+    "MODE",
     "MODEL_PREFIX",
     "OPTIMIZER_PREFIX",
+    "WARMUP_DIR",
+    "WORKERS_DIR",
+    "AverageMode",
     "Contribution",
     "RoundSpec",
     "average",
     "combine",
     "contribution",
-    "fit_average",
     "load_optimizer_tensors",
     "optimizer_tensors",
     "pack",
+    "prefixed",
     "reduce_layout",
+    "section",
     "shard_view",
     "train_round",
     "unpack",
@@ -238,11 +233,13 @@ def unpack(blob: bytes) -> dict[str, torch.Tensor]:
     return dict(safetensors.torch.load(blob))
 
 
-def _section(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def section(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (e.g. :data:`MODEL_PREFIX`), with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every key under ``prefix``."""
     return {prefix + k: v for k, v in tensors.items()}
 
 
@@ -278,7 +275,7 @@ class RoundSpec:
     """0-based rerun of this round's job by the driver."""
     epoch_offset: int = 0
     """Reader epochs the DDP warm-up used: averaging continues with the next ones."""
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables (``fit(env=…)``), set while the task trains."""
 
 
@@ -312,13 +309,15 @@ def train_round(
     """Train worker ``worker``'s part of round ``spec.round`` from the broadcast ``payload``.
 
     ``attempt`` counts earlier tries of this task (for ``SPARK_TRAIN_FAULT``); ``threads``
-    is torch's intra-op thread count (``spark.task.cpus``). Deterministic for given inputs.
+    is torch's intra-op thread count (``spark.task.cpus``). The device is the task's GPU when
+    Spark assigned one (``spec.env`` carries the launcher's device variables), else the CPU.
+    Deterministic for given inputs.
     """
     cfg = TrainConfig.from_mapping(spec.config)
     shards = ShardSet.open(cfg.dataset)
     with (
         scoped_environ(spec.env),
-        _deterministic(threads),
+        engine.deterministic(threads),
         _train_reader(cfg, shards, worker) as reader,
     ):
         if reader.steps_per_epoch == 0:
@@ -327,16 +326,18 @@ def train_round(
                 f"(train.averaging.partition={cfg.averaging.partition!r}, "
                 f"train.num_workers={cfg.num_workers})"
             )
-        _seed(cfg.seed, spec.round, worker)
-        model = _new_model(cfg, shards)
+        device, _ = distenv.device_and_backend()
+        engine.seed_from(cfg.seed, spec.round, worker)
+        model = engine.new_model(cfg, shards)
         received = unpack(payload)
-        model.load_state_dict(_section(received, MODEL_PREFIX))
-        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        model.load_state_dict(section(received, MODEL_PREFIX))
+        model.to(device)
+        optimizer = engine.new_optimizer(model, cfg)
         state = _optimizer_state(cfg, spec, worker, received)
         if state:
             load_optimizer_tensors(optimizer, state)
         steps = _steps(cfg, spec, reader.steps_per_epoch)
-        loop = _LocalLoop(cfg, model, optimizer, warmup=spec.epoch_offset == 0)
+        loop = _LocalLoop(cfg, model, optimizer, device, warmup=spec.epoch_offset == 0)
         loop.run(reader, steps, fault=parse_fault(), worker=worker, attempt=attempt)
     return contribution(
         _results(cfg, spec, worker, model, optimizer),
@@ -355,10 +356,10 @@ def _results(
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, torch.Tensor]:
     """What the worker sends back; with ``optimizer_state: local`` it stores its state."""
-    tensors = _prefixed(model.state_dict(), MODEL_PREFIX)
+    tensors = prefixed(model.state_dict(), MODEL_PREFIX)
     own = optimizer_tensors(optimizer.state_dict())
     if cfg.averaging.optimizer_state == "average":
-        tensors.update(_prefixed(own, OPTIMIZER_PREFIX))
+        tensors.update(prefixed(own, OPTIMIZER_PREFIX))
     elif cfg.averaging.optimizer_state == "local":
         _worker_checkpoints(cfg, worker).save(spec.round + 1, {"optimizer": own})
     return tensors
@@ -377,48 +378,13 @@ def _optimizer_state(
         assert saved is not None, "load(step) raises rather than returning None"
         return dict(saved["optimizer"])
     # average, or local in round 0: what the driver sent (the DDP warm-up's state, if any)
-    return _section(received, OPTIMIZER_PREFIX)
+    return section(received, OPTIMIZER_PREFIX)
 
 
 def _worker_checkpoints(cfg: TrainConfig, worker: int) -> CheckpointManager:
     # One more than the driver keeps, so every global checkpoint has its workers' states.
     uri = storage.join(cfg.checkpoint.dir, WORKERS_DIR, f"worker-{worker:05d}")
     return CheckpointManager(uri, keep=cfg.checkpoint.keep + 1)
-
-
-@contextlib.contextmanager
-def _deterministic(threads: int) -> Iterator[None]:
-    """Deterministic kernels and ``threads`` torch threads, restored afterwards (reused workers)."""
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.get_num_threads(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.set_num_threads(before[2])
-
-
-def _seed(*key: int) -> None:
-    """Seed Python's, NumPy's and torch's generators from ``key`` (seed, round, worker)."""
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
-    input_shape, num_outputs = model_shape(cfg, shards)
-    return build_model(
-        cfg.model.builder,
-        input_shape=input_shape,
-        num_outputs=num_outputs,
-        args=builder_args(cfg),
-    )
 
 
 def _train_reader(cfg: TrainConfig, shards: ShardSet, worker: int) -> ShardReader:
@@ -451,9 +417,17 @@ class _LocalLoop:
     """A worker's optimizer steps of one round."""
 
     def __init__(
-        self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, *, warmup: bool
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        warmup: bool,
     ) -> None:
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.cfg, self.model, self.optimizer, self.device = cfg, model, optimizer, device
+        self.stepper = engine.Stepper(cfg, model, optimizer)
+        self.autocast = engine.autocast(cfg, device)
         self.warmup_steps = cfg.lr_schedule.warmup_steps if warmup else 0
         self.loss_sum = 0.0
         self.rows = 0
@@ -465,16 +439,16 @@ class _LocalLoop:
         cfg = self.cfg
         factor = LRFactor(cfg.lr_schedule.name, self.warmup_steps, steps.total)
         reader.load_state_dict({"epoch": steps.epoch, "batches_in_epoch": steps.batch})
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         done = 0
         while done < steps.count:
             for batch in reader:
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.optimizer.lr * factor(steps.first + done)
-                loss = self._step(batch.features, batch.labels)
-                loss_sum.add_(loss, alpha=batch.labels.shape[0])
-                self.rows += batch.labels.shape[0]
+                x, y = engine.to_device(self.device, batch.features, batch.labels)
+                loss_sum.add_(self._step(x, y), alpha=y.shape[0])
+                self.rows += y.shape[0]
                 done += 1
                 if fault is not None:
                     fault.maybe_fire(rank=worker, step=steps.first + done, attempt=attempt)
@@ -483,439 +457,49 @@ class _LocalLoop:
         self.loss_sum = float(loss_sum)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with _autocast(self.cfg):
+        with self.autocast:
             loss = loss_fn(self.model(x), y, self.cfg.task, reduction="mean")
         loss.backward()
-        if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper()
         return loss.detach()
 
 
-def _autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
-    if cfg.precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+class AverageMode(Mode):
+    """Model averaging: one Spark job per round (:mod:`pipeline.launch.rounds`)."""
 
+    name: ClassVar[str] = "average"
+    launcher: ClassVar[str] = "rounds"
 
-# -- the Spark job of a round ------------------------------------------------------------------
-def _round_task(
-    spec: RoundSpec, payload: Broadcast[bytes], workers: int
-) -> Callable[[int, Iterable[int]], Iterator[Contribution]]:
-    def task(index: int, _: Iterable[int]) -> Iterator[Contribution]:
-        if index >= workers:  # padding: see reduce_layout
-            return
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        tries = ctx.attemptNumber() if ctx is not None else 0
-        threads = ctx.cpus() if ctx is not None else 1
-        try:
-            # A task that reads no batch for stall_limit_s(train.timeout_s) ends its process
-            # (the round's job fails and the driver reruns it): no round waits forever.
-            with watchdog(index, float(spec.config.get("timeout_s", 600.0))):
-                result = train_round(
-                    spec, index, payload.value, attempt=spec.attempt + tries, threads=threads
-                )
-        except Exception as exc:
-            # Spark's error carries the traceback but not the partition: name it here.
-            kind = type(exc)
-            exc.add_note(f"[{_NOTE} {index} raised {kind.__module__}:{kind.__qualname__}]")
-            raise
-        yield result
-
-    return task
-
-
-_NOTE = "spark-train averaging: worker"
-_NOTE_RE = re.compile(rf"\[{_NOTE} (\d+) raised ([\w.]*):([\w.]+)\]")
-
-
-def _task_error(err: BaseException, attempt: int) -> DistributedError:
-    """A failed round job as :class:`~pipeline.launch.launcher.DistributedError` naming the worker."""
-    from pipeline.launch.launcher import _error, _from_spark_error
-
-    base = _from_spark_error(err, attempt)
-    found = _NOTE_RE.search(str(err))
-    if found is None:  # no Python exception: the worker process crashed
-        return base
-    worker, module, qualname = int(found.group(1)), found.group(2), found.group(3)
-    return _error(worker, qualname, module, base.exc_message, base.tail, attempt)
-
-
-def _run_job(
-    sc: SparkContext, spec: RoundSpec, payload: Broadcast[bytes], workers: int
-) -> Contribution:
-    """One attempt at a round: the training tasks and the tree reduce of their results."""
-    partitions, depth = reduce_layout(workers)
-    rdd = sc.parallelize(range(partitions), partitions).mapPartitionsWithIndex(
-        _round_task(spec, payload, workers)
-    )
-    sc.setJobDescription(f"spark-train average: round {spec.round} (attempt {spec.attempt})")
-    try:
-        total = rdd.treeReduce(combine, depth=depth)
-    finally:
-        sc.setJobDescription(None)  # type: ignore[arg-type]
-    assert total.workers == workers, f"{total.workers} of {workers} workers reduced"
-    return total
-
-
-# -- the driver ---------------------------------------------------------------------------------
-def fit_average(
-    cfg: TrainConfig,
-    spark: Any = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    show_progress: bool | None = None,
-) -> TrainResult:
-    """Train ``cfg`` (``train.mode: average``) on Spark; see the module docstring.
-
-    ``spark`` is the session (default: the active one); ``env`` adds environment variables to
-    every task; ``show_progress`` applies to the DDP warm-up (rounds are logged). Raises
-    :class:`pipeline.launch.launcher.DistributedError` naming the failing worker when a round's job
-    failed ``train.max_attempts`` times, and :class:`pipeline.train.engine.ResumeError` when
-    ``train.checkpoint.dir`` holds an unfinished run and ``train.resume`` is false.
-    """
-    from pipeline.launch.launcher import _require_driver, _spark_context
-
-    _require_driver("fit_average")
-    if cfg.mode != "average":
-        raise ValueError(f"fit_average trains train.mode 'average', got {cfg.mode!r}")
-    driver = _Driver(cfg, spark, _spark_context(spark), dict(env or {}), show_progress)
-    try:
-        return driver.run()
-    finally:
-        driver.close()
-
-
-def _check_data(cfg: TrainConfig, shards: ShardSet) -> None:
-    """Every worker must get training rows (a clear error before any job starts)."""
-    if shards.task != cfg.task:
-        raise ValueError(
-            f"train.task is {cfg.task!r} but the shard set {cfg.dataset} was built for "
-            f"{shards.task!r}"
+    def check_config(self, cfg: TrainConfig) -> None:
+        """Accumulation has no meaning per round; DDP's comm hooks only in the warm-up."""
+        check(
+            cfg.grad_accum_steps == 1,
+            "train.grad_accum_steps",
+            f"must be 1 with train.mode 'average' (got {cfg.grad_accum_steps}): each worker "
+            "steps on every batch of its own; raise train.batch_size instead",
         )
-    split, workers = shards.split("train"), cfg.num_workers
-    if cfg.averaging.partition == "rows":
-        if split.rows // workers == 0:
+        check(
+            cfg.comm_hook == "none" or cfg.averaging.warmup_ddp_epochs > 0,
+            "train.comm_hook",
+            f"{cfg.comm_hook!r} is a DDP gradient hook; train.mode 'average' exchanges "
+            "weights once per round, so it applies only to a DDP warm-up "
+            "(train.averaging.warmup_ddp_epochs > 0): set it to 'none'",
+        )
+
+    def check_data(self, cfg: TrainConfig, shards: ShardSet) -> None:
+        """With ``partition: shards`` every worker must get at least one shard with rows."""
+        if cfg.averaging.partition != "shards":
+            return
+        split, workers = shards.split("train"), cfg.num_workers
+        rows = [sum(s.rows for s in split.shards[i::workers]) for i in range(workers)]
+        empty = [i for i, n in enumerate(rows) if n == 0]
+        if empty:
             raise ValueError(
-                f"split 'train' of {cfg.dataset} has {split.rows} rows: too few for "
-                f"train.num_workers={workers} workers (each needs at least one row)"
+                f"train.averaging.partition 'shards' leaves worker(s) {empty} without rows: "
+                f"split 'train' of {cfg.dataset} has {len(split.shards)} shard(s) for "
+                f"train.num_workers={workers} (rows per worker {rows}); use partition 'rows' "
+                "or fewer workers"
             )
-        return
-    rows = [sum(s.rows for s in split.shards[i::workers]) for i in range(workers)]
-    empty = [i for i, n in enumerate(rows) if n == 0]
-    if empty:
-        raise ValueError(
-            f"train.averaging.partition 'shards' leaves worker(s) {empty} without rows: split "
-            f"'train' of {cfg.dataset} has {len(split.shards)} shard(s) for train.num_workers="
-            f"{workers} (rows per worker {rows}); use partition 'rows' or fewer workers"
-        )
 
 
-class _Driver:
-    """The driver's state across rounds; methods are the phases of :func:`fit_average`."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        spark: Any,
-        sc: SparkContext,
-        env: dict[str, str],
-        show_progress: bool | None,
-    ) -> None:
-        self.cfg, self.avg, self.spark, self.sc = cfg, cfg.averaging, spark, sc
-        self.env, self.show_progress = env, show_progress
-        self.shards = ShardSet.open(cfg.dataset)
-        _check_data(cfg, self.shards)
-        self.input_shape, self.num_outputs = model_shape(cfg, self.shards)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # the same initial model as a DDP run's
-            self.model = _new_model(cfg, self.shards)
-        self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.optimizer: dict[str, torch.Tensor] = {}  # global optimizer state to broadcast
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
-        self.history: list[dict[str, Any]] = []  # the DDP warm-up's epochs
-        self.rounds: list[dict[str, Any]] = []
-        self.ddp_steps = 0
-        self.epoch_offset = 0
-        self.resumed_from: int | None = None
-        self.val = self._val_reader()
-        _log_unused(cfg)
-
-    def _val_reader(self) -> ShardReader | None:
-        val = self.shards.splits.get("val")
-        if val is None or not val.rows:
-            return None
-        return ShardReader(
-            self.shards, "val", rank=0, world_size=1, batch_size=4096, shuffle=False,
-            verify=self.cfg.verify,
-        )  # fmt: skip
-
-    def close(self) -> None:
-        """Stop the val reader's prefetch thread."""
-        if self.val is not None:
-            self.val.close()
-
-    def run(self) -> TrainResult:
-        """Resume or start, train the remaining rounds, write the bundle."""
-        self._start()
-        for r in range(len(self.rounds), self.avg.rounds):
-            self.rounds.append(self._round(r))
-            self._checkpoint()
-        return self._finish()
-
-    # -- start / resume ----------------------------------------------------------------------
-    def _start(self) -> None:
-        step = self._resume_step()
-        if step is not None:
-            self._load(step)
-            self.resumed_from = step
-            return
-        # A fresh start: per-worker states of an earlier, uncheckpointed run are stale.
-        _delete_dir(storage.join(self.cfg.checkpoint.dir, WORKERS_DIR))
-        if self.avg.warmup_ddp_epochs:
-            self._warm_up()
-
-    def _resume_step(self) -> int | None:
-        """The checkpoint (completed rounds) to continue from, following ``train.resume``."""
-        latest = self.ckpt.latest_step()
-        directory = self.cfg.checkpoint.dir
-        if latest is None:
-            if self.cfg.resume:
-                log.warning(
-                    "train.resume is true but %s holds no checkpoint; starting fresh", directory
-                )
-            return None
-        if self.cfg.resume:
-            return latest
-        state = self.ckpt.load(latest)
-        if state is not None and state.get("finished"):
-            log.warning("deleting the checkpoints of a finished earlier run from %s", directory)
-            for step in self.ckpt.steps():
-                _delete_dir(self.ckpt.path(step))
-            _delete_dir(storage.join(directory, WARMUP_DIR))
-            return None
-        raise ResumeError(
-            f"train.checkpoint.dir {directory} holds checkpoints of an unfinished run (latest "
-            f"step {latest}): set train.resume=true to continue it, or point "
-            "train.checkpoint.dir at an empty directory to start over"
-        )
-
-    def _load(self, step: int) -> None:
-        state = self.ckpt.load(step)
-        directory = self.cfg.checkpoint.dir
-        if state is None or state.get("mode") != "average":
-            raise ResumeError(
-                f"checkpoint step {step} in {directory} was not written by train.mode 'average'; "
-                "point train.checkpoint.dir at an empty directory to start over"
-            )
-        for key, value in self._settings().items():
-            if state["settings"].get(key) != value:
-                raise ResumeError(
-                    f"checkpoint step {step} in {directory} was written with {key}="
-                    f"{state['settings'].get(key)!r}; this run has {value!r}: resuming needs "
-                    "the same value"
-                )
-        self.weights = dict(state["model"])
-        self.optimizer = dict(state["optimizer"])
-        self.rounds = list(state["rounds"])
-        self.history = list(state["history"])
-        self.ddp_steps = int(state["ddp_steps"])
-        self.epoch_offset = int(state["epoch_offset"])
-        log.info("resuming model averaging from %s after round %d", self.ckpt.path(step), step)
-
-    def _settings(self) -> dict[str, Any]:
-        """What a resumed run must share with the checkpoint for its rounds to make sense."""
-        return {
-            "train.num_workers": self.cfg.num_workers,
-            "train.averaging.partition": self.avg.partition,
-            "train.averaging.optimizer_state": self.avg.optimizer_state,
-        }
-
-    def _warm_up(self) -> None:
-        """``warmup_ddp_epochs`` of DDP; averaging continues from its final checkpoint."""
-        cfg, warm = self.cfg, storage.join(self.cfg.checkpoint.dir, WARMUP_DIR)
-        root = storage.join(warm, "ckpt")
-        ddp = cfg.replace(
-            mode="ddp",
-            epochs=self.avg.warmup_ddp_epochs,
-            checkpoint=dataclasses.replace(cfg.checkpoint, dir=root),
-            output=storage.join(warm, "model"),
-            lr_schedule=dataclasses.replace(cfg.lr_schedule, name="constant"),
-        )
-        log.info("DDP warm-up: %d epoch(s) before averaging", ddp.epochs)
-        result = _train(ddp, self.spark, env=self.env, show_progress=self.show_progress)
-        state = CheckpointManager(root).load()
-        if state is None:
-            raise RuntimeError(f"the DDP warm-up left no checkpoint in {root}")
-        self.weights = dict(state["model"])
-        if self.avg.optimizer_state != "reset":
-            self.optimizer = _prefixed(optimizer_tensors(state["optimizer"]), OPTIMIZER_PREFIX)
-        self.history = [dict(e, phase="ddp") for e in result.epochs]
-        self.ddp_steps = result.steps
-        self.epoch_offset = ddp.epochs
-
-    # -- rounds ------------------------------------------------------------------------------
-    def _round(self, r: int) -> dict[str, Any]:
-        started = time.perf_counter()
-        payload = pack({**_prefixed(self.weights, MODEL_PREFIX), **self.optimizer})
-        handle = self.sc.broadcast(payload)
-        try:
-            total, attempts = self._run_round(r, handle)
-        finally:
-            handle.destroy()
-        new = average(total)
-        self.weights = _section(new, MODEL_PREFIX)
-        if self.avg.optimizer_state == "average":
-            self.optimizer = _prefixed(_section(new, OPTIMIZER_PREFIX), OPTIMIZER_PREFIX)
-        else:
-            self.optimizer = {}  # local: the workers keep their own from now on
-        seconds = time.perf_counter() - started
-        record: dict[str, Any] = {
-            "epoch": len(self.history) + r,
-            "phase": "average",
-            "round": r,
-            "train_loss": total.loss_sum / total.samples if total.samples else None,
-        }
-        record.update(self._evaluate())
-        record.update(
-            samples=total.samples,
-            local_steps=total.steps,
-            bytes_sent=len(payload) * self.cfg.num_workers,
-            bytes_received=total.nbytes,
-            attempts=attempts,
-            seconds=seconds,
-            eval_seconds=time.perf_counter() - started - seconds,
-        )
-        log.info("round %d/%d: %s", r + 1, self.avg.rounds, record)
-        return record
-
-    def _run_round(self, r: int, payload: Broadcast[bytes]) -> tuple[Contribution, int]:
-        """Run the round's job, rerunning it up to ``train.max_attempts`` times."""
-        from pipeline.launch.launcher import _all_failed
-
-        failures: list[DistributedError] = []
-        for attempt in range(self.cfg.max_attempts):
-            spec = RoundSpec(
-                config=to_dict(self.cfg),
-                round=r,
-                attempt=attempt,
-                epoch_offset=self.epoch_offset,
-                env=self.env,
-            )
-            try:
-                return _run_job(self.sc, spec, payload, self.cfg.num_workers), attempt + 1
-            except Exception as err:
-                failure = _task_error(err, attempt)
-                failures.append(failure)
-                log.warning(
-                    "round %d, attempt %d of %d failed: %s",
-                    r,
-                    attempt + 1,
-                    self.cfg.max_attempts,
-                    failure.message.split("\n", 1)[0],
-                )
-        error = _all_failed(failures)
-        error.message = (
-            f"model averaging round {r} failed in {len(failures)} attempt(s) "
-            f"(train.max_attempts): {error.message}"
-        )
-        raise error
-
-    @torch.no_grad()
-    def _evaluate(self) -> dict[str, float | None]:
-        """Loss and accuracy / RMSE of the global model on the whole val split."""
-        sums = EvalSums(self.cfg.task)
-        if self.val is None:
-            return sums.result(prefix="val_")
-        self.model.load_state_dict(self.weights)
-        self.model.eval()
-        self.val.set_epoch(0)
-        for batch in self.val:
-            if batch.labels.shape[0]:
-                with _autocast(self.cfg):
-                    sums.add(self.model(batch.features), batch.labels)
-        return sums.result(prefix="val_")
-
-    def _checkpoint(self) -> None:
-        done = len(self.rounds)
-        self.ckpt.save(
-            done,
-            {
-                "mode": "average",
-                "model": self.weights,
-                "optimizer": self.optimizer,
-                "rounds": self.rounds,
-                "history": self.history,
-                "ddp_steps": self.ddp_steps,
-                "epoch_offset": self.epoch_offset,
-                "settings": self._settings(),
-                "finished": done == self.avg.rounds,
-            },
-        )
-
-    # -- output ------------------------------------------------------------------------------
-    def _finish(self) -> TrainResult:
-        cfg = self.cfg
-        self.model.load_state_dict(self.weights)
-        steps = self.ddp_steps + sum(int(r["local_steps"]) for r in self.rounds)
-        attempt = max((int(r["attempts"]) for r in self.rounds), default=1) - 1
-        metrics = {
-            "mode": "average",
-            "epochs": [*self.history, *self.rounds],
-            "rounds": self.rounds,
-            "steps": steps,
-            "world_size": cfg.num_workers,
-            "attempts": attempt + 1,
-            "resumed_from": self.resumed_from,
-            "synchronizations": self.ddp_steps + len(self.rounds),
-            "bytes_sent": sum(int(r["bytes_sent"]) for r in self.rounds),
-            "bytes_received": sum(int(r["bytes_received"]) for r in self.rounds),
-            "averaging": to_dict(self.avg),
-        }
-        spec = bundle.model_spec(
-            cfg, self.shards, input_shape=self.input_shape, num_outputs=self.num_outputs
-        )
-        uri = bundle.write_bundle(
-            cfg.output,
-            model=self.model,
-            spec=spec,
-            metrics=metrics,
-            config={"train": to_dict(cfg)},
-            features_uri=bundle.features_source(self.shards),
-        )
-        return TrainResult(
-            epochs=[*self.history, *self.rounds],
-            bundle=uri,
-            steps=steps,
-            attempt=attempt,
-            resumed_from=self.resumed_from,
-            world_size=cfg.num_workers,
-            rounds=list(self.rounds),
-        )
-
-
-def _delete_dir(uri: str) -> None:
-    fs, path = storage.resolve(uri)
-    if storage.exists(fs, path):
-        fs.delete_dir(path)
-
-
-def _log_unused(cfg: TrainConfig) -> None:
-    """Say which settings this mode does not use (they are valid for the other modes)."""
-    avg = cfg.averaging
-    length = (
-        f"{avg.rounds} round(s) × {avg.local_steps} local step(s)"
-        if avg.local_steps
-        else f"{avg.rounds} round(s) × {avg.epochs_per_round} local epoch(s)"
-    )
-    log.info(
-        "train.mode 'average': training length is %s after %d DDP warm-up epoch(s); "
-        "train.epochs (%d) is not used, and a checkpoint is written after every round "
-        "(train.checkpoint.every_steps is not used)",
-        length,
-        avg.warmup_ddp_epochs,
-        cfg.epochs,
-    )
+MODE = AverageMode()

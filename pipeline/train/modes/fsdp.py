@@ -1,7 +1,8 @@
 """Fully sharded data parallel training (``train.mode: fsdp``) with FSDP2's ``fully_shard``.
 
-The DDP loop (:mod:`pipeline.train.engine`) runs unchanged in this mode — same launcher, reader,
-checkpoints and bundle — and calls the hooks here where DDP's behaviour does not carry over:
+The training loop (:mod:`pipeline.train.loop`) runs unchanged in this mode — same launcher,
+reader, checkpoints and bundle — and calls :class:`FsdpMode`'s hooks where DDP's behaviour
+does not carry over:
 
 * **Wrapping.** :func:`shard_model` applies ``fully_shard`` bottom-up on one 1-d device mesh
   over all ranks: each direct child of the model that holds parameters (a ``Linear`` or
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from pipeline.core.configbase import check
+from pipeline.train.registry import BarrierMode, WrapContext
+
+if TYPE_CHECKING:
+    from pipeline.train.config import TrainConfig
+
 __all__ = [
+    "MODE",
+    "FsdpMode",
     "ShardedModel",
     "clip_grad_norm_",
     "consolidated_model",
@@ -195,3 +204,63 @@ def consolidated_model(module: nn.Module, build: Callable[[], nn.Module]) -> nn.
     plain = build()
     plain.load_state_dict(state, strict=True, assign=True)
     return plain.eval()
+
+
+class FsdpMode(BarrierMode):
+    """Parameters, gradients and optimizer state sharded over the ranks (FSDP2)."""
+
+    name: ClassVar[str] = "fsdp"
+
+    def check_config(self, cfg: TrainConfig) -> None:
+        """``train.comm_hook`` is DDP's; FSDP reduce-scatters gradients itself."""
+        super().check_config(cfg)
+        check(
+            cfg.comm_hook == "none",
+            "train.comm_hook",
+            f"{cfg.comm_hook!r} is a DDP communication hook; train.mode 'fsdp' "
+            "reduce-scatters gradients itself: set it to 'none'",
+        )
+
+    def place(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """:func:`shard_model`: each unit moves to ``device`` as it is sharded."""
+        return shard_model(module, device)
+
+    def wrap(self, module: nn.Module, ctx: WrapContext) -> nn.Module:
+        """:class:`ShardedModel` (DDP's interface over the in-place sharded module)."""
+        return ShardedModel(module)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Micro-batches still reduce-scatter (see the module docstring)."""
+        assert isinstance(model, ShardedModel), "wrap() made the sharded model"
+        return model.no_sync()
+
+    def clip_grad_norm(self, module: nn.Module, max_norm: float) -> None:
+        """:func:`clip_grad_norm_`: the global norm of the sharded gradients."""
+        clip_grad_norm_(module.parameters(), max_norm)
+
+    def full_state(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:func:`full_state`: gathered onto rank 0."""
+        return full_state(module, optimizer)
+
+    def load_state(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, Any],
+        optim_state: dict[str, Any],
+        *,
+        source: str,
+    ) -> None:
+        """:func:`load_full_state`: each rank keeps its own shard."""
+        load_full_state(module, optimizer, model_state, optim_state, source=source)
+
+    def consolidated(
+        self, module: nn.Module, build: Callable[[], nn.Module], rank: int
+    ) -> nn.Module | None:
+        """:func:`consolidated_model`."""
+        return consolidated_model(module, build)
+
+
+MODE = FsdpMode()

@@ -1,0 +1,198 @@
+"""The driver's view of the Spark session: driver-only guard, SparkContext, barrier slots.
+
+Imports pyspark lazily (inside the functions), so importing it costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.launch.errors import DistributedError, all_failed
+
+if TYPE_CHECKING:
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+__all__ = [
+    "BarrierSlots",
+    "barrier_slots",
+    "check_slots",
+    "cluster_slots",
+    "require_driver",
+    "spark_context",
+]
+
+log = logging.getLogger(__name__)
+
+_SLOT_POLL_S = 0.25
+
+
+def require_driver(name: str) -> None:
+    from pyspark import TaskContext
+
+    if TaskContext.get() is not None:
+        raise RuntimeError(
+            f"{name} is driver-only but was called inside a Spark task; call it from the "
+            "driver program (a training function gets its rank from pipeline.runtime.distenv.current())"
+        )
+
+
+def spark_context(spark: SparkSession | None) -> SparkContext:
+    from pyspark.sql import SparkSession
+
+    if spark is None:
+        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    try:
+        return spark.sparkContext
+    except Exception as err:  # Spark Connect sessions have no SparkContext
+        raise ValueError(
+            "run_distributed needs a classic SparkSession with a SparkContext (barrier mode "
+            f"is not available over Spark Connect): {err}"
+        ) from err
+
+
+@dataclass(frozen=True, kw_only=True)
+class BarrierSlots:
+    """How many barrier tasks the cluster can run at once, and where that number comes from."""
+
+    slots: int
+    master: str
+    executors: int
+    """Registered executors (1 for a local master)."""
+    expected_executors: int | None
+    """Executors the application asked for (``spark.executor.instances``, the N of
+    ``local-cluster[N,…]``), None when unknown."""
+    executor_cores: str
+    """``spark.executor.cores``, the N of ``local[N]``, or ``unset``."""
+    task_cpus: int
+    """``spark.task.cpus``."""
+
+    @property
+    def local(self) -> bool:
+        """True for ``local`` / ``local[N]`` (one in-process executor)."""
+        return _LOCAL.fullmatch(self.master) is not None
+
+    @property
+    def registering(self) -> bool:
+        """True while executors the application expects have not all registered yet."""
+        if self.local:
+            return False
+        if self.expected_executors is None:
+            return self.executors == 0
+        return self.executors < self.expected_executors
+
+    def explain(self) -> str:
+        """One sentence: the slots and the settings they follow from."""
+        if self.local:
+            return (
+                f"{self.slots} barrier slot(s) = {self.executor_cores} core(s) of "
+                f"master {self.master} / spark.task.cpus={self.task_cpus}"
+            )
+        expected = f" of {self.expected_executors}" if self.expected_executors is not None else ""
+        return (
+            f"{self.slots} barrier slot(s) = {self.executors}{expected} registered executor(s) × "
+            f"spark.executor.cores={self.executor_cores} / spark.task.cpus={self.task_cpus} "
+            "(GPU amounts also limit it when set)"
+        )
+
+
+_LOCAL = re.compile(r"local(\[(\d+|\*)(,\s*\d+)?\])?")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,.*\]")
+
+
+def barrier_slots(spark: SparkSession | None = None) -> BarrierSlots:
+    """The cluster's barrier slots now (driver only): executors × cores / ``spark.task.cpus``.
+
+    Uses the scheduler's own count (``SparkContext.maxNumConcurrentTasks``, which also
+    accounts for task GPU amounts), falling back to the configuration when that private
+    API is unavailable.
+    """
+    require_driver("barrier_slots")
+    return cluster_slots(spark_context(spark))
+
+
+def cluster_slots(sc: SparkContext) -> BarrierSlots:
+    conf = sc.getConf()
+    task_cpus = int(conf.get("spark.task.cpus", "1") or 1)
+    master = str(sc.master)
+    jsc = sc._jsc.sc()
+    expected: int | None = 1
+    if local := _LOCAL.fullmatch(master):
+        cores = local.group(2) or "1"
+        executors = 1
+        executor_cores = str(os.cpu_count() or 1) if cores == "*" else cores
+    else:
+        executors = max(len(jsc.statusTracker().getExecutorInfos()) - 1, 0)  # minus the driver
+        executor_cores = conf.get("spark.executor.cores") or "unset"
+        cluster = _LOCAL_CLUSTER.fullmatch(master)
+        instances = cluster.group(1) if cluster else conf.get("spark.executor.instances")
+        expected = int(instances) if instances else None
+    try:
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        slots = int(jsc.maxNumConcurrentTasks(profile))
+    except Exception as err:  # py4j: a private Scala API that may change
+        log.debug("maxNumConcurrentTasks unavailable (%s); computing slots from the conf", err)
+        cores_each = int(executor_cores) if executor_cores.isdigit() else 1
+        slots = executors * cores_each // task_cpus
+    return BarrierSlots(
+        slots=slots,
+        master=master,
+        executors=executors,
+        expected_executors=expected,
+        executor_cores=executor_cores,
+        task_cpus=task_cpus,
+    )
+
+
+def check_slots(
+    sc: SparkContext, num_workers: int, failures: Sequence[DistributedError] = ()
+) -> None:
+    """Fail fast instead of Spark's minutes of retrying the barrier slot check.
+
+    While expected executors are still registering, wait for them up to
+    ``spark.scheduler.maxRegisteredResourcesWaitingTime``; otherwise decide at once. Before
+    a relaunch, ``failures`` are the earlier attempts' errors, chained to the ValueError.
+    """
+    found = cluster_slots(sc)
+    if found.slots < num_workers and found.registering:
+        wait_s = (
+            sc._jsc.sc()
+            .conf()
+            .getTimeAsMs("spark.scheduler.maxRegisteredResourcesWaitingTime", "30s")
+            / 1000
+        )
+        log.info(
+            "waiting up to %.0f s for executors to register: %s; need %d",
+            wait_s,
+            found.explain(),
+            num_workers,
+        )
+        deadline = time.monotonic() + wait_s
+        while found.slots < num_workers and found.registering and time.monotonic() < deadline:
+            time.sleep(_SLOT_POLL_S)  # executors register asynchronously; Spark has no wait API
+            found = cluster_slots(sc)
+    if found.slots < num_workers:
+        relaunch = f"cannot relaunch after {len(failures)} failed attempt(s): " if failures else ""
+        raise ValueError(
+            f"{relaunch}num_workers={num_workers} needs {num_workers} concurrent barrier tasks "
+            f"but the cluster has {found.explain()}. Lower num_workers, or give the job more "
+            "slots: " + _slot_advice(found, num_workers)
+        ) from (all_failed(failures) if failures else None)
+
+
+def _slot_advice(found: BarrierSlots, num_workers: int) -> str:
+    if found.local:
+        return (
+            f"use master local[{num_workers * found.task_cpus}] (at least num_workers × "
+            "spark.task.cpus cores) or lower spark.task.cpus"
+        )
+    return (
+        "add executors (spark.executor.instances), raise spark.executor.cores, or lower "
+        "spark.task.cpus (and spark.task.resource.gpu.amount, if set)"
+    )

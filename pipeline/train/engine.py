@@ -1,0 +1,216 @@
+"""The one training engine: what every mode shares, whoever launches it.
+
+The barrier loop (:mod:`pipeline.train.loop`, modes ``ddp`` / ``fsdp`` and any registered
+:class:`~pipeline.train.modes.BarrierMode`) and model averaging's per-task training
+(:mod:`pipeline.train.modes.average`) both build their model, seed their generators, pick
+their device, run an optimizer step, autocast, decide whether to resume and check their
+inputs through the functions here, so a fix or a new setting lands in every mode at once.
+
+Spark-free: it runs inside executors and under plain ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.core.configbase import to_dict
+from pipeline.data.shardset import ShardSet
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import build_model
+from pipeline.train.optim import build_optimizer
+
+__all__ = [
+    "RANK_SEED_STRIDE",
+    "ResumeError",
+    "Stepper",
+    "autocast",
+    "builder_args",
+    "deterministic",
+    "model_shape",
+    "new_model",
+    "new_optimizer",
+    "resume_step",
+    "seed_everything",
+    "seed_from",
+    "to_device",
+]
+
+log = logging.getLogger(__name__)
+
+RANK_SEED_STRIDE = 1_000_003
+"""Rank r's dropout stream is seeded with ``seed + RANK_SEED_STRIDE * (r + 1)``."""
+
+
+class ResumeError(RuntimeError):
+    """``train.checkpoint.dir`` holds checkpoints that this run may not silently discard."""
+
+
+# -- seeding and determinism ---------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_from(*key: int) -> None:
+    """Seed every generator from a tuple (e.g. seed, round, worker) through ``SeedSequence``."""
+    seed_everything(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+@contextlib.contextmanager
+def deterministic(threads: int | None = None) -> Iterator[None]:
+    """Deterministic kernels (and ``threads`` torch threads), restored afterwards.
+
+    Restoring matters in reused Spark Python workers, which run other tasks afterwards.
+    """
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
+
+
+# -- the model -----------------------------------------------------------------------------
+def builder_args(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for ``train.model.builder`` (``train.model.args`` less input_shape)."""
+    args = dict(to_dict(cfg.model.args))
+    args.pop("input_shape", None)
+    return args
+
+
+def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_outputs)`` of the model ``cfg`` trains on ``shards``."""
+    dim = shards.feature_dim
+    shape = tuple(int(s) for s in cfg.model.args.get("input_shape") or (dim,))
+    if math.prod(shape) != dim:
+        raise ValueError(
+            f"train.model.args.input_shape {list(shape)} has {math.prod(shape)} elements "
+            f"but the shard set's feature vectors have {dim}"
+        )
+    if cfg.task == "regression":
+        return shape, 1
+    classes = shards.classes
+    if len(classes) < 2:
+        raise ValueError(
+            f"shard set {cfg.dataset}: a classification task needs >= 2 classes in "
+            f"manifest label.classes, found {classes!r}"
+        )
+    return shape, len(classes)
+
+
+def new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
+    """A freshly initialised model (seed first for identical weights on every rank)."""
+    input_shape, num_outputs = model_shape(cfg, shards)
+    return build_model(
+        cfg.model.builder, input_shape=input_shape, num_outputs=num_outputs, args=builder_args(cfg)
+    )
+
+
+def new_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over ``module``'s parameters (after placing / sharding it)."""
+    return build_optimizer(module.parameters(), cfg.optimizer)
+
+
+# -- device and precision ------------------------------------------------------------------
+def to_device(
+    device: torch.device, *tensors: torch.Tensor, non_blocking: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """The tensors on ``device`` (no call at all on CPU: ``Tensor.to`` costs ~50 us)."""
+    if device.type == "cpu":
+        return tensors
+    return tuple(t.to(device, non_blocking=non_blocking) for t in tensors)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast of the forward pass on ``device`` (``train.precision``), or nothing."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -- the optimizer step --------------------------------------------------------------------
+class Stepper:
+    """One optimizer step: clip (``train.grad_clip``), step, schedule, zero the gradients."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip: Callable[[nn.Module, float], None] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.grad_clip = cfg.grad_clip
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.clip = clip or (lambda m, norm: nn.utils.clip_grad_norm_(m.parameters(), norm))
+        self.steps = 0
+        """Optimizer steps taken through this stepper (set on resume)."""
+
+    def __call__(self) -> None:
+        """Apply the accumulated gradients."""
+        if self.grad_clip is not None:
+            self.clip(self.module, self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+# -- resume policy -------------------------------------------------------------------------
+def resume_step(
+    ckpt: CheckpointManager,
+    cfg: TrainConfig,
+    *,
+    relaunch: bool,
+    discard: Callable[[], None] | None = None,
+) -> int | None:
+    """The checkpoint step to continue from, or None to start fresh.
+
+    A relaunch after a failure (``relaunch``) and ``train.resume`` continue from the latest
+    checkpoint. Otherwise the checkpoints of a *finished* earlier run are deleted (with
+    ``discard``'s extra clean-up) and the run starts fresh, while an *unfinished* run's are
+    kept and refused with :class:`ResumeError`: discarding them silently would lose work.
+    """
+    directory = cfg.checkpoint.dir
+    latest = ckpt.latest_step()
+    if latest is None:
+        if cfg.resume:
+            log.warning(
+                "train.resume is true but %s holds no checkpoint; starting fresh", directory
+            )
+        return None
+    if relaunch or cfg.resume:
+        return latest
+    state = ckpt.load(latest)
+    if state is not None and state.get("finished"):
+        log.warning("deleting the checkpoints of a finished earlier run from %s", directory)
+        ckpt.delete_all()
+        if discard is not None:
+            discard()
+        return None
+    raise ResumeError(
+        f"train.checkpoint.dir {directory} holds checkpoints of an unfinished run (latest "
+        f"step {latest}): set train.resume=true to continue it, or point "
+        "train.checkpoint.dir at an empty directory to start over"
+    )
