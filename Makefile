@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline preprocessing jobs tests bench notebooks
 	$(BIN)/ruff format --check pipeline preprocessing jobs tests bench notebooks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # Regenerate the README's config reference from the config dataclasses.
 docs: $(STAMP)
