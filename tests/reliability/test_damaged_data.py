@@ -143,6 +143,29 @@ def test_damaged_shard_set_is_refused_before_training(
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("damage", ["bit_flip", "missing_shard", "manifest_path_escapes"])
+def test_the_torchrun_worker_runs_the_same_preflight(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """``python -m pipeline.worker`` refuses what ``spark-train train`` refuses, the same way:
+    one line naming the file, exit 1 (2 for a config error), before any process group."""
+    from pipeline import worker
+
+    root = Path(_shards(tmp_path))
+    damage_fn, phrase = DAMAGE[damage]
+    named = damage_fn(root)
+    monkeypatch.setenv("RANK", "0")
+    config = str(train_config_file(tmp_path, str(root)))
+    capsys.readouterr()
+    assert worker.main(["--config", config]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert named in err and phrase in err, err
+    assert worker.main(["--config", config, "--set", "train.num_workers=0"]) == 2
+    assert "train.num_workers" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model").exists()
+
+
 def test_fewer_rows_than_workers_times_batch_trains_equal_steps(spark: Any, tmp_path: Path) -> None:
     """5 train rows, 2 ranks × batch 64, empty val split: 2 rows per rank, 1 step per epoch."""
     dataset = _shards(tmp_path, rows_per_shard={"train": [3, 2, 0], "val": [0]})

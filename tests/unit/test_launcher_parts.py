@@ -68,6 +68,24 @@ def test_physical_gpus_respects_existing_visible_devices() -> None:
     assert rankrun.physical_gpus(["GPU-ab"], "GPU-ab,GPU-cd") == ("GPU-ab",)
 
 
+def test_an_averaging_task_trains_on_its_gpu_or_hides_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Averaging tasks (no barrier) get the device variables of the GPU Spark gave them."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert rankrun.task_device_environment(["1"]) == {
+        distenv.DEVICE: "cuda",
+        "CUDA_VISIBLE_DEVICES": "5",
+    }
+    assert rankrun.task_device_environment([]) == {
+        distenv.DEVICE: "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    with rankrun.scoped_environ(rankrun.task_device_environment([])):
+        device, backend = distenv.device_and_backend()
+    assert (device.type, backend) == ("cpu", "gloo")
+
+
 def test_rank_info_round_trips_through_json() -> None:
     info = RankInfo(host="h", gpus=("0",), port=7)
     assert RankInfo.from_json(info.to_json()) == info
