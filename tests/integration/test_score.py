@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from jobs.cli import main
+from pipeline import score
 from pipeline.data.shardset import SPLITS, ShardSet
 from pipeline.launch.fit import fit
-from pipeline.serve import score
 from pipeline.serve.score import OUTPUT_COLUMNS, cached_bundle, score_table
 from pipeline.train.bundle import BundleError, load_bundle, read_spec, write_bundle
 from pipeline.train.config import TrainConfig
