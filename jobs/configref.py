@@ -5,7 +5,8 @@
 
 Every key of the ``spark``, ``etl`` and ``train`` sections is a field of a frozen dataclass
 whose attribute docstring says what it means; this module walks those dataclasses (nested
-sections become dotted keys) and renders one Markdown table per section between the
+sections become dotted keys; a mapping of sections, e.g. ``etl.images``, gets a row of its
+own and then its entries' keys as ``etl.images.<column>.size``) and renders one Markdown table per section between the
 ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->`` markers. A unit
 test runs ``--check``, so the reference cannot drift from the code.
 """
@@ -102,6 +103,13 @@ def _rows(cls: type, prefix: str) -> Iterator[tuple[str, str, str, str]]:
             continue
         doc = docs.get(f.name, "")
         yield key, _type_name(tp), _default(f), doc.replace("|", "\\|")
+        args = get_args(tp)
+        if (
+            get_origin(tp) in (Mapping, dict)
+            and len(args) == 2
+            and dataclasses.is_dataclass(args[1])
+        ):
+            yield from _rows(args[1], f"{key}.<column>")  # type: ignore[arg-type]
 
 
 def reference() -> str:

@@ -9,14 +9,21 @@ from typing import Any, Literal
 
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
-from pipeline.data.formats import DEFAULT_FORMAT, FormatName
+from pipeline.data.formats import DEFAULT_FORMAT, FormatName, get_format
 
-__all__ = ["EtlConfig", "InputConfig", "SplitConfig"]
+__all__ = ["ArrayConfig", "EtlConfig", "ImageConfig", "InputConfig", "SplitConfig"]
 
 _INTEGRAL = {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"}
 _FRACTIONAL = {"float", "double"}
-_OTHER = {"string", "boolean", "date", "timestamp"}
+_OTHER = {"string", "boolean", "date", "timestamp", "binary"}
 _DECIMAL = re.compile(r"^decimal\(\s*\d+\s*,\s*\d+\s*\)$")
+_ARRAY = re.compile(
+    r"^array\s*<\s*(float|double|byte|tinyint|short|smallint|int|integer|long|bigint)\s*>$"
+)
+# Column names of the shard files that a declared array / image column may not take.
+_SHARD_NAMES = ("key", "features", "label")
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own ``Image.MAX_IMAGE_PIXELS``: ``etl.images.<column>.max_pixels``' default."""
 
 
 def is_integral(dtype: str) -> bool:
@@ -29,14 +36,23 @@ def is_numeric(dtype: str) -> bool:
     return dtype in _INTEGRAL or dtype in _FRACTIONAL or bool(_DECIMAL.match(dtype))
 
 
+def is_array(dtype: str) -> bool:
+    """True for the declared types of array columns (``array<float>``, ``array<int>``…)."""
+    return bool(_ARRAY.match(dtype))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InputConfig:
     """Where the raw table is and how to read it."""
 
     path: str
     """File/dir/glob URI (local, hdfs://, s3a://…) or, with ``format: table``, a table name."""
-    format: Literal["csv", "json", "parquet", "table"] = "csv"
-    """Input format; ``table`` reads a catalog (Hive) table."""
+    format: Literal["csv", "json", "parquet", "table", "image_folder"] = "csv"
+    """Input format; ``table`` reads a catalog (Hive) table; ``image_folder`` reads a tree of
+    image files ``<path>/<class>/<file>`` with Spark's ``binaryFile`` source (any Hadoop URI;
+    ``options`` go to that source, e.g. ``pathGlobFilter: "*.png"``): ``etl.key`` gets the
+    file's URI, ``etl.label`` the name of its parent folder and the one ``etl.images`` column
+    the file's bytes (declare them ``string``, the label's type, and ``binary``)."""
     header: bool = True
     """CSV only: the first line of every file is a header."""
     options: Mapping[str, str] = field(default_factory=dict)
@@ -72,6 +88,70 @@ class SplitConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ArrayConfig:
+    """One fixed-shape numeric column: ``etl.arrays.<column>`` (declared ``array<float>``…)."""
+
+    shape: tuple[int, ...]
+    """Shape of one row's value, e.g. ``[16]`` or ``[3, 32, 32]``. The input holds exactly
+    ``prod(shape)`` numbers in row-major order: an ``array<…>`` or Spark ML vector column, or a
+    flat JSON list (JSON input, or the text of a CSV field). Stored as float32; a row with
+    another length, a null or non-finite element, a nested list or a non-number is
+    quarantined (``array_invalid``), a null value too (``array_missing``)."""
+    standardize: bool = False
+    """Fit the per-element train mean and std (sample std; a std below 1e-6 is recorded as 1)
+    and record them as the column's ``normalize`` in the manifest, for the model to apply;
+    the stored values stay as read."""
+
+    def check(self, key: str) -> None:
+        """Raise :class:`ConfigError` under ``key`` for an unusable shape."""
+        check(len(self.shape) >= 1, f"{key}.shape", "must list at least one dimension")
+        check(all(d >= 1 for d in self.shape), f"{key}.shape", f"must be >= 1, got {self.shape}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImageConfig:
+    """One image column: ``etl.images.<column>`` (declared ``string`` paths or ``binary``)."""
+
+    size: tuple[int, ...]
+    """``[height, width]`` of the stored images. A ``string`` column holds a path or URI read
+    in the executors through pyarrow.fs (local, ``file:``, ``hdfs://``, ``s3://`` /
+    ``s3a://``, ``gs://``), a ``binary`` one the encoded file; decoded with Pillow (EXIF
+    orientation applied), converted to ``channels``, resized per ``resize`` and stored as
+    uint8 ``[height, width, channels]``."""
+    channels: Literal["L", "RGB"] = "RGB"
+    """``L`` (1 channel, ITU-R 601 luma) or ``RGB`` (3); palette images are expanded, alpha is
+    dropped (as torchvision's loader does), CMYK converted, 16-bit samples scaled to 8 bits."""
+    resize: Literal["crop", "stretch"] = "crop"
+    """``crop``: keep the aspect ratio — cut the largest centred box of the target aspect
+    ratio and scale it to ``size`` (Pillow's ``ImageOps.fit``); ``stretch``: scale the whole
+    image to ``size`` (``Image.resize``), distorting the aspect ratio."""
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    """Pillow resampling filter used by ``resize``."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images whose header claims more pixels (width × height) are quarantined
+    (``image_too_large``) before any pixel is decoded: decompression-bomb protection."""
+
+    def check(self, key: str) -> None:
+        """Raise :class:`ConfigError` under ``key`` for an unusable size or limit."""
+        check(
+            len(self.size) == 2 and all(d >= 1 for d in self.size),
+            f"{key}.size",
+            f"must be [height, width] of positive integers, got {list(self.size)}",
+        )
+        check(self.max_pixels >= 1, f"{key}.max_pixels", "must be >= 1")
+
+    @property
+    def num_channels(self) -> int:
+        """1 for ``L``, 3 for ``RGB``."""
+        return 1 if self.channels == "L" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)`` of one stored image."""
+        return (self.size[0], self.size[1], self.num_channels)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EtlConfig:
     """Read → validate (quarantine bad rows) → split → featurize → balanced shards + manifest."""
 
@@ -89,6 +169,12 @@ class EtlConfig:
     """Categorical feature columns (frequency-ranked ``StringIndexer``, unseen → extra index)."""
     onehot: tuple[str, ...] = ()
     """Subset of ``categorical`` to one-hot encode instead of using the standardized index."""
+    arrays: Mapping[str, ArrayConfig] = field(default_factory=dict)
+    """Array columns (declared ``array<float>``, ``array<double>``, ``array<int>``…), each
+    stored as its own float32 tensor column of the shard files, named as the column."""
+    images: Mapping[str, ImageConfig] = field(default_factory=dict)
+    """Image columns, each stored as its own uint8 ``[H, W, C]`` tensor column named as the
+    column, with the per-channel train mean / std of ``x / 255`` in the manifest."""
     task: Literal["classification", "regression"] | None = None
     """Default: classification for integer/string/boolean labels, regression for fractional ones."""
     classes: tuple[Any, ...] | None = None
@@ -106,7 +192,8 @@ class EtlConfig:
     num_shards: int = 8
     """Files per split; their row counts differ by at most one."""
     format: FormatName = DEFAULT_FORMAT
-    """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records)."""
+    """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records; only
+    for a ``features`` vector without ``arrays`` or ``images``)."""
     row_group_rows: int = 65536
     """Rows per Parquet row group; for ``tfrecord``, rows per reader piece (same batches)."""
 
@@ -115,8 +202,11 @@ class EtlConfig:
         for name, dtype in self.schema.items():
             t = dtype.strip().lower()
             ok = t in _INTEGRAL or t in _FRACTIONAL or t in _OTHER or _DECIMAL.match(t)
-            check(bool(ok), f"etl.schema.{name}", f"unknown Spark SQL type {dtype!r}")
+            check(
+                bool(ok or is_array(t)), f"etl.schema.{name}", f"unknown Spark SQL type {dtype!r}"
+            )
         self._check_columns()
+        self._check_tensors()
         check(self.num_shards >= 1, "etl.num_shards", f"must be >= 1, got {self.num_shards}")
         check(self.row_group_rows >= 1, "etl.row_group_rows", "must be >= 1")
         check(self.max_abs_value > 0, "etl.max_abs_value", "must be > 0")
@@ -147,13 +237,94 @@ class EtlConfig:
         check(not both, "etl.categorical", f"{sorted(both)} also listed under etl.numeric")
         feats = set(self.numeric) | set(self.categorical)
         check(self.label not in feats, "etl.label", "the label cannot also be a feature")
-        check(bool(feats), "etl.numeric", "declare at least one numeric or categorical feature")
+        check(
+            bool(feats or self.arrays or self.images),
+            "etl.numeric",
+            "declare at least one numeric, categorical, array or image feature",
+        )
         extra = set(self.onehot) - set(self.categorical)
         check(not extra, "etl.onehot", f"{sorted(extra)} are not listed under etl.categorical")
         if len(set(self.numeric)) != len(self.numeric) or len(set(self.categorical)) != len(
             self.categorical
         ):
             raise ConfigError("etl.numeric", "a column is listed twice")
+
+    def _check_tensors(self) -> None:
+        """The ``arrays`` / ``images`` columns: declared types, names, format and input."""
+        tabular = {*self.numeric, *self.categorical, self.key, self.label}
+        for group, kind in (("arrays", self.arrays), ("images", self.images)):
+            for name, col in kind.items():
+                key = f"etl.{group}.{name}"
+                check(name in self.schema, key, f"column {name!r} is not declared in etl.schema")
+                check(name not in tabular, key, "is also the key, the label or a tabular feature")
+                check(
+                    name not in _SHARD_NAMES and not name.startswith("_"),
+                    key,
+                    f"a tensor column may not be named {name!r} (shard columns {_SHARD_NAMES}; "
+                    "names starting with '_' are the ETL's)",
+                )
+                col.check(key)
+        both = sorted(set(self.arrays) & set(self.images))
+        check(not both, "etl.images", f"{both} also listed under etl.arrays")
+        for name in self.schema:
+            t = self.dtype(name)
+            if is_array(t):
+                check(
+                    name in self.arrays, f"etl.schema.{name}", "declare its shape under etl.arrays"
+                )
+            if t == "binary":
+                check(name in self.images, f"etl.schema.{name}", "only image columns are binary")
+        for name in self.arrays:
+            t = self.dtype(name)
+            check(is_array(t), f"etl.arrays.{name}", f"is declared {t}, not array<float>…")
+        for name in self.images:
+            t = self.dtype(name)
+            check(
+                t in ("string", "binary"),
+                f"etl.images.{name}",
+                f"is declared {t}; image columns are string (a path / URI) or binary",
+            )
+        self._check_tensor_io()
+
+    def _check_tensor_io(self) -> None:
+        """Input formats and shard formats that cannot carry the tensor columns."""
+        tensors = (*self.arrays, *self.images)
+        check(
+            get_format(self.format).any_columns
+            or (not tensors and bool(self.numeric or self.categorical)),
+            "etl.format",
+            f"{self.format} shards hold only key, a features vector and label: use "
+            f"{DEFAULT_FORMAT} for array / image columns (declared: {list(tensors)}) and for "
+            "data sets without numeric or categorical features",
+        )
+        text = self.input.format in ("csv", "json")
+        for name in self.images:
+            check(
+                not (text and self.dtype(name) == "binary"),
+                f"etl.schema.{name}",
+                f"a {self.input.format} input holds image paths: declare it string",
+            )
+        if self.input.format == "image_folder":
+            expected = {self.key, self.label, *self.images}
+            check(
+                len(self.images) == 1 and set(self.schema) == expected,
+                "etl.input.format",
+                "image_folder makes three columns: declare exactly etl.key (string), "
+                "etl.label and one etl.images column (binary) in etl.schema, and no other",
+            )
+            image = next(iter(self.images))
+            check(self.dtype(image) == "binary", f"etl.schema.{image}", "must be binary")
+            check(self.dtype(self.key) == "string", f"etl.schema.{self.key}", "must be string")
+
+    @property
+    def tensor_columns(self) -> tuple[str, ...]:
+        """The array and image columns, in ``etl.schema`` order (their shard column order)."""
+        return tuple(c for c in self.schema if c in self.arrays or c in self.images)
+
+    @property
+    def has_tabular(self) -> bool:
+        """True when there are numeric or categorical columns (a ``features`` vector)."""
+        return bool(self.numeric or self.categorical)
 
     def dtype(self, column: str) -> str:
         """Normalized declared type of ``column``."""

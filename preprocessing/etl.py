@@ -1,9 +1,10 @@
 """The ETL stage: raw table → validated, split, featurized, balanced shards + manifest.
 
-Passes over the data: one read that is validated, split and cached; one aggregation that
-counts everything the manifest and the balance plan need (rows by split, reason, column,
-input partition and — for classification — label); the quarantine write; the Spark ML fits
-on the cached train split; one shuffle that writes the shards. The manifest is committed
+Passes over the data: one read that is validated (images decoded), split and cached; one
+aggregation that counts everything the manifest and the balance plan need (rows by split,
+reason, column, input partition and — for classification — label); the quarantine write;
+the Spark ML fits and one aggregation for the array / image statistics on the cached train
+split; one shuffle that writes the shards. The manifest is committed
 last; old generations are deleted only after the commit.
 """
 
@@ -30,7 +31,7 @@ from pipeline.data.columns import arrow_schema
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
-from preprocessing.features import FittedFeatures, apply_features, fit_features
+from preprocessing.features import FittedFeatures, apply_features, fit_features, fit_tensors
 from preprocessing.read import (
     CORRUPT,
     RAW_PREFIX,
@@ -40,6 +41,7 @@ from preprocessing.read import (
     read_raw,
     validate,
 )
+from preprocessing.read.images import ARROW_BATCH_ROWS
 from preprocessing.shards import (
     BUCKET,
     SPLIT,
@@ -193,7 +195,10 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     ):
         return EtlResult(cfg.output, "up_to_date", existing)
     generation = uuid.uuid4().hex[:10]
-    with _sql_conf(spark, _ETL_SQL_CONF):
+    conf = dict(_ETL_SQL_CONF)
+    if cfg.images:
+        conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = ARROW_BATCH_ROWS
+    with _sql_conf(spark, conf):
         validated = assign_split(validate(raw, cfg), cfg).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             manifest = _build(spark, validated, cfg, generation, cfg_dict, fp, timer)
@@ -228,11 +233,13 @@ def _build(
     ok = validated.filter(F.col(REASON).isNull())
     with timer("fit_features"):
         fitted = fit_features(ok.filter(F.col(SPLIT) == "train"), cfg)
+        tensors = fit_tensors(ok.filter(F.col(SPLIT) == "train"), cfg)
     features_rel = f"features/{generation}"
     with timer("save_features"):
         fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
     encoded = _encoded(ok, cfg, fitted, classes, plan)
-    columns = shard_columns(fitted.dim, cfg.dtype(cfg.key), cfg.resolved_task)
+    dim = fitted.dim if cfg.has_tabular else None
+    columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors)
     with timer("write_shards"):
         splits = write_shards(encoded, plan, cfg, arrow_schema(columns), generation)
     rows_ok = sum(plan.split_rows(s) for s in SPLITS)
@@ -272,12 +279,14 @@ def _encoded(
     classes: list[Any] | None,
     plan: ShardPlan,
 ) -> DataFrame:
-    """The good rows as shard rows: key, features, encoded label and the shard bucket."""
-    used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical])
+    """The good rows as shard rows: key, features, tensors, encoded label, shard bucket."""
+    used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical, *cfg.tensor_columns])
     bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
+    features = [F.col(FEATURES_COLUMN)] if cfg.has_tabular else []
     return apply_features(fitted.model, bucketed).select(
         F.col(cfg.key).alias(KEY_COLUMN),
-        F.col(FEATURES_COLUMN),
+        *features,
+        *[F.col(c) for c in cfg.tensor_columns],
         _encode_label(cfg, classes).alias(LABEL_COLUMN),
         F.col(BUCKET),
     )
@@ -329,6 +338,7 @@ def _encode_label(cfg: EtlConfig, classes: list[Any] | None) -> Any:
 
 
 def _write_quarantine(df: DataFrame, cfg: EtlConfig, path: str) -> None:
+    """Rejected rows: declared columns as read (image bytes as binary), reason, source."""
     cols = [F.col(RAW_PREFIX + c).alias(c) for c in cfg.schema]
     (
         df.filter(F.col(REASON).isNotNull())

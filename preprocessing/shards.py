@@ -11,7 +11,8 @@ split's shards differ by at most one. One shuffle by (split, shard) then puts ea
 exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
 which writes it with the writer of ``etl.format`` from :mod:`pipeline.data.formats` (Parquet
 row groups of ``row_group_rows`` rows, or ``tf.train.Example`` records; sha256 computed while
-writing) from the same sorted batches, so every format holds the same rows in the same
+writing; image pixels arrive as ``binary`` and become ``fixed_size_list<uint8>`` without a
+copy) from the same sorted batches, so every format holds the same rows in the same
 order. The shard schema comes from the column specs (:func:`shard_columns`, the manifest's
 ``schema``) through :func:`pipeline.data.columns.arrow_schema`. Each writer reports (shard,
 rows, bytes, sha256) and the driver checks every count against the plan before anything is
@@ -66,17 +67,50 @@ def assign_split(df: DataFrame, cfg: EtlConfig) -> DataFrame:
     return df.withColumn(SPLIT, split)
 
 
-def shard_columns(dim: int, key_dtype: str, task: str) -> tuple[ColumnSpec, ...]:
+def shard_columns(
+    dim: int | None, key_dtype: str, task: str, tensors: tuple[ColumnSpec, ...] = ()
+) -> tuple[ColumnSpec, ...]:
     """The columns of a shard file, as the manifest's ``schema`` records them.
 
     ``key_dtype`` is the Spark SQL type of the key column (integers are kept as int64, other
     keys as strings); labels are int64 class codes (classification) or float32 targets.
+    Order: key, ``features`` (``dim`` values; none when ``dim`` is None), the ``tensors``
+    (array and image columns, in ``etl.schema`` order), label.
     """
+    features = () if dim is None else (ColumnSpec(FEATURES_COLUMN, "float32", (dim,), "tabular"),)
     return (
-        ColumnSpec(KEY_COLUMN, "int64" if is_integral(key_dtype) else "string"),
-        ColumnSpec(FEATURES_COLUMN, "float32", (dim,)),
-        ColumnSpec(LABEL_COLUMN, "int64" if task == "classification" else "float32"),
+        ColumnSpec(KEY_COLUMN, "int64" if is_integral(key_dtype) else "string", kind="key"),
+        *features,
+        *tensors,
+        ColumnSpec(LABEL_COLUMN, "int64" if task == "classification" else "float32", kind="label"),
     )
+
+
+def _binary_as_lists(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with its binary columns (image pixels) as ``schema``'s fixed-size lists.
+
+    A binary column that ``schema`` stores as ``fixed_size_list<uint8>`` is turned into that
+    list without copying the bytes; every value must have exactly the list's size.
+    """
+    arrays, changed = list(batch.columns), False
+    for i, name in enumerate(batch.schema.names):
+        column = arrays[i]
+        if name not in schema.names or not pa.types.is_binary(column.type):
+            continue
+        target = schema.field(name).type
+        if not pa.types.is_fixed_size_list(target) or not pa.types.is_uint8(target.value_type):
+            continue
+        if not len(column):
+            arrays[i], changed = pa.array([], target), True
+            continue
+        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset :][: len(column) + 1]
+        size = target.list_size
+        if column.null_count or (np.diff(offsets) != size).any():
+            raise ValueError(f"{name}: every image must have {size} bytes (and none be null)")
+        data = column.buffers()[2][int(offsets[0]) : int(offsets[-1])]
+        values = pa.Array.from_buffers(pa.uint8(), len(column) * size, [None, data])
+        arrays[i], changed = pa.FixedSizeListArray.from_arrays(values, size), True
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names) if changed else batch
 
 
 @dataclass(frozen=True)
@@ -191,7 +225,7 @@ def _shard_writer(
                     fs.create_dir(storage.join(root, split), recursive=True)
                     path = storage.join(root, split, name)
                     files[int(b)] = fmt.open_writer(fs, path, schema, row_group_rows)
-                files[int(b)].add(to_shard_batch(rows, schema))
+                files[int(b)].add(to_shard_batch(_binary_as_lists(rows, schema), schema))
         out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
         for b, f in sorted(files.items()):
             rows, size, digest = f.close()
@@ -207,11 +241,12 @@ def write_shards(
 ) -> dict[str, list[ShardInfo]]:
     """Write every split as exactly ``num_shards`` balanced files; returns manifest entries.
 
-    ``df`` holds good rows with ``key``, ``features``, ``label`` and the ``_bucket`` that
+    ``df`` holds good rows with the columns of ``schema`` (``key``, ``features``, tensor
+    columns, ``label``; image pixels as ``binary``) and the ``_bucket`` that
     :func:`with_buckets` assigned according to ``plan``.
     """
     k = cfg.num_shards
-    bucketed = df.select(KEY_COLUMN, FEATURES_COLUMN, LABEL_COLUMN, BUCKET)
+    bucketed = df.select(*schema.names, BUCKET)
     # Within a shard, rows are ordered by a seeded hash of the key rather than input order:
     # input sorted by time or label must not turn into correlated batches downstream.
     order = F.xxhash64(F.lit(cfg.split.seed + 1), F.col(KEY_COLUMN))

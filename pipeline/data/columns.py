@@ -7,6 +7,17 @@ value — ``[]`` for a scalar (``key``, ``label``), ``[D]`` for the ``features``
 e.g. ``[H, W, C]`` for an image. :class:`ColumnSpec` is that entry, parsed and checked;
 :attr:`pipeline.data.shardset.ShardSet.columns` reads them from a manifest.
 
+Two optional keys say what a column is and how to normalize it (both absent in manifests
+written before they existed, and left out of an entry when they have their default):
+
+* ``kind``: one of :data:`COLUMN_KINDS` — ``key``, ``label``, ``tabular`` (the Spark ML
+  ``features`` vector, already standardized), ``array`` (a declared fixed-shape numeric
+  column, stored float32) or ``image`` (decoded pixels, uint8 ``[H, W, C]``);
+* ``normalize``: ``{"scale": s, "mean": m, "std": d}``, where ``m`` and ``d`` are (nested)
+  lists broadcastable with numpy's rules to the row shape; the model's input is
+  ``(x / s - m) / d`` (images: ``s`` = 255 and per-channel ``m``, ``d`` of length ``C``;
+  standardized arrays: ``s`` = 1 and per-element ``m``, ``d`` of the row shape).
+
 In a shard file a scalar column has the Arrow type of its ``dtype``; a tensor column (a
 non-empty ``shape``) is a ``fixed_size_list<dtype>[prod(shape)]`` holding the row's values in
 row-major (C) order. :func:`arrow_type` is the one place that mapping is made: the writer's
@@ -21,22 +32,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["ColumnSpec", "arrow_schema", "arrow_type", "columns_from_manifest"]
+__all__ = [
+    "COLUMN_KINDS",
+    "ColumnSpec",
+    "arrow_schema",
+    "arrow_type",
+    "columns_from_manifest",
+]
+
+COLUMN_KINDS = ("key", "label", "tabular", "array", "image")
+"""The values of a schema entry's ``kind``."""
 
 
 @dataclass(frozen=True, slots=True)
 class ColumnSpec:
-    """One column of a shard set: its name, element dtype and per-row shape (``()``: scalar)."""
+    """One column of a shard set: its name, element dtype and per-row shape (``()``: scalar).
+
+    ``kind`` (one of :data:`COLUMN_KINDS`, None when the manifest does not say) and
+    ``normalize`` (None, or ``{"scale", "mean", "std"}``) are described in the module docstring.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...] = ()
+    kind: str | None = None
+    normalize: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -52,6 +78,14 @@ class ColumnSpec:
                 f"{list(self.shape)!r}"
             )
         object.__setattr__(self, "shape", shape)
+        if self.kind is not None and self.kind not in COLUMN_KINDS:
+            raise ValueError(
+                f"column {self.name!r}: kind must be one of {list(COLUMN_KINDS)}, got {self.kind!r}"
+            )
+        if self.normalize is not None:
+            object.__setattr__(
+                self, "normalize", _check_normalize(self.name, self.normalize, shape)
+            )
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> ColumnSpec:
@@ -61,11 +95,27 @@ class ColumnSpec:
         shape = entry.get("shape", [])
         if not isinstance(shape, list | tuple):
             raise ValueError(f"column {entry['name']!r}: shape must be a list, got {shape!r}")
-        return cls(str(entry["name"]), str(entry["dtype"]), tuple(shape))
+        kind = entry.get("kind")
+        return cls(
+            str(entry["name"]),
+            str(entry["dtype"]),
+            tuple(shape),
+            kind=None if kind is None else str(kind),
+            normalize=entry.get("normalize"),
+        )
 
     def to_manifest(self) -> dict[str, Any]:
-        """The manifest ``schema`` entry of this column."""
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        """The manifest ``schema`` entry of this column (``kind`` / ``normalize`` when set)."""
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.kind is not None:
+            out["kind"] = self.kind
+        if self.normalize is not None:
+            out["normalize"] = {
+                "scale": self.normalize["scale"],
+                "mean": self.normalize["mean"],
+                "std": self.normalize["std"],
+            }
+        return out
 
     @property
     def is_tensor(self) -> bool:
@@ -81,6 +131,35 @@ class ColumnSpec:
     def numpy_dtype(self) -> np.dtype[Any]:
         """The numpy dtype of the values (``object`` for strings)."""
         return np.dtype(arrow_type(self, element=True).to_pandas_dtype())
+
+
+def _check_normalize(
+    name: str, normalize: Mapping[str, Any], shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """``normalize`` as a plain dict, checked; ValueError naming the column otherwise.
+
+    A positive scale, mean and std broadcastable to ``shape``, every std positive.
+    """
+    if not isinstance(normalize, Mapping) or set(normalize) != {"scale", "mean", "std"}:
+        raise ValueError(
+            f"column {name!r}: normalize must have exactly the keys scale, mean and std, "
+            f"got {normalize!r}"
+        )
+    scale = normalize["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise ValueError(f"column {name!r}: normalize.scale must be a positive number")
+    for key in ("mean", "std"):
+        try:
+            values = np.asarray(normalize[key], dtype=np.float64)
+            np.broadcast_shapes(values.shape, shape)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"column {name!r}: normalize.{key} must be numbers broadcastable to the row "
+                f"shape {list(shape)}"
+            ) from None
+        if not np.isfinite(values).all() or (key == "std" and not (values > 0).all()):
+            raise ValueError(f"column {name!r}: normalize.{key} must be finite (std: > 0)")
+    return {"scale": float(scale), "mean": normalize["mean"], "std": normalize["std"]}
 
 
 def arrow_type(spec: ColumnSpec, *, element: bool = False) -> pa.DataType:

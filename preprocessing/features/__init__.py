@@ -1,10 +1,13 @@
 """Featurization with Spark ML, fitted on the train split only: one module per feature kind.
 
-:mod:`~preprocessing.features.tabular` (numeric + categorical columns) is the one kind today;
-:mod:`~preprocessing.features.assemble` concatenates the kinds into one standardized vector
-(:mod:`~preprocessing.features.kind` says what a kind provides).
+:mod:`~preprocessing.features.tabular` (numeric + categorical columns) fills the ``features``
+vector, which :mod:`~preprocessing.features.assemble` concatenates and standardizes;
+:mod:`~preprocessing.features.array` and :mod:`~preprocessing.features.image` are tensor
+columns of their own, whose normalization :mod:`~preprocessing.features.tensors` fits
+(:mod:`~preprocessing.features.kind` says what each sort of kind provides).
 """
 
 from preprocessing.features.assemble import FittedFeatures, apply_features, fit_features
+from preprocessing.features.tensors import fit_tensors
 
-__all__ = ["FittedFeatures", "apply_features", "fit_features"]
+__all__ = ["FittedFeatures", "apply_features", "fit_features", "fit_tensors"]

@@ -4,6 +4,10 @@ Fitted on the train split only (the scaler with the train mean/std). The fitted
 ``PipelineModel`` is saved with the shard set and reused verbatim by scoring, so training and
 serving apply the same transform. A new kind of feature column is one more module holding a
 :class:`~preprocessing.features.kind.FeatureKind`, added to :data:`KINDS`.
+
+A config without numeric or categorical columns (arrays / images only) has no ``features``
+vector: its model is an empty ``PipelineModel`` (saved all the same, so every shard set has
+one) and :func:`apply_features` leaves a DataFrame unchanged with it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class FittedFeatures:
 
 def fit_features(train: DataFrame, cfg: EtlConfig) -> FittedFeatures:
     """Fit the feature pipeline on the train split (validated, good rows only)."""
+    if not cfg.has_tabular:
+        return FittedFeatures(model=PipelineModel(stages=[]), names=[], stats={"dim": 0})
     per_kind = [kind.stages(cfg) for kind in KINDS]
     assembled = [col for kind in KINDS for col in kind.outputs(cfg)]
     stages = [stage for kind_stages in per_kind for stage in kind_stages]
@@ -77,7 +83,12 @@ def _describe(
 
 
 def apply_features(model: PipelineModel, df: DataFrame) -> DataFrame:
-    """Apply a fitted feature model; adds ``features`` (array<float>) and drops intermediates."""
+    """Apply a fitted feature model; adds ``features`` (array<float>) and drops intermediates.
+
+    The empty model of a config without tabular features returns ``df`` as it is.
+    """
+    if not model.stages:
+        return df
     out = model.transform(df)
     out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_SCALED], "float32"))
     prefixes = tuple(p for kind in KINDS for p in kind.intermediate_prefixes)

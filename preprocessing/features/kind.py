@@ -1,10 +1,16 @@
-"""What one kind of feature column contributes to the feature vector.
+"""What one kind of feature column contributes to the shard set.
 
-A kind (tabular today; array, image or text later) is a :class:`FeatureKind` value in its
-own module of :mod:`preprocessing.features`, listed in
-:data:`preprocessing.features.assemble.KINDS`: its Spark ML stages turn its columns into
-numeric or vector columns, which the assembler concatenates (kinds in ``KINDS`` order) and
-standardizes with the train mean / std.
+Two contracts, one module per kind in :mod:`preprocessing.features`:
+
+* a :class:`FeatureKind` (tabular) fills slots of the ``features`` vector, listed in
+  :data:`preprocessing.features.assemble.KINDS`: its Spark ML stages turn its columns into
+  numeric or vector columns, which the assembler concatenates (kinds in ``KINDS`` order) and
+  standardizes with the train mean / std;
+* a :class:`TensorKind` (array, image) makes each of its columns a tensor column of its own,
+  listed in :data:`preprocessing.features.tensors.TENSOR_KINDS`: it says the column's
+  :class:`~pipeline.data.columns.ColumnSpec` and how its ``normalize`` is fitted — aggregate
+  expressions over the train split (all kinds in one Spark job) and the entry made from
+  their values. Validation gives the shard value (:mod:`preprocessing.read.validation`).
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pyspark.sql import Column
+
+from pipeline.data.columns import ColumnSpec
 from preprocessing.config import EtlConfig
 
-__all__ = ["Describe", "FeatureKind"]
+__all__ = ["Describe", "FeatureKind", "TensorKind"]
 
 Describe = Callable[
     [Sequence[Any], EtlConfig, Sequence[float], Sequence[float]], tuple[list[str], dict[str, Any]]
@@ -39,3 +48,20 @@ class FeatureKind:
     ``feature_stats``."""
     intermediate_prefixes: tuple[str, ...]
     """Prefixes of the intermediate columns its stages add (dropped after the transform)."""
+
+
+@dataclass(frozen=True)
+class TensorKind:
+    """How the columns of one tensor kind are described and their normalization fitted."""
+
+    name: str
+    """The manifest's ``kind`` of its columns."""
+    columns: Callable[[EtlConfig], list[str]]
+    """This kind's columns in the config."""
+    spec: Callable[[EtlConfig, str], ColumnSpec]
+    """A column's dtype and row shape (``kind`` set, ``normalize`` not yet)."""
+    aggregates: Callable[[EtlConfig, str], list[Column]]
+    """Aggregate expressions over the good train rows that its ``normalize`` needs (none: the
+    column is not normalized)."""
+    normalize: Callable[[EtlConfig, str, list[Any]], dict[str, Any] | None]
+    """The column's ``normalize`` from the values of its aggregates (in order)."""

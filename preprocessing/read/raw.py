@@ -10,7 +10,8 @@ Blank lines are not records to Spark's CSV reader and are not counted; every rec
 reader produces is counted exactly once. Lines may end in LF, CRLF or a lone CR; a UTF-8 BOM
 is dropped with the header; invalid UTF-8 reads as U+FFFD. Every row carries the file it
 came from (``_source_file``) and, for text inputs, the line the parser could not split
-(``_corrupt_record``, null otherwise).
+(``_corrupt_record``, null otherwise). Spark ML vector columns declared as arrays are read as
+``array<double>``; ``image_folder`` inputs are read by :mod:`preprocessing.read.images`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
+from preprocessing.read.images import read_image_folder
 from preprocessing.read.schema_policy import check_stored_types, require_columns
 
 __all__ = ["CORRUPT", "SOURCE", "RawInput", "read_raw"]
@@ -52,6 +54,8 @@ def read_raw(
     """
     inp = cfg.input
     need = [*cfg.numeric, *cfg.categorical] if for_scoring else list(cfg.schema)
+    if inp.format == "image_folder":
+        return RawInput(read_image_folder(spark, cfg, SOURCE, CORRUPT), text=False)
     if inp.format in ("csv", "json"):
         if inp.format == "csv" and inp.header:
             columns = _csv_header(spark, cfg, need, source)
@@ -83,6 +87,7 @@ def read_raw(
         df = spark.read.table(inp.path).withColumn(SOURCE, F.lit(inp.path))
     found = [c for c in df.columns if c != SOURCE]
     require_columns(found, need, f"{source} {inp.path!r} ({inp.format})")
+    df = _vectors_as_arrays(df, [c for c in cfg.arrays if c in need])
     check_stored_types(df, cfg, need, f"{source} {inp.path!r} ({inp.format})")
     df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
     return RawInput(df, text=False)
@@ -94,3 +99,15 @@ def _csv_header(spark: SparkSession, cfg: EtlConfig, need: Sequence[str], source
     found = spark.read.options(**dict(inp.options)).option("header", "true").csv(inp.path).columns
     require_columns(found, need, f"{source} {inp.path!r}: the CSV header")
     return list(found)
+
+
+def _vectors_as_arrays(df: DataFrame, columns: Sequence[str]) -> DataFrame:
+    """Spark ML vector columns among ``columns`` as ``array<double>`` (dense, all values)."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+
+    stored = {f.name: f.dataType for f in df.schema.fields}
+    for c in columns:
+        if isinstance(stored.get(c), VectorUDT):
+            df = df.withColumn(c, vector_to_array(F.col(c), "float64"))
+    return df

@@ -10,7 +10,10 @@ a stored type per column, which may differ from the one declared in ``etl.schema
   ``label_invalid`` / ``value_invalid`` instead of being truncated;
 * a stored type that cannot hold such values at all (struct, array, map, binary, or a
   date/timestamp for a numeric column) is a :class:`SchemaMismatchError` naming the column,
-  both types and the input, raised before any Spark job runs.
+  both types and the input, raised before any Spark job runs;
+* an ``array<…>`` column takes a stored array of numbers (or of strings, cast element by
+  element), a Spark ML vector (made an array when read) or JSON text; a nested array is a
+  :class:`SchemaMismatchError`. A ``binary`` (image) column takes only binary.
 
 Missing declared columns are a :class:`SchemaMismatchError` too (:func:`require_columns`,
 for every input format) and extra columns are ignored.
@@ -24,7 +27,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from preprocessing.config import EtlConfig, is_integral, is_numeric
+from preprocessing.config import EtlConfig, is_array, is_integral, is_numeric
 
 __all__ = ["SchemaMismatchError", "check_stored_types", "exact_cast", "require_columns"]
 
@@ -57,6 +60,13 @@ def require_columns(found: Sequence[str], needed: Sequence[str], where: str) -> 
 
 
 def _accepts(declared: str, stored: T.DataType) -> bool:
+    if is_array(declared):  # a flat array of numbers (or strings), or JSON text
+        return isinstance(stored, T.StringType) or (
+            isinstance(stored, T.ArrayType)
+            and isinstance(stored.elementType, T.NumericType | T.StringType)
+        )
+    if declared == "binary":
+        return isinstance(stored, T.BinaryType)
     if is_numeric(declared) or declared == "boolean":
         return isinstance(stored, _NUMERIC_SOURCES)
     if declared in ("date", "timestamp"):

@@ -19,7 +19,18 @@ priority order (the first that applies wins):
 ``value_out_of_range`` a numeric feature with ``|x| > etl.max_abs_value``
 ``value_not_finite``   NaN / ±inf in a numeric feature, with ``missing: quarantine``
 ``value_missing``      a null numeric feature, with ``missing: quarantine``
+``array_missing``      a null array column (:mod:`preprocessing.read.arrays`)
+``array_invalid``      an array of the wrong length, nested, with a null, non-finite or
+                       non-numeric element
+``image_missing``      a null / empty path, or a null bytes value, in an image column
+``image_unreadable``   the image's path / URI cannot be read
+``image_invalid``      the file is not a decodable image (empty, truncated, not an image)
+``image_too_large``    its header claims more than ``max_pixels`` pixels
 =====================  ===============================================================
+
+Array and image checks come last, in ``etl.schema`` order. Images are decoded (with Pillow,
+in the executors: :mod:`preprocessing.read.images`) before the checks run, so a row's
+pixels are computed once and kept with it.
 
 With ``missing: impute`` (the default) null / NaN / ±inf numeric values become null here and
 are imputed later with the train-split statistic.
@@ -33,7 +44,10 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from preprocessing.config import EtlConfig
+from preprocessing.config import EtlConfig, is_array
+from preprocessing.read.arrays import array_checks, typed_array
+from preprocessing.read.imagedecode import IMAGE_REASONS
+from preprocessing.read.images import decode_images, image_error, image_pixels, image_sums
 from preprocessing.read.raw import CORRUPT, SOURCE, RawInput
 from preprocessing.read.schema_policy import exact_cast
 
@@ -67,7 +81,10 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     df, checks = _coded(raw, cfg, list(cfg.schema), targets=True)
     quarantined = F.col(_CODE).isNotNull()
     raw_cols = [
-        F.when(quarantined, F.col(c).cast("string")).alias(RAW_PREFIX + c) for c in cfg.schema
+        F.when(
+            quarantined, F.col(c) if cfg.dtype(c) == "binary" else F.col(c).cast("string")
+        ).alias(RAW_PREFIX + c)
+        for c in cfg.schema
     ]
     return df.select(
         *_clean(cfg, list(cfg.schema)),
@@ -105,14 +122,25 @@ def _coded(
     df = df.select(
         "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in columns]
     )
+    images = {c: _TYPED + c for c in cfg.images if c in columns}
+    if images:
+        df = decode_images(df, cfg, images)
     checks = _checks(raw, cfg, columns, targets=targets)
     code = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(checks)])
     return df.withColumn(_CODE, code), checks
 
 
 def _clean(cfg: EtlConfig, columns: list[str]) -> list[Column]:
-    """The typed ``columns`` under their own names; numeric NaN / ±inf become null."""
-    out = [F.col(_TYPED + c).alias(c) for c in columns if c not in cfg.numeric]
+    """The typed ``columns`` under their own names; numeric NaN / ±inf become null.
+
+    An array column is ``array<float>``; an image column holds its decoded pixels (binary),
+    followed by its channel sums (``_isum_<c>``).
+    """
+    tensors = (*cfg.arrays, *cfg.images)
+    out = [F.col(_TYPED + c).alias(c) for c in columns if c not in (*cfg.numeric, *tensors)]
+    out += [F.col(_TYPED + c).cast("array<float>").alias(c) for c in columns if c in cfg.arrays]
+    for c in (c for c in columns if c in cfg.images):
+        out += [F.col(image_pixels(c)).alias(c), F.col(image_sums(c))]
     out += [
         _finite_or_null(F.col(_TYPED + c).cast("double")).alias(c)
         for c in cfg.numeric
@@ -176,11 +204,31 @@ def _checks(
         if cfg.missing == "quarantine":
             checks.append((x.isNotNull() & ~finite, "value_not_finite", c))
             checks.append((x.isNull(), "value_missing", c))
+    checks += _tensor_checks(raw, cfg, columns)
     return checks
+
+
+def _tensor_checks(
+    raw: RawInput, cfg: EtlConfig, columns: list[str]
+) -> list[tuple[Column, str, str]]:
+    """The checks of the array and image columns among ``columns``, in schema order."""
+    out: list[tuple[Column, str, str]] = []
+    for c in columns:
+        if c in cfg.arrays:
+            text = isinstance(raw.df.schema[c].dataType, T.StringType)
+            out += array_checks(cfg, c, F.col(c), F.col(_TYPED + c), text=text)
+        elif c in cfg.images:
+            out.append((F.col(_TYPED + c).isNull(), "image_missing", c))
+            out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
+    return out
 
 
 def _typed(df: DataFrame, column: str, dtype: str, trimmed: bool) -> Column:
     c = F.col(column)
+    if is_array(dtype):
+        return typed_array(df, column)
+    if dtype == "binary":
+        return c
     if dtype == "string":
         return F.when(~_blank(c, trimmed), c.cast("string"))
     if dtype == "boolean":

@@ -9,16 +9,18 @@ A format is a stateless object with three sides:
   rows, bytes and sha256 the manifest records without reading the file back;
 * the **reader** side :class:`pipeline.data.reader.ShardReader` needs:
   :meth:`ShardFormat.index` cuts a shard into row groups with their row counts (a Parquet
-  footer; a TFRecord index of byte offsets), and :meth:`ShardFormat.read_row_group` decodes
-  one row group into the float32 feature matrix and the labels, checking them against the
-  manifest (errors name the file and, where the format has them, the record);
+  footer; a TFRecord index of byte offsets), and :meth:`ShardFormat.read_columns` decodes
+  one row group into the model's input columns (each ``[n, *shape]`` in its stored dtype)
+  and the labels, checking them against the manifest (errors name the file and, where the
+  format has them, the record); :meth:`ShardFormat.read_row_group` is the same for one
+  column;
 * **row counting** for the driver's preflight: :meth:`ShardFormat.count_rows`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
@@ -85,6 +87,9 @@ class ShardFormat(ABC):
     """File name suffix of a shard, with the dot (``.parquet``)."""
     index_source: ClassVar[str]
     """What :meth:`index` reads, for messages (``Parquet footer``)."""
+    any_columns: ClassVar[bool] = True
+    """Whether a shard may hold any tensor columns (arrays, images), not only the fixed
+    ``key`` / ``features`` / ``label`` layout."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -139,6 +144,30 @@ class ShardFormat(ABC):
         ``index`` is what :meth:`index` returned for this file. Raises ShardSetError naming
         ``where`` (and the record, where the format can tell).
         """
+
+    def read_columns(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        index: RowGroupIndex,
+        i: int,
+        *,
+        columns: Sequence[ColumnSpec],
+        label_dtype: np.dtype[Any],
+        where: str,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The tensor ``columns`` (by name, ``[n, *shape]``) and the labels of row group ``i``.
+
+        This default reads the row group once per column (:meth:`read_row_group`); formats
+        that can decode several columns at once override it.
+        """
+        out: dict[str, np.ndarray] = {}
+        labels = np.zeros(0, label_dtype)
+        for spec in columns:
+            out[spec.name], labels = self.read_row_group(
+                fs, path, index, i, features=spec, label_dtype=label_dtype, where=where
+            )
+        return out, labels
 
     def count_rows(self, fs: pafs.FileSystem, path: str, *, where: str) -> int:
         """Rows in a shard, from its metadata or a scan (checks what that reads)."""

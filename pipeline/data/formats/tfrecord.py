@@ -412,6 +412,7 @@ class TFRecordFormat(ShardFormat):
     """TFRecord files of ``tf.train.Example`` records (``file_format: tfrecord``)."""
 
     name: ClassVar[str] = "tfrecord"
+    any_columns: ClassVar[bool] = False  # the Example encoder knows key, features and label
     suffix: ClassVar[str] = ".tfrecord"
     index_source: ClassVar[str] = "TFRecord file"
 
@@ -441,6 +442,11 @@ class TFRecordFormat(ShardFormat):
         """Decode row group ``i``, every CRC verified (see :func:`read_row_group`)."""
         if not isinstance(index, ShardIndex):
             raise TypeError(f"a TFRecord shard needs a ShardIndex, got {type(index).__name__}")
+        if features.name != FEATURES_COLUMN:
+            raise TFRecordError(
+                f"{where}: this reader decodes only the {FEATURES_COLUMN!r} vector of TFRecord "
+                f"shards, not column {features.name!r}: write tensor columns as Parquet"
+            )
         feats, labels = read_row_group(
             fs, path, index, i, dim=features.size, label_dtype=label_dtype, where=where
         )

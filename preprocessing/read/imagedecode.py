@@ -1,0 +1,196 @@
+"""Decode one image (bytes or a path / URI) into uint8 ``[H, W, C]`` pixels, or a reason.
+
+Spark-free and row-local: :mod:`preprocessing.read.images` runs :func:`decode_column` on the
+Arrow batches of ``mapInArrow`` in the executors. What happens to one image, in order:
+
+1. a path / URI is read through ``pyarrow.fs`` (``file:``, ``hdfs://``, ``s3://``, ``s3a://``
+   → ``s3://``, ``gs://``, or a local path); failing that: ``image_unreadable``;
+2. Pillow identifies the format from the header; no image (empty, text, unknown format):
+   ``image_invalid``;
+3. the size the header claims is checked against ``max_pixels`` *before* any pixel is
+   decoded (Pillow's own bomb check is disabled in favour of ours): ``image_too_large``;
+4. the pixels are decoded (a truncated or corrupt file: ``image_invalid``), the EXIF
+   orientation is applied (``ImageOps.exif_transpose``);
+5. the mode is converted to ``L`` or ``RGB``: 16-bit samples (``I;16``, or ``I`` / ``F``
+   holding values over 255) are scaled to 8 bits (``round(x / 257)``, clipped); palette
+   (``P``), ``1``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``… go through Pillow's ``convert``
+   (alpha dropped, as torchvision's loader does);
+6. resized to ``size`` with the ``resize`` policy: ``crop`` is ``ImageOps.fit`` (the
+   largest centred box of the target aspect ratio, scaled to the size), ``stretch`` is
+   ``Image.resize`` to the size; both with the ``resample`` filter.
+
+Every failure is one of :data:`IMAGE_REASONS`; nothing raises for a bad image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from pipeline.core import storage
+
+__all__ = [
+    "IMAGE_INVALID",
+    "IMAGE_REASONS",
+    "IMAGE_TOO_LARGE",
+    "IMAGE_UNREADABLE",
+    "ImageSpec",
+    "decode_column",
+    "decode_image",
+    "read_uri",
+]
+
+IMAGE_UNREADABLE: Final = "image_unreadable"
+"""The path / URI could not be read (missing, a directory, no permission, bad URI)."""
+IMAGE_INVALID: Final = "image_invalid"
+"""The bytes are not a decodable image: empty, truncated, corrupt, not an image."""
+IMAGE_TOO_LARGE: Final = "image_too_large"
+"""The header claims more than ``max_pixels`` pixels (checked before decoding)."""
+IMAGE_REASONS: Final = (IMAGE_UNREADABLE, IMAGE_INVALID, IMAGE_TOO_LARGE)
+"""The reasons :func:`decode_image` gives, in the order the checks run."""
+
+_RESAMPLE: Final = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_WIDE_INT_MODES: Final = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What one image column is turned into (from ``etl.images.<column>``)."""
+
+    height: int
+    width: int
+    channels: str  # "L" or "RGB"
+    resize: str = "crop"  # "crop" (ImageOps.fit) or "stretch" (Image.resize)
+    resample: str = "bilinear"
+    max_pixels: int = 89_478_485
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the decoded pixels."""
+        return (self.height, self.width, 1 if self.channels == "L" else 3)
+
+
+class _BadImage(Exception):
+    """An image that is quarantined with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of a local path or URI (``file:/x`` and ``s3a://`` spelled as Spark does)."""
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        uri = uri[len("file:") :]
+    elif uri.startswith(("s3a://", "s3n://")):
+        uri = "s3://" + uri[len("s3a://") :]
+    fs, path = storage.resolve(uri)
+    return storage.read_bytes(fs, path)
+
+
+def _to_mode(img: Image.Image, channels: str) -> Image.Image:
+    """``img`` in mode ``channels`` (``L`` / ``RGB``), wide integer samples scaled to 8 bits."""
+    if img.mode in _WIDE_INT_MODES or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        # I;16*: 16-bit samples; I / F (32-bit): 16-bit data when any value exceeds 8 bits
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if img.mode != channels:
+        img = img.convert(channels)
+    return img
+
+
+def _resized(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    size, method = (spec.width, spec.height), _RESAMPLE[spec.resample]
+    if img.size == size:
+        return img
+    if spec.resize == "crop":
+        return ImageOps.fit(img, size, method=method)
+    return img.resize(size, method)
+
+
+def _open(data: bytes, spec: ImageSpec) -> Image.Image:
+    """The decoded image with its EXIF orientation applied; raises :class:`_BadImage`."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # spec.max_pixels is checked below instead
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Exception:  # any failure to identify is a bad image, never a crash
+        raise _BadImage(IMAGE_INVALID) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    width, height = img.size
+    if width * height > spec.max_pixels:
+        raise _BadImage(IMAGE_TOO_LARGE)
+    try:
+        img.load()
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # truncated / corrupt data
+        raise _BadImage(IMAGE_INVALID) from None
+
+
+def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Pixels of an encoded image as uint8 ``spec.shape``; raises :class:`_BadImage`."""
+    img = _open(data, spec)
+    try:
+        pixels = np.asarray(_resized(_to_mode(img, spec.channels), spec), dtype=np.uint8)
+    except Exception:  # a mode Pillow cannot convert, a corrupt frame
+        raise _BadImage(IMAGE_INVALID) from None
+    return pixels.reshape(spec.shape)
+
+
+def _decode_value(value: Any, spec: ImageSpec) -> np.ndarray:
+    """Pixels of one cell (bytes, or a path / URI); raises :class:`_BadImage`."""
+    if isinstance(value, str):
+        try:
+            value = read_uri(value)
+        except Exception:  # missing file, directory, permission, bad URI
+            raise _BadImage(IMAGE_UNREADABLE) from None
+    return decode_image(bytes(value), spec)
+
+
+def decode_column(values: pa.Array, spec: ImageSpec) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Decode a column of images (bytes or paths; nulls are skipped).
+
+    Returns, per row: the pixels (binary, ``H*W*C`` bytes in ``[H, W, C]`` order; null for a
+    null or bad image), per-channel sums of ``x / 255`` then of ``(x / 255)²`` (``2·C``
+    doubles, for the train mean / std; null likewise) and the reason (null when decoded).
+    """
+    pixels: list[bytes | None] = []
+    sums: list[list[float] | None] = []
+    reasons: list[str | None] = []
+    for value in values.to_pylist():
+        out: np.ndarray | None = None
+        reason: str | None = None
+        if value is not None:
+            try:
+                out = _decode_value(value, spec)
+            except _BadImage as bad:
+                reason = bad.reason
+        reasons.append(reason)
+        if out is None:
+            pixels.append(None)
+            sums.append(None)
+            continue
+        pixels.append(out.tobytes())
+        scaled = out.reshape(-1, out.shape[-1]).astype(np.float64) / 255.0
+        sums.append([*scaled.sum(axis=0).tolist(), *(scaled * scaled).sum(axis=0).tolist()])
+    return (
+        pa.array(pixels, pa.binary()),
+        pa.array(sums, pa.list_(pa.float64())),
+        pa.array(reasons, pa.string()),
+    )
