@@ -15,14 +15,24 @@ With ``file_format`` the shards are written by that format's writer from
 No ``features/`` PipelineModel is written (that needs Spark), although the manifest names
 one as the ETL's does. The same ``seed`` gives byte-identical files. :func:`read_split` returns a split's rows in
 manifest order, for comparing against what a reader yields.
+
+Tensor columns (the issue "Tensor data end to end"): ``extra`` adds columns (:class:`Extra`:
+name, dtype, shape, kind, normalize) after ``features`` — uint8 images hold random pixels,
+float arrays standard normal values — and ``features=False`` leaves the tabular vector out
+(an image-only set; labels are still drawn from the unseen vector). The manifest then gives
+every column its ``kind`` (and ``normalize``) as the ETL does; without extras it stays the
+old layout, with neither key. :func:`write_columns` writes given arrays (e.g. real images) as
+a shard set, and :func:`read_columns` reads a split's input columns back.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +44,54 @@ from pipeline.data.columns import ColumnSpec
 from pipeline.data.formats import DEFAULT_FORMAT, get_format
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, ShardSet
 
-__all__ = ["make_shardset", "read_split", "shard_entry", "write_manifest"]
+__all__ = [
+    "Extra",
+    "make_shardset",
+    "read_columns",
+    "read_split",
+    "shard_entry",
+    "write_columns",
+    "write_manifest",
+]
 
 Task = Literal["classification", "regression"]
 FeatureType = Literal["fixed_size_list", "list"]
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A tensor column besides ``features``: its manifest entry, values drawn at random."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str | None = "array"
+    normalize: Mapping[str, Any] | None = None
+    signal: int = 0
+    """Added to the values of rows with an odd label (so that the column predicts it)."""
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest schema entry."""
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out["kind"] = self.kind
+        if self.normalize is not None:
+            out["normalize"] = dict(self.normalize)
+        return out
+
+    def draw(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+        """A random row per label: uint8 pixels, or standard normal values of the dtype."""
+        shape = (len(labels), *self.shape)
+        odd = (labels.astype(np.int64) % 2).reshape(-1, *[1] * len(self.shape))
+        if np.dtype(self.dtype) == np.uint8:
+            pixels = rng.integers(0, 256 - self.signal, shape, dtype=np.int64)
+            return (pixels + self.signal * odd).astype(np.uint8)
+        return (rng.standard_normal(shape) + self.signal * odd).astype(self.dtype)
+
+
+def _tensor_array(values: np.ndarray) -> pa.Array:
+    """``[n, *shape]`` values as a ``fixed_size_list`` column (row-major)."""
+    size = math.prod(values.shape[1:])
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size)
 
 
 def make_shardset(
@@ -52,6 +106,8 @@ def make_shardset(
     feature_type: FeatureType = "fixed_size_list",
     compression: str = "snappy",
     file_format: str | None = None,
+    extra: Sequence[Extra] = (),
+    features: bool = True,
 ) -> str:
     """Write a committed shard set under ``root`` and return its URI (the path as a string).
 
@@ -73,6 +129,7 @@ def make_shardset(
         splits[split] = []
         for i, n in enumerate(counts):
             table = _table(rng, key, n, weights, task, num_classes, feature_type)
+            table = _with_extra(table, rng, extra, features)
             key += n
             suffix = get_format(file_format or DEFAULT_FORMAT).suffix
             rel = f"{split}/part-{i:05d}-{generation}{suffix}"
@@ -95,8 +152,24 @@ def make_shardset(
         seed=seed,
         row_group_rows=row_group_rows,
         file_format=file_format or DEFAULT_FORMAT,
+        extra=extra,
+        features=features,
     )
     return str(root)
+
+
+def _with_extra(
+    table: pa.Table, rng: np.random.Generator, extra: Sequence[Extra], features: bool
+) -> pa.Table:
+    """``table`` with the extra columns before the label (and without ``features``)."""
+    if not extra and features:
+        return table
+    label = table.column("label")
+    table = table.drop_columns(["label"] if features else ["label", "features"])
+    for column in extra:
+        values = column.draw(rng, label.to_numpy())
+        table = table.append_column(column.name, _tensor_array(values))
+    return table.append_column("label", label)
 
 
 def write_manifest(
@@ -109,18 +182,24 @@ def write_manifest(
     seed: int = 0,
     row_group_rows: int = 64,
     file_format: str = DEFAULT_FORMAT,
+    extra: Sequence[Extra] = (),
+    features: bool = True,
 ) -> None:
     """Write ``manifest.json`` for shards already on disk (``splits``: name → shard entries).
 
-    Tests that hand-craft shards (e.g. a Spark-style file) call this to commit them.
+    Tests that hand-craft shards (e.g. a Spark-style file) call this to commit them. With
+    ``extra`` columns (or without ``features``) every entry gets its ``kind``.
     """
     for name in ("train", "val", "test"):
         splits.setdefault(name, [])
-    columns = (
-        ColumnSpec("key", "int64"),
-        ColumnSpec("features", "float32", (dim,)),
-        ColumnSpec("label", "int64" if task == "classification" else "float32"),
-    )
+    label = ColumnSpec("label", "int64" if task == "classification" else "float32")
+    schema = [ColumnSpec("key", "int64").to_manifest()]
+    if features:
+        schema.append(ColumnSpec("features", "float32", (dim,)).to_manifest())
+    schema += [c.entry() for c in extra] + [label.to_manifest()]
+    if extra or not features:
+        kinds = {"key": "key", "features": "tabular", "label": "label"}
+        schema = [{**e, "kind": e.get("kind") or kinds[e["name"]]} for e in schema]
     rows = {name: sum(int(s["rows"]) for s in shards) for name, shards in splits.items()}
     total = sum(rows.values())
     manifest = {
@@ -130,13 +209,13 @@ def write_manifest(
         "file_format": file_format,
         "config": {"seed": seed, "row_group_rows": row_group_rows},
         "fingerprint": {"combined": f"synthetic-{seed}"},
-        "schema": [c.to_manifest() for c in columns],
-        "feature_names": [f"f{i}" for i in range(dim)],
+        "schema": schema,
+        "feature_names": [f"f{i}" for i in range(dim)] if features else [],
         "label": {"column": "label", "task": task, "classes": list(classes or [])},
         "row_group_rows": row_group_rows,
         "quarantine": {"rows": 0, "by_reason": {}, "by_column": {}, "path": None},
         "reconciliation": {"rows_in": total, "rows_ok": total, "rows_quarantined": 0},
-        "feature_stats": {"mean": [0.0] * dim, "std": [1.0] * dim},
+        "feature_stats": {"mean": [0.0] * dim, "std": [1.0] * dim} if features else {},
         "features_model": "features",
         "splits": {name: {"rows": rows[name], "shards": shards} for name, shards in splits.items()},
     }
@@ -199,3 +278,53 @@ def shard_entry(root: Path, rel: str, rows: int) -> dict[str, object]:
     """The manifest entry of the file ``root/rel`` holding ``rows`` rows (real size and sha256)."""
     digest, size = storage.sha256_file(pafs.LocalFileSystem(), str(root / rel))
     return {"path": rel, "rows": rows, "bytes": size, "sha256": digest}
+
+
+def write_columns(
+    root: Path,
+    splits: Mapping[str, tuple[Mapping[str, np.ndarray], np.ndarray]],
+    *,
+    columns: Sequence[Extra],
+    classes: Sequence[object],
+    shards: int = 2,
+    row_group_rows: int = 64,
+) -> str:
+    """Write given rows as a committed shard set: ``splits[name] = (inputs, labels)``.
+
+    ``inputs`` maps each of ``columns`` (in that order; ``features`` may be one of them,
+    kind ``tabular``) to its ``[n, *shape]`` values; each split is cut into ``shards`` files.
+    """
+    entries: dict[str, list[dict[str, object]]] = {}
+    key = 0
+    for split, (inputs, labels) in splits.items():
+        entries[split] = []
+        for i, rows in enumerate(np.array_split(np.arange(len(labels)), shards)):
+            data = {"key": pa.array((key + rows).astype(np.int64))}
+            data.update({c.name: _tensor_array(np.asarray(inputs[c.name])[rows]) for c in columns})
+            data["label"] = pa.array(np.asarray(labels)[rows].astype(np.int64))
+            rel = f"{split}/part-{i:05d}-g00000000.parquet"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(data), root / rel, row_group_size=row_group_rows)
+            entries[split].append(shard_entry(root, rel, len(rows)))
+        key += len(labels)
+    tabular = [c for c in columns if c.name == "features"]
+    dim = tabular[0].shape[0] if tabular else 0
+    write_manifest(
+        root, entries, dim=dim, classes=classes, row_group_rows=row_group_rows,
+        extra=[c for c in columns if c.name != "features"], features=bool(tabular),
+    )  # fmt: skip
+    return str(root)
+
+
+def read_columns(uri: str, split: str) -> dict[str, np.ndarray]:
+    """Every tensor column of a split as ``[N, *shape]`` arrays (and ``label``), manifest order."""
+    shardset = ShardSet.open(uri)
+    shapes = {e["name"]: tuple(e["shape"]) for e in shardset.manifest["schema"]}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in shapes}
+    for shard in shardset.split(split).shards:
+        table = pq.read_table(shardset.shard_path(shard))
+        for name, shape in shapes.items():
+            col = table.column(name).combine_chunks()
+            values = col.flatten().to_numpy() if shape else col.to_numpy()
+            parts[name].append(values.reshape(len(table), *shape))
+    return {name: np.concatenate(p) for name, p in parts.items() if p}

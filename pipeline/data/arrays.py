@@ -1,23 +1,167 @@
 """Arrow columns of a shard ↔ numpy arrays, checked against the manifest's column specs.
 
-The readers turn the ``features`` and ``label`` columns of a row group into numpy arrays
+The readers turn the input columns and the ``label`` column of a row group into numpy arrays
 (:func:`tensor_to_numpy`, :func:`labels_to_numpy`); the writer turns the batches Spark
 produces (vectors as variable-length ``list`` arrays) into the shard schema
 (:func:`to_shard_batch`). The Arrow type of a tensor column comes from
 :func:`pipeline.data.columns.arrow_type` in both directions.
+
+Which columns a model reads (:func:`input_columns`): every column of the manifest's
+``schema`` except the key and the label, in manifest order — the tabular ``features`` vector
+(absent from image-only sets), arrays and images. Each is an :class:`InputColumn`: its
+:class:`~pipeline.data.columns.ColumnSpec` plus the optional schema keys ``kind``
+(``"tabular"``, ``"array"``, ``"image"``; None in manifests written before they existed) and
+``normalize`` (``{"scale", "mean", "std"}``, applied on the training device after the copy,
+:mod:`pipeline.train.inputs`). They are read from the manifest's schema entries, so they do
+not depend on how :class:`~pipeline.data.columns.ColumnSpec` models them. A manifest without
+the keys has one input column, ``features``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.data.columns import ColumnSpec, arrow_type
-from pipeline.data.shardset import FEATURES_COLUMN, LABEL_COLUMN, ShardSetError
+from pipeline.data.shardset import (
+    FEATURES_COLUMN,
+    FORMAT_VERSION,
+    KEY_COLUMN,
+    LABEL_COLUMN,
+    MANIFEST_NAME,
+    ShardSet,
+    ShardSetError,
+)
 
-__all__ = ["features_to_numpy", "labels_to_numpy", "tensor_to_numpy", "to_shard_batch"]
+__all__ = [
+    "INPUT_KINDS",
+    "InputColumn",
+    "Normalize",
+    "features_to_numpy",
+    "input_columns",
+    "labels_to_numpy",
+    "tensor_to_numpy",
+    "to_shard_batch",
+]
+
+INPUT_KINDS: Final = ("tabular", "array", "image")
+"""The ``kind`` values of input columns this build reads (None: a manifest without kinds)."""
+_OTHER_KINDS: Final = ("key", "label")
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """``(x / scale - mean) / std`` of a column, ``mean`` and ``std`` broadcast to its row shape.
+
+    ``mean`` and ``std`` are float64 arrays (``std`` positive) shaped as the manifest gave them
+    (e.g. ``[C]`` for per-channel statistics of an ``[H, W, C]`` image); the device computes
+    in float32 with them rounded to float32.
+    """
+
+    scale: float
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def parse(cls, value: object, spec: ColumnSpec) -> Normalize | None:
+        """The manifest's ``normalize`` of ``spec``'s column; ValueError naming the column."""
+        if value is None:
+            return None
+        name = spec.name
+        if not isinstance(value, Mapping) or not {"mean", "std"} <= set(value):
+            raise ValueError(
+                f"column {name!r}: normalize must be {{scale, mean, std}}, got {value!r}"
+            )
+        try:
+            scale = float(value.get("scale", 1.0))
+            mean = np.asarray(value["mean"], dtype=np.float64)
+            std = np.asarray(value["std"], dtype=np.float64)
+            np.broadcast_shapes(mean.shape, std.shape, spec.shape)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"column {name!r}: normalize mean/std must be numbers broadcastable to its "
+                f"shape {list(spec.shape)}: {e}"
+            ) from None
+        if np.broadcast_shapes(mean.shape, std.shape, spec.shape) != spec.shape:
+            raise ValueError(
+                f"column {name!r}: normalize mean {list(mean.shape)} / std {list(std.shape)} "
+                f"do not broadcast to its shape {list(spec.shape)}"
+            )
+        finite = np.isfinite(scale) and np.isfinite(mean).all() and np.isfinite(std).all()
+        if not finite or not scale > 0 or not (std > 0).all():
+            raise ValueError(f"column {name!r}: normalize needs finite values, scale > 0, std > 0")
+        return cls(scale, mean, std)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest / ``model.json`` form (nested lists)."""
+        return {"scale": self.scale, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+@dataclass(frozen=True)
+class InputColumn:
+    """A column the model reads: its spec, ``kind`` (None: unknown) and ``normalize``."""
+
+    spec: ColumnSpec
+    kind: str | None = None
+    normalize: Normalize | None = None
+
+    @property
+    def name(self) -> str:
+        """The column's name (the key of a batch's ``inputs``)."""
+        return self.spec.name
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The column as a schema entry, with ``kind`` and ``normalize``."""
+        norm = None if self.normalize is None else self.normalize.to_manifest()
+        return {**self.spec.to_manifest(), "kind": self.kind, "normalize": norm}
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any]) -> InputColumn:
+        """An input column from a schema entry; ValueError when it is malformed or unreadable."""
+        spec = ColumnSpec.from_manifest(entry)
+        kind = entry.get("kind")
+        if kind is not None and kind not in INPUT_KINDS:
+            raise ValueError(
+                f"column {spec.name!r} has kind {kind!r}, which this build does not read "
+                f"(format_version {FORMAT_VERSION} input kinds: {', '.join(INPUT_KINDS)})"
+            )
+        if not spec.is_tensor or spec.numpy_dtype.kind not in "iuf":
+            raise ValueError(
+                f"input column {spec.name!r} is {spec.dtype} with shape {list(spec.shape)}: the "
+                "reader takes numeric tensor columns (a non-empty shape)"
+            )
+        if kind == "image" and len(spec.shape) != 3:
+            raise ValueError(
+                f"image column {spec.name!r} has shape {list(spec.shape)}; expected [H, W, C]"
+            )
+        return cls(spec, kind, Normalize.parse(entry.get("normalize"), spec))
+
+
+def input_columns(shards: ShardSet) -> tuple[InputColumn, ...]:
+    """The input columns of a shard set, in manifest order (see the module docstring).
+
+    ShardSetError naming the manifest when an entry is malformed, of an unknown kind, or
+    when the set has no input column at all.
+    """
+    where = f"{shards.uri}/{MANIFEST_NAME}"
+    entries = shards.manifest.get("schema")
+    shards.columns  # noqa: B018 - validates every entry (ShardSetError naming the manifest)
+    assert isinstance(entries, list | tuple)
+    try:
+        out = tuple(
+            InputColumn.from_manifest(e)
+            for e in entries
+            if e["name"] not in (KEY_COLUMN, LABEL_COLUMN) and e.get("kind") not in _OTHER_KINDS
+        )
+    except ValueError as e:
+        raise ShardSetError(f"{where}: {e}") from e
+    if not out:
+        raise ShardSetError(f"{where}: the schema has no input column besides key and label")
+    return out
 
 
 def tensor_to_numpy(

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
+from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
+
 if TYPE_CHECKING:
     from pipeline.data.reader import ShardReader
 
-__all__ = ["Batch", "Job", "Piece", "Producer", "rng"]
+__all__ = ["Arrays", "Batch", "Job", "Piece", "Producer", "rng"]
 
 log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 
@@ -32,20 +34,42 @@ _POLL_S: Final = 0.1  # the prefetch thread re-checks its stop flag this often w
 _READ_AHEAD: Final = 2  # row-group pieces decoded ahead of the one being batched
 
 
+Arrays = dict[str, np.ndarray]
+"""A piece's or window's input columns by name, each ``[n, *shape]``."""
+
+
 @dataclass(frozen=True)
 class Batch:
-    """One batch: ``features`` float32 ``[B, D]`` and ``labels`` ``[B]``, both contiguous.
+    """One batch: ``inputs`` (name → ``[B, *shape]`` tensor) and ``labels`` ``[B]``, contiguous.
 
+    Inputs keep the dtype and shape the manifest declares for their column: the tabular
+    ``features`` vector float32 ``[B, D]``, arrays as declared, images uint8 ``[B, H, W, C]``
+    (normalization and channels-first happen on the device: :mod:`pipeline.train.inputs`).
     Labels are int64 class codes for classification and float32 targets for regression.
+    ``Batch(tensor, labels)`` is a batch whose only input is ``features``.
     """
 
-    features: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, torch.Tensor):
+            object.__setattr__(self, "inputs", {FEATURES: self.inputs})
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The tabular ``features`` input (KeyError naming the inputs when there is none)."""
+        try:
+            return self.inputs[FEATURES]
+        except KeyError:
+            raise KeyError(
+                f"this batch has no {FEATURES!r} input (inputs: {', '.join(self.inputs)})"
+            ) from None
+
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
-        """A copy of the batch on ``device``."""
+        """A copy of the batch on ``device`` (dtypes and shapes unchanged)."""
         return Batch(
-            self.features.to(device, non_blocking=non_blocking),
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()},
             self.labels.to(device, non_blocking=non_blocking),
         )
 
@@ -97,8 +121,8 @@ class Producer:
         self._stop = threading.Event()
         name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
         self._pool = ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix=f"{name}-read")
-        self._reads: dict[int, Future[tuple[np.ndarray, np.ndarray]]] = {}  # piece → read
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None  # the last piece used
+        self._reads: dict[int, Future[tuple[Arrays, np.ndarray]]] = {}  # piece → read
+        self._cached: tuple[int, Arrays, np.ndarray] | None = None  # the last piece used
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -168,17 +192,14 @@ class Producer:
         window = first_row // size
         while left > 0:
             lo, hi = window * size, min((window + 1) * size, r.rows_per_rank)
-            feats, labels = self._window(starts, ends, lo, hi)
+            cols, labels = self._window(starts, ends, lo, hi)
             rows = self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
             # np.take copies whole rows; it is ~10x faster than fancy indexing here.
-            feats, labels = np.take(feats, rows, axis=0), np.take(labels, rows)
+            cols = {k: np.take(v, rows, axis=0) for k, v in cols.items()}
+            labels = np.take(labels, rows)
             for i in range(0, len(rows), batch):
-                self._put(
-                    Batch(
-                        torch.from_numpy(feats[i : i + batch]),
-                        torch.from_numpy(labels[i : i + batch]),
-                    )
-                )
+                inputs = {k: torch.from_numpy(v[i : i + batch]) for k, v in cols.items()}
+                self._put(Batch(inputs, torch.from_numpy(labels[i : i + batch])))
                 left -= 1
                 if left == 0:
                     return
@@ -192,23 +213,24 @@ class Producer:
 
     def _window(
         self, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of stream rows ``[lo, hi)``; piece j is ``[starts[j], ends[j])``."""
-        feats, labels = [], []
+    ) -> tuple[Arrays, np.ndarray]:
+        """Inputs and labels of stream rows ``[lo, hi)``; piece j is ``[starts[j], ends[j])``."""
+        parts: list[Arrays] = []
+        labels = []
         j = int(np.searchsorted(ends, lo, side="right"))
         while j < len(ends) and starts[j] < hi:
             if self._stop.is_set():
                 raise _Stopped
-            f, lab = self._piece(j)
+            cols, lab = self._piece(j)
             a, b = max(lo, starts[j]) - starts[j], min(hi, ends[j]) - starts[j]
-            feats.append(f[a:b])
+            parts.append({k: v[a:b] for k, v in cols.items()})
             labels.append(lab[a:b])
             j += 1
-        if len(feats) == 1:
-            return feats[0], labels[0]
-        return np.concatenate(feats), np.concatenate(labels)
+        if len(parts) == 1:
+            return parts[0], labels[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(labels)
 
-    def _piece(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def _piece(self, j: int) -> tuple[Arrays, np.ndarray]:
         """Rows of piece ``j``; the last one is kept, as a piece may span two windows."""
         if self._cached is not None and self._cached[0] == j:
             return self._cached[1], self._cached[2]
@@ -216,6 +238,6 @@ class Producer:
         for k in range(j, min(j + 1 + _READ_AHEAD, len(pieces))):
             if k not in self._reads:
                 self._reads[k] = self._pool.submit(self._reader._read_piece, pieces[k])
-        feats, labels = self._reads.pop(j).result()
-        self._cached = (j, feats, labels)
-        return feats, labels
+        cols, labels = self._reads.pop(j).result()
+        self._cached = (j, cols, labels)
+        return cols, labels

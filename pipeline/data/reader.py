@@ -15,12 +15,23 @@ smaller than ``batch_size``, and it has the same size on every rank. Empty shard
 part; a split with fewer rows than ranks (or none) gives ``P = 0`` and no steps, on every
 rank alike, so no rank waits for another.
 
+Batches
+-------
+A :class:`Batch` maps the name of every input column (:func:`pipeline.data.arrays.input_columns`:
+all columns but key and label, in manifest order) to a ``[B, *shape]`` tensor in the column's
+stored dtype — uint8 images stay uint8 ``[B, H, W, C]`` until the training device has them
+(:mod:`pipeline.train.inputs` normalizes there) — plus the labels; ``batch.features`` is the
+tabular vector. All columns of a row move together, so the row policy, shuffle and resume
+below hold for every column alike.
+
 Shuffle
 -------
 A rank reads only the Parquet row groups that overlap its slice. These pieces
 (row group ∩ slice) are read in an order permuted by ``(seed, e, r)``, and their
 concatenation — the rank's stream — is cut into windows of ``S`` rows
-(``shuffle_buffer_rows`` rounded down to whole batches, at least one batch); each window is
+(``shuffle_buffer_rows``, or fewer so that a window's input columns take at most
+``shuffle_buffer_bytes`` — large images —, rounded down to whole batches, at least one
+batch); each window is
 permuted by ``(seed, e, r, window)``. A batch therefore mixes the rows of the pieces in its
 window: about ``shuffle_buffer_rows / row_group_rows`` row groups (the manifest records
 ``row_group_rows``), so make the buffer several row groups when rows within a shard are
@@ -35,8 +46,10 @@ the file when it is first used (:mod:`pipeline.data.formats.tfrecord`); every re
 are checked when its row group is decoded. The two formats of the same data give the same
 batches.
 
-Memory: one window (``S`` rows), up to three decoded row groups (the one being batched and
-two decoded ahead by a small thread pool) and ``prefetch_batches`` queued batches.
+Memory: one window (``S`` rows, at most ``shuffle_buffer_bytes`` of inputs unless one batch
+is larger; its permuted copy as much again), up to three decoded row groups (the one being
+batched and two decoded ahead by a small thread pool) and ``prefetch_batches`` queued
+batches.
 
 Resume
 ------
@@ -67,9 +80,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data.arrays import features_to_numpy, labels_to_numpy
+from pipeline.data.arrays import InputColumn, features_to_numpy, input_columns, labels_to_numpy
 from pipeline.data.formats import RowGroupIndex, format_of
-from pipeline.data.prefetch import PIECE_ORDER, SHARD_ORDER, Batch, Job, Piece, Producer, rng
+from pipeline.data.prefetch import (
+    PIECE_ORDER,
+    SHARD_ORDER,
+    Arrays,
+    Batch,
+    Job,
+    Piece,
+    Producer,
+    rng,
+)
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
 from pipeline.runtime import timeouts
 
@@ -116,6 +138,7 @@ class ShardReader:
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer_rows: int = 65536,
+        shuffle_buffer_bytes: int = 1 << 30,
         drop_last: bool = False,
         verify: Verify = "auto",
         prefetch_batches: int = 4,
@@ -127,6 +150,7 @@ class ShardReader:
         _check_int("batch_size", batch_size, 1)
         _check_int("seed", seed, 0)
         _check_int("shuffle_buffer_rows", shuffle_buffer_rows, 1)
+        _check_int("shuffle_buffer_bytes", shuffle_buffer_bytes, 1)
         _check_int("prefetch_batches", prefetch_batches, 1)
         if verify not in _VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(_VERIFY_MODES)}, got {verify!r}")
@@ -138,8 +162,12 @@ class ShardReader:
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.verify: Verify = verify
         self.prefetch_batches = prefetch_batches
-        self.dim = self.shardset.feature_dim
-        self._features = self.shardset.column_spec(FEATURES_COLUMN)
+        self.inputs: tuple[InputColumn, ...] = input_columns(self.shardset)
+        """The input columns each batch holds (``Batch.inputs``), in manifest order."""
+        names = [c.name for c in self.inputs]
+        self.dim: int | None = self.shardset.feature_dim if FEATURES_COLUMN in names else None
+        """Length of the ``features`` vector (None for a set without one)."""
+        self._columns = tuple(c.spec for c in self.inputs)
         self._format = format_of(self.shardset)
         self._label_dtype = np.dtype(
             np.int64 if self.shardset.task == "classification" else np.float32
@@ -148,7 +176,9 @@ class ShardReader:
         self.rows_per_rank: int = self.num_rows // world_size
         full, rest = divmod(self.rows_per_rank, batch_size)
         self.steps_per_epoch: int = full + (1 if rest and not drop_last else 0)
-        self._window_rows = max(1, shuffle_buffer_rows // batch_size) * batch_size
+        row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
+        window = min(shuffle_buffer_rows, shuffle_buffer_bytes // max(row_bytes, 1))
+        self._window_rows = max(1, window // batch_size) * batch_size
         if self.rows_per_rank == 0 and self.num_rows:
             log.warning(
                 "split %r of %s has %d rows for %d ranks: no steps",
@@ -350,19 +380,20 @@ class ShardReader:
             )
         self._metadata[index] = metadata
 
-    def _read_piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of a piece (runs in the read pool; opens its own file handle)."""
+    def _read_piece(self, piece: Piece) -> tuple[Arrays, np.ndarray]:
+        """Inputs and labels of a piece (runs in the read pool; opens its own file handle)."""
         shard = self._shards[piece.shard]
-        feats, labels = self._format.read_row_group(
+        cols, labels = self._format.read_columns(
             self.shardset.fs,
             self.shardset.shard_path(shard),
             self._metadata[piece.shard],
             piece.row_group,
-            features=self._features,
+            columns=self._columns,
             label_dtype=self._label_dtype,
             where=self.shardset.shard_uri(shard),
         )
-        return feats[piece.start : piece.stop], labels[piece.start : piece.stop]
+        rows = slice(piece.start, piece.stop)
+        return {k: v[rows] for k, v in cols.items()}, labels[rows]
 
     def _check_manifest_rows(self) -> None:
         declared = self.shardset.split(self.split).rows

@@ -171,6 +171,7 @@ class _Driver:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same initial model as a DDP run's
             self.model = engine.new_model(cfg, self.shards)
+        self.inputs = engine.model_inputs(cfg, self.shards)
         self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.optimizer: dict[str, torch.Tensor] = {}  # global optimizer state to broadcast
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
@@ -353,8 +354,9 @@ class _Driver:
         self.val.set_epoch(0)
         for batch in self.val:
             if batch.labels.shape[0]:
+                x, y = engine.to_model(self.inputs, batch, _CPU)
                 with engine.autocast(self.cfg, _CPU):
-                    sums.add(self.model(batch.features), batch.labels)
+                    sums.add(self.model(x), y)
         return sums.result(prefix="val_")
 
     def _checkpoint(self) -> None:

@@ -1,7 +1,12 @@
 """``spark-train evaluate``: a bundle's loss and accuracy / RMSE on one split of a shard set.
 
 Runs in one process without Spark or a process group: the bundle loads from safetensors,
-the split streams through the same :class:`~pipeline.data.reader.ShardReader` as training.
+the split streams through the same :class:`~pipeline.data.reader.ShardReader` as training,
+and batches reach the model through the training engine's
+:func:`~pipeline.train.engine.to_model` with the input columns and normalization recorded in
+the bundle (:attr:`~pipeline.train.bundle.LoadedBundle.inputs`). The shard set must hold
+those columns with the same dtypes and sizes (an old bundle: a ``features`` vector of as many
+values as its ``input_shape`` has elements, whatever that shape's layout).
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import torch
 
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import ShardSet
+from pipeline.train import engine
 from pipeline.train.bundle import BundleError, load_bundle
+from pipeline.train.inputs import ModelInputs
 from pipeline.train.metrics import EvalSums
+
+_CPU = torch.device("cpu")
 
 __all__ = ["evaluate_bundle"]
 
@@ -27,12 +36,14 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_uri)
     uri = dataset or bundle.spec["shardset"]["uri"]
     shards = ShardSet.open(uri)
-    _check_compatible(bundle.spec, shards, bundle_uri)
+    inputs = bundle.inputs
+    _check_compatible(bundle.spec, inputs, shards, bundle_uri)
     sums = EvalSums(bundle.spec["task"])
     reader = ShardReader(shards, split, rank=0, world_size=1, batch_size=batch_size, shuffle=False)
     with reader, torch.inference_mode():
         for batch in reader:
-            sums.add(bundle.model(batch.features), batch.labels)
+            x, y = engine.to_model(inputs, batch, _CPU)
+            sums.add(bundle.model(x), y)
     return {
         "bundle": bundle_uri,
         "dataset": uri,
@@ -43,15 +54,22 @@ def evaluate_bundle(
     }
 
 
-def _check_compatible(spec: dict[str, Any], shards: ShardSet, bundle_uri: str) -> None:
-    """The shard set must carry the features the model was trained on, in the same order."""
+def _check_compatible(
+    spec: dict[str, Any], inputs: ModelInputs, shards: ShardSet, bundle_uri: str
+) -> None:
+    """The shard set must carry the input columns the model was trained on (features in order)."""
     want = spec.get("feature_names") or []
     have = shards.feature_names
-    if int(spec["input_shape"][0]) != shards.feature_dim or (want and have and want != have):
+    problem = inputs.mismatch(shards)
+    if problem is None and want and have and want != have:
+        problem = f"its features are {have[:4]}…, the model's {want[:4]}…"
+    if problem is not None:
+        trained = ", ".join(
+            f"{c.name} {c.column.spec.dtype} {list(c.column.spec.shape)}" for c in inputs.columns
+        )
         raise BundleError(
-            f"{shards.uri} has {shards.feature_dim} features {have[:4]}…, but {bundle_uri} was "
-            f"trained on {spec['input_shape'][0]} features {want[:4]}…: evaluate on a shard set "
-            "built with the same etl config"
+            f"{shards.uri} does not fit {bundle_uri} ({problem}); the model was trained on "
+            f"{trained}: evaluate on a shard set built with the same etl config"
         )
     if spec["task"] != shards.task:
         raise BundleError(f"{bundle_uri} is a {spec['task']} model; {shards.uri} is {shards.task}")

@@ -3,14 +3,19 @@
 A bundle is a directory (local path or any ``pyarrow.fs`` URI)::
 
     model.safetensors   weights (safetensors: loading runs no pickle)
-    model.json          the spec: builder, args, input_shape, num_outputs, task, classes,
-                        feature_names, the shard set it was trained on (uri + fingerprint),
-                        and the ``etl`` section that built it (scoring reads and validates
-                        new data with it)
+    model.json          the spec: builder, args, input_shape, inputs (each input column's
+                        name, dtype, stored shape, kind, normalize and model_shape:
+                        :meth:`pipeline.train.inputs.ModelInputs.to_json`), num_outputs,
+                        task, classes, feature_names, the shard set it was trained on
+                        (uri + fingerprint), and the ``etl`` section that built it (scoring
+                        reads and validates new data with it)
     metrics.json        {"epochs": [{epoch, train_loss, val_loss, val_accuracy|val_rmse,
                         seconds}], steps, world_size, attempts, resumed_from}
     config.yaml         the ``train`` config of the run
     features/           copy of the shard set's fitted Spark ML PipelineModel (when it has one)
+
+A ``model.json`` without ``inputs`` (written before they were recorded) describes a model of
+the ``features`` vector viewed as ``input_shape``; :attr:`LoadedBundle.inputs` reads both.
 
 It is written into a temporary sibling directory and renamed into place, so a reader sees
 the old bundle or the complete new one (object stores have no rename: there the files are
@@ -36,7 +41,8 @@ from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.data.shardset import ShardSet
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import model_shape
+from pipeline.train.engine import model_inputs, model_shape
+from pipeline.train.inputs import ModelInputs
 from pipeline.train.models import build_model
 
 __all__ = [
@@ -80,11 +86,17 @@ class LoadedBundle:
         """URI of the bundled feature ``PipelineModel``, or None when the bundle has none."""
         return storage.join(self.uri, FEATURES) if self.spec.get("features") else None
 
+    @property
+    def inputs(self) -> ModelInputs:
+        """The model's input columns, with the normalization it was trained with."""
+        return ModelInputs.from_spec(self.spec)
+
 
 def model_spec(
     cfg: TrainConfig, shards: ShardSet, *, input_shape: tuple[int, ...], num_outputs: int
 ) -> dict[str, Any]:
     """The ``model.json`` document for a model trained by ``cfg`` on ``shards``."""
+    inputs = model_inputs(cfg, shards)
     manifest = shards.manifest
     fingerprint = (manifest.get("fingerprint") or {}).get("combined") or hashlib.sha256(
         json.dumps(manifest, sort_keys=True, default=str).encode()
@@ -96,6 +108,7 @@ def model_spec(
         "builder": cfg.model.builder,
         "args": args,
         "input_shape": list(input_shape),
+        "inputs": inputs.to_json(),
         "num_outputs": num_outputs,
         "task": cfg.task,
         "classes": shards.classes if cfg.task == "classification" else [],
@@ -223,11 +236,18 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
     """
     spec = read_spec(uri)
     fs, root = storage.resolve(uri)
+    inputs = None
+    if spec.get("inputs") is not None:
+        try:
+            inputs = ModelInputs.from_spec(spec).spec()
+        except ValueError as e:
+            raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
     model = build_model(
         spec["builder"],
         input_shape=tuple(spec["input_shape"]),
         num_outputs=int(spec["num_outputs"]),
         args=spec.get("args") or {},
+        inputs=inputs,
     )
     data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:

@@ -5,6 +5,9 @@ The barrier loop (:mod:`pipeline.train.loop`, modes ``ddp`` / ``fsdp`` and any r
 (:mod:`pipeline.train.modes.average`) both build their model, seed their generators, pick
 their device, run an optimizer step, autocast, decide whether to resume and check their
 inputs through the functions here, so a fix or a new setting lands in every mode at once.
+Batches reach the device through :func:`to_model` alone (copy, then normalize: the model
+inputs of :mod:`pipeline.train.inputs`), in training, validation, model averaging's driver
+and ``spark-train evaluate``.
 
 Spark-free: it runs inside executors and under plain ``torchrun``.
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,26 +25,33 @@ import torch
 from torch import nn
 
 from pipeline.core.configbase import to_dict
+from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import ShardSet
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
+from pipeline.train.inputs import ModelInputs
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer
 
+ModelInput = torch.Tensor | dict[str, torch.Tensor]
+"""What a model is called with: one tensor, or one per input column (by name)."""
+
 __all__ = [
     "RANK_SEED_STRIDE",
+    "ModelInput",
     "ResumeError",
     "Stepper",
     "autocast",
     "builder_args",
     "deterministic",
+    "model_inputs",
     "model_shape",
     "new_model",
     "new_optimizer",
     "resume_step",
     "seed_everything",
     "seed_from",
-    "to_device",
+    "to_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,15 +106,18 @@ def builder_args(cfg: TrainConfig) -> dict[str, Any]:
     return args
 
 
+def model_inputs(cfg: TrainConfig, shards: ShardSet) -> ModelInputs:
+    """The input columns of the model ``cfg`` trains on ``shards`` (:mod:`pipeline.train.inputs`).
+
+    ``train.model.args.input_shape`` overrides the shape of a single input column.
+    """
+    override = cfg.model.args.get("input_shape")
+    return ModelInputs.from_shards(shards, override or None)
+
+
 def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], int]:
     """``(input_shape, num_outputs)`` of the model ``cfg`` trains on ``shards``."""
-    dim = shards.feature_dim
-    shape = tuple(int(s) for s in cfg.model.args.get("input_shape") or (dim,))
-    if math.prod(shape) != dim:
-        raise ValueError(
-            f"train.model.args.input_shape {list(shape)} has {math.prod(shape)} elements "
-            f"but the shard set's feature vectors have {dim}"
-        )
+    shape = model_inputs(cfg, shards).input_shape
     if cfg.task == "regression":
         return shape, 1
     classes = shards.classes
@@ -121,7 +133,11 @@ def new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
     """A freshly initialised model (seed first for identical weights on every rank)."""
     input_shape, num_outputs = model_shape(cfg, shards)
     return build_model(
-        cfg.model.builder, input_shape=input_shape, num_outputs=num_outputs, args=builder_args(cfg)
+        cfg.model.builder,
+        input_shape=input_shape,
+        num_outputs=num_outputs,
+        args=builder_args(cfg),
+        inputs=model_inputs(cfg, shards).spec(),
     )
 
 
@@ -131,13 +147,16 @@ def new_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 # -- device and precision ------------------------------------------------------------------
-def to_device(
-    device: torch.device, *tensors: torch.Tensor, non_blocking: bool = True
-) -> tuple[torch.Tensor, ...]:
-    """The tensors on ``device`` (no call at all on CPU: ``Tensor.to`` costs ~50 us)."""
-    if device.type == "cpu":
-        return tensors
-    return tuple(t.to(device, non_blocking=non_blocking) for t in tensors)
+def to_model(
+    inputs: ModelInputs, batch: Batch, device: torch.device
+) -> tuple[ModelInput, torch.Tensor]:
+    """``(x, y)``: the batch copied to ``device``, then normalized; call ``model(x)``.
+
+    ``x`` is one tensor for a single input column, else a dict by column name (see
+    :meth:`pipeline.train.inputs.ModelInputs.prepare`). uint8 columns cross to the device
+    as uint8 and become float32 there.
+    """
+    return inputs.prepare(batch, device)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -131,6 +131,7 @@ class _Trainer:
         val = self.shards.splits.get("val")
         self.val_reader = self._reader("val", shuffle=False) if val and val.rows else None
         self.input_shape, self.num_outputs = engine.model_shape(cfg, self.shards)
+        self.inputs = engine.model_inputs(cfg, self.shards)
         self.module = mode.place(engine.new_model(cfg, self.shards), self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
         steps_per_epoch = math.ceil(self.train_reader.steps_per_epoch / cfg.grad_accum_steps)
@@ -295,7 +296,7 @@ class _Trainer:
         self._report(metrics)
         self._save_checkpoint(epoch_end=True, epoch_start_time=start)
 
-    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool, float]]:
+    def _micro_batches(self) -> Iterator[tuple[engine.ModelInput, torch.Tensor, bool, float]]:
         """Yield ``(x, y, ends_group, weight)`` for the rest of the epoch.
 
         Micro-batches are grouped ``train.grad_accum_steps`` at a time (the last group of an
@@ -310,7 +311,7 @@ class _Trainer:
             group_end = min(group_start + accum, total)
             rows = self._rows(group_start, group_end)
             self.micro += 1
-            x, y = engine.to_device(self.device, batch.features, batch.labels)
+            x, y = engine.to_model(self.inputs, batch, self.device)
             yield x, y, self.micro == group_end, y.shape[0] / rows if rows else 0.0
 
     def _rows(self, first: int, end: int) -> int:
@@ -354,7 +355,7 @@ class _Trainer:
         sums = EvalSums(self.cfg.task, self.device)
         self.val_reader.set_epoch(0)
         for batch in self.val_reader:
-            x, y = engine.to_device(self.device, batch.features, batch.labels)
+            x, y = engine.to_model(self.inputs, batch, self.device)
             if y.shape[0] == 0:
                 continue
             with self.autocast:

@@ -1,25 +1,45 @@
 """Built-in model builders and the resolver for ``train.model.builder``.
 
-A builder is any callable ``f(*, input_shape, num_outputs, **args) -> nn.Module``.
-``input_shape`` is the shape one row's feature vector is viewed as (``(D,)`` for an MLP,
-``(C, L)`` or ``(C, H, W)`` for a CNN); the model receives flat ``[B, prod(input_shape)]``
-float32 batches and reshapes them itself, so the reader, the loop and the scorer never need
-to know the model's layout.
+A builder is any callable ``f(*, input_shape, num_outputs, **args) -> nn.Module``; one that
+also has an ``inputs`` parameter receives the model's input spec, ``{column: (dtype,
+shape)}`` (model-facing, in manifest order; :mod:`pipeline.train.inputs`). A model is called
+with one tensor ``[B, *input_shape]`` when the shard set has one input column, and with a
+dict ``{column: tensor}`` when it has several (only builders with ``inputs`` can build those).
+``input_shape`` is the shape a row is viewed as: ``(D,)`` for the ``features`` vector,
+``(C, H, W)`` for an image (already channels-first and float on the device), or what
+``train.model.args.input_shape`` says for a feature vector that holds e.g. ``(C, L)`` data —
+models reshape flat rows themselves, so the reader and the loop never need their layout.
+
+Built in:
+
+* :func:`mlp` — tabular rows or arrays (several input columns are flattened and
+  concatenated);
+* :func:`cnn` — one image (or a ``(C, L)`` / ``(C, H, W)`` view of a vector): convolutions
+  at full resolution, pooling only while the maps stay ≥ 4 wide, a linear head on the
+  flattened maps; no normalization layers (nothing depends on the batch, so DDP ranks and
+  model averaging stay deterministic). Its defaults reach ≥ 0.97 val accuracy on
+  scikit-learn's 8×8 digits within 20 epochs (tests/integration/test_tensor_training.py);
+* :func:`fusion` — image column(s) through :func:`cnn`'s convolutions plus the other
+  columns (the tabular vector) flattened, concatenated, then an MLP head.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BuilderError", "build_model", "cnn", "mlp", "resolve_builder"]
+__all__ = ["BuilderError", "build_model", "cnn", "fusion", "mlp", "resolve_builder"]
 
 _KEY = "train.model.builder"
+_MIN_POOLED = 4  # pooling stops before a feature map would get narrower than this
+
+InputSpec = Mapping[str, tuple[str, Sequence[int]]]
 
 
 class BuilderError(ValueError):
@@ -37,6 +57,25 @@ class _Reshape(nn.Module):
         return x.reshape(x.shape[0], *self.shape)
 
 
+class _Columns(nn.Module):
+    """Several input columns → one ``[B, N]`` float row: each through its own part, concatenated.
+
+    ``parts[i]`` turns column ``names[i]`` into ``[B, n_i]`` (a flatten, or a conv trunk). A
+    single tensor stands for the first column (a model built for one input column).
+    """
+
+    def __init__(self, names: Sequence[str], parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x = {self.names[0]: x}
+        outs = [part(x[name]).float() for name, part in zip(self.names, self.parts, strict=True)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def _check_shape(input_shape: Sequence[int], ranks: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) not in ranks or any(s < 1 for s in shape):
@@ -47,12 +86,33 @@ def _check_shape(input_shape: Sequence[int], ranks: tuple[int, ...]) -> tuple[in
     return shape
 
 
+def _check_outputs(num_outputs: int) -> None:
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+
+
+def _dense(width: int, hidden: Sequence[int], dropout: float) -> tuple[list[nn.Module], int]:
+    """``Linear → ReLU (→ Dropout)`` per hidden width; the layers and the last width."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    layers: list[nn.Module] = []
+    for h in hidden:
+        if int(h) < 1:
+            raise ValueError(f"hidden widths must be >= 1, got {list(hidden)}")
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    return layers, width
+
+
 def mlp(
     *,
     input_shape: Sequence[int],
     num_outputs: int,
     hidden: Sequence[int] = (256, 256),
     dropout: float = 0.0,
+    inputs: InputSpec | None = None,
 ) -> nn.Module:
     """A multilayer perceptron: ``Linear → ReLU (→ Dropout)`` per hidden width, then a head.
 
@@ -61,42 +121,27 @@ def mlp(
         num_outputs: logits per row (classes) or 1 (regression).
         hidden: widths of the hidden layers (empty: a linear model).
         dropout: dropout probability after each hidden activation.
+        inputs: the input spec; with several columns, each is flattened and they are
+            concatenated (in spec order) into one row.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if num_outputs < 1:
-        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    _check_outputs(num_outputs)
     width = math.prod(_check_shape(input_shape, (1, 2, 3)))
-    layers: list[nn.Module] = [nn.Flatten()]
-    for h in hidden:
-        if int(h) < 1:
-            raise ValueError(f"hidden widths must be >= 1, got {list(hidden)}")
-        layers += [nn.Linear(width, int(h)), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = int(h)
-    layers.append(nn.Linear(width, num_outputs))
-    return nn.Sequential(*layers)
+    first: list[nn.Module] = [nn.Flatten()]
+    if inputs is not None and len(inputs) > 1:
+        names = list(inputs)
+        first = [_Columns(names, [nn.Flatten() for _ in names])]
+        width = sum(math.prod(shape) for _, shape in inputs.values())
+    layers, width = _dense(width, hidden, dropout)
+    return nn.Sequential(*first, *layers, nn.Linear(width, num_outputs))
 
 
-def cnn(
-    *,
-    input_shape: Sequence[int],
-    num_outputs: int,
-    channels: Sequence[int] = (16, 32),
-) -> nn.Module:
-    """A small CNN for fixed-shape tensor columns stored as flat feature vectors.
+def _conv_trunk(shape: tuple[int, ...], channels: Sequence[int]) -> tuple[list[nn.Module], int]:
+    """Convolution stages over a ``(C, L)`` or ``(C, H, W)`` row; the layers and output width.
 
-    Each row is viewed as ``input_shape``: ``(C, L)`` uses 1-d convolutions, ``(C, H, W)``
-    2-d ones, and a bare ``(L,)`` is treated as ``(1, L)``. Every stage is
-    ``Conv(k=3, pad=1) → ReLU → MaxPool(2)`` (pooling only while the size allows), followed
-    by global average pooling and a linear head.
+    Each stage is ``Conv(k=3, pad=1) → ReLU``; every stage but the first ends with
+    ``MaxPool(2)`` while that leaves maps at least :data:`_MIN_POOLED` wide. The maps are
+    flattened at the end.
     """
-    if num_outputs < 1:
-        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-    shape = _check_shape(input_shape, (1, 2, 3))
-    if len(shape) == 1:
-        shape = (1, shape[0])
     if len(channels) < 1 or any(int(c) < 1 for c in channels):
         raise ValueError(
             f"channels must be a non-empty list of positive ints, got {list(channels)}"
@@ -105,19 +150,69 @@ def cnn(
     conv: type[nn.Conv1d | nn.Conv2d] = nn.Conv2d if two_d else nn.Conv1d
     pool: type[nn.MaxPool1d | nn.MaxPool2d] = nn.MaxPool2d if two_d else nn.MaxPool1d
     layers: list[nn.Module] = [_Reshape(shape)]
-    in_ch, size = shape[0], min(shape[1:])
-    for c in channels:
+    in_ch, sizes = shape[0], list(shape[1:])
+    for i, c in enumerate(channels):
         layers += [conv(in_ch, int(c), kernel_size=3, padding=1), nn.ReLU()]
-        if size >= 2:
+        if i > 0 and min(sizes) // 2 >= _MIN_POOLED:
             layers.append(pool(2))
-            size //= 2
+            sizes = [s // 2 for s in sizes]
         in_ch = int(c)
-    layers += [
-        nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1),
-        nn.Flatten(),
-        nn.Linear(in_ch, num_outputs),
-    ]
-    return nn.Sequential(*layers)
+    layers.append(nn.Flatten())
+    return layers, in_ch * math.prod(sizes)
+
+
+def cnn(
+    *,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    channels: Sequence[int] = (32, 64),
+) -> nn.Module:
+    """A small CNN for one image (``(C, H, W)``) or a vector viewed as ``(C, L)`` / ``(C, H, W)``.
+
+    ``(C, L)`` uses 1-d convolutions, ``(C, H, W)`` 2-d ones, and a bare ``(L,)`` is treated
+    as ``(1, L)``; flat rows are reshaped. Stages ``Conv(k=3, pad=1) → ReLU`` per entry of
+    ``channels``, ``MaxPool(2)`` after every stage but the first while maps stay
+    ≥ 4 wide (an 8×8 image is pooled once, to 4×4), then a linear head on the flattened maps.
+    """
+    _check_outputs(num_outputs)
+    shape = _check_shape(input_shape, (1, 2, 3))
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    layers, width = _conv_trunk(shape, channels)
+    return nn.Sequential(*layers, nn.Linear(width, num_outputs))
+
+
+def fusion(
+    *,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    inputs: InputSpec | None = None,
+    channels: Sequence[int] = (32, 64),
+    hidden: Sequence[int] = (128,),
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Images plus the tabular vector: conv trunks and flattened columns → an MLP head.
+
+    Every ``(C, H, W)`` input column goes through its own :func:`cnn` trunk (``channels``),
+    every other column is flattened; the results are concatenated and go through ``hidden``
+    layers (``dropout`` after each) to ``num_outputs`` logits. Without ``inputs`` the model
+    takes one tensor of ``input_shape``.
+    """
+    _check_outputs(num_outputs)
+    spec = dict(inputs or {"input": ("float32", tuple(input_shape))})
+    parts: list[nn.Module] = []
+    width = 0
+    for _, shape in spec.values():
+        dims = _check_shape(shape, (1, 2, 3))
+        if len(dims) == 3:
+            trunk, n = _conv_trunk(dims, channels)
+            parts.append(nn.Sequential(*trunk))
+        else:
+            parts.append(nn.Flatten())
+            n = math.prod(dims)
+        width += n
+    layers, width = _dense(width, hidden, dropout)
+    return nn.Sequential(_Columns(list(spec), parts), *layers, nn.Linear(width, num_outputs))
 
 
 def resolve_builder(spec: str) -> Callable[..., nn.Module]:
@@ -140,12 +235,30 @@ def resolve_builder(spec: str) -> Callable[..., nn.Module]:
 
 
 def build_model(
-    spec: str, *, input_shape: Sequence[int], num_outputs: int, args: dict[str, Any] | None = None
+    spec: str,
+    *,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    args: dict[str, Any] | None = None,
+    inputs: InputSpec | None = None,
 ) -> nn.Module:
-    """Resolve ``spec`` and call it; the result must be an ``nn.Module``."""
+    """Resolve ``spec`` and call it; the result must be an ``nn.Module``.
+
+    ``inputs`` (the input spec) is passed to builders with an ``inputs`` parameter; a spec
+    of several columns needs one.
+    """
     builder = resolve_builder(spec)
+    kwargs = dict(args or {})
+    if inputs is not None and _takes_inputs(builder):
+        kwargs["inputs"] = {k: (d, tuple(s)) for k, (d, s) in inputs.items()}
+    elif inputs is not None and len(inputs) > 1:
+        raise BuilderError(
+            f"{_KEY}: {spec!r} takes one input tensor (it has no 'inputs' parameter), but the "
+            f"shard set has {len(inputs)} input columns ({', '.join(inputs)}): use a builder "
+            "that takes several, e.g. pipeline.train.models:fusion or :mlp"
+        )
     try:
-        model = builder(input_shape=tuple(input_shape), num_outputs=num_outputs, **(args or {}))
+        model = builder(input_shape=tuple(input_shape), num_outputs=num_outputs, **kwargs)
     except (TypeError, ValueError) as e:
         raise BuilderError(
             f"{_KEY}: {spec!r} rejected its arguments (train.model.args): {e}"
@@ -155,3 +268,10 @@ def build_model(
             f"{_KEY}: {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _takes_inputs(builder: Callable[..., Any]) -> bool:
+    try:
+        return "inputs" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False

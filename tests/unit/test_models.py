@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train.models import BuilderError, build_model, cnn, mlp, resolve_builder
+from pipeline.train.models import BuilderError, build_model, cnn, fusion, mlp, resolve_builder
 
 
 def test_mlp_shapes_and_dropout() -> None:
@@ -85,3 +85,52 @@ def test_build_model_checks_result_and_arguments(monkeypatch: pytest.MonkeyPatch
         build_model("pipeline.train.models:mlp", input_shape=(3,), num_outputs=2, args={"width": 3})
     nested = build_model("fake_builders:ns.inner", input_shape=(3,), num_outputs=2)
     assert isinstance(nested, nn.Sequential)
+
+
+# -- input specs (tensor columns) -------------------------------------------------------------------
+def test_mlp_with_a_one_column_spec_is_the_plain_mlp() -> None:
+    torch.manual_seed(0)
+    plain = mlp(input_shape=(6,), num_outputs=2, hidden=(4,))
+    torch.manual_seed(0)
+    spec = mlp(input_shape=(6,), num_outputs=2, hidden=(4,), inputs={"features": ("float32", (6,))})
+    a, b = plain.state_dict(), spec.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mlp_concatenates_several_columns() -> None:
+    inputs = {"features": ("float32", (3,)), "arr": ("float32", (2, 2))}
+    m = mlp(input_shape=(3,), num_outputs=2, hidden=(4,), inputs=inputs)
+    x = {"features": torch.randn(5, 3), "arr": torch.randn(5, 2, 2)}
+    assert m(x).shape == (5, 2)
+    assert m[1].in_features == 7  # after the column part
+
+
+def test_fusion_takes_an_image_and_a_vector_or_one_tensor() -> None:
+    inputs = {"features": ("float32", (5,)), "image": ("float32", (3, 8, 8))}
+    m = fusion(input_shape=(5,), num_outputs=4, inputs=inputs, channels=(4, 8), hidden=(16,))
+    out = m({"features": torch.randn(2, 5), "image": torch.randn(2, 3, 8, 8)})
+    assert out.shape == (2, 4)
+    assert sum(isinstance(x, nn.Conv2d) for x in m.modules()) == 2
+    alone = fusion(input_shape=(1, 8, 8), num_outputs=3)
+    assert alone(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_build_model_passes_the_spec_only_to_builders_that_take_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, object] = {}
+
+    def takes(*, input_shape: tuple[int, ...], num_outputs: int, inputs: object) -> nn.Module:
+        seen["inputs"] = inputs
+        return nn.Linear(1, 1)
+
+    mod = types.ModuleType("spec_builders")
+    mod.takes = takes  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "spec_builders", mod)
+    spec = {"image": ("float32", [1, 8, 8])}
+    build_model("spec_builders:takes", input_shape=(1, 8, 8), num_outputs=2, inputs=spec)
+    assert seen["inputs"] == {"image": ("float32", (1, 8, 8))}
+    model = build_model(
+        "pipeline.train.models:cnn", input_shape=(1, 8, 8), num_outputs=2, inputs=spec
+    )
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 2)

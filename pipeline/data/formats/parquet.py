@@ -8,6 +8,7 @@ row groups of the manifest's ``row_group_rows`` rows, written with pyarrow's def
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -97,18 +98,38 @@ class ParquetFormat(ShardFormat):
         where: str,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decode row group ``i`` (opens its own file handle: runs in the read pool)."""
+        columns, labels = self.read_columns(
+            fs, path, index, i, columns=[features], label_dtype=label_dtype, where=where
+        )
+        return columns[features.name], labels
+
+    def read_columns(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        index: RowGroupIndex,
+        i: int,
+        *,
+        columns: Sequence[ColumnSpec],
+        label_dtype: np.dtype[Any],
+        where: str,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decode ``columns`` and the label of row group ``i`` in one read (own file handle)."""
         try:
             with fs.open_input_file(path) as source:
                 table = pq.ParquetFile(source, metadata=index).read_row_group(
-                    i, columns=[features.name, LABEL_COLUMN]
+                    i, columns=[*(c.name for c in columns), LABEL_COLUMN]
                 )
-            feats = tensor_to_numpy(table.column(0), features, where=where)
-            labels = labels_to_numpy(table.column(1), label_dtype, where=where)
+            out = {
+                c.name: tensor_to_numpy(table.column(j), c, where=where)
+                for j, c in enumerate(columns)
+            }
+            labels = labels_to_numpy(table.column(len(columns)), label_dtype, where=where)
         except ShardSetError:
             raise
         except Exception as e:
             raise ShardSetError(f"shard {where}: reading row group {i} failed: {e}") from e
-        return feats, labels
+        return out, labels
 
     def count_rows(self, fs: pafs.FileSystem, path: str, *, where: str) -> int:
         """The footer's row count."""

@@ -73,6 +73,7 @@ from pipeline.runtime.rankrun import scoped_environ
 from pipeline.train import engine
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
+from pipeline.train.inputs import ModelInputs
 from pipeline.train.metrics import loss_fn
 from pipeline.train.optim import LRFactor
 from pipeline.train.registry import Mode
@@ -337,7 +338,8 @@ def train_round(
         if state:
             load_optimizer_tensors(optimizer, state)
         steps = _steps(cfg, spec, reader.steps_per_epoch)
-        loop = _LocalLoop(cfg, model, optimizer, device, warmup=spec.epoch_offset == 0)
+        inputs = engine.model_inputs(cfg, shards)
+        loop = _LocalLoop(cfg, model, optimizer, device, inputs, warmup=spec.epoch_offset == 0)
         loop.run(reader, steps, fault=parse_fault(), worker=worker, attempt=attempt)
     return contribution(
         _results(cfg, spec, worker, model, optimizer),
@@ -422,10 +424,12 @@ class _LocalLoop:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
+        inputs: ModelInputs,
         *,
         warmup: bool,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.device = cfg, model, optimizer, device
+        self.inputs = inputs
         self.stepper = engine.Stepper(cfg, model, optimizer)
         self.autocast = engine.autocast(cfg, device)
         self.warmup_steps = cfg.lr_schedule.warmup_steps if warmup else 0
@@ -446,7 +450,7 @@ class _LocalLoop:
             for batch in reader:
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.optimizer.lr * factor(steps.first + done)
-                x, y = engine.to_device(self.device, batch.features, batch.labels)
+                x, y = engine.to_model(self.inputs, batch, self.device)
                 loss_sum.add_(self._step(x, y), alpha=y.shape[0])
                 self.rows += y.shape[0]
                 done += 1
@@ -456,7 +460,7 @@ class _LocalLoop:
                     break
         self.loss_sum = float(loss_sum)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _step(self, x: engine.ModelInput, y: torch.Tensor) -> torch.Tensor:
         with self.autocast:
             loss = loss_fn(self.model(x), y, self.cfg.task, reduction="mean")
         loss.backward()
