@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pipeline.config import Config
 from pipeline.core.redact import redact
@@ -72,11 +72,35 @@ def report_error(command: str, exc: BaseException, *, usage: bool) -> int:
     return EXIT_RUNTIME
 
 
+LOG_ITEMS = 12
+"""Items of a long list or mapping shown in the effective-config log line (then a count)."""
+LOG_CHARS = 4000
+"""The effective-config log line is cut after this many characters."""
+
+
 def log_effective_config(logger: logging.Logger, cfg: Config) -> None:
-    """Log the validated config at INFO, with credentials redacted."""
+    """Log the validated config at INFO, with credentials redacted, in one bounded line.
+
+    A 784-column schema or a long feature list would otherwise make a line of many
+    kilobytes: long lists and mappings show their first :data:`LOG_ITEMS` entries and how
+    many more there are, and the line stops at :data:`LOG_CHARS` characters.
+    """
     if logger.isEnabledFor(logging.INFO):
-        logger.info(
-            "effective config (%s): %s",
-            cfg.source,
-            json.dumps(redact(cfg.to_dict()), default=str, sort_keys=True),
-        )
+        text = json.dumps(summarized(redact(cfg.to_dict())), default=str, sort_keys=True)
+        if len(text) > LOG_CHARS:
+            text = f"{text[:LOG_CHARS]}… ({len(text) - LOG_CHARS} more characters)"
+        logger.info("effective config (%s): %s", cfg.source, text)
+
+
+def summarized(value: Any) -> Any:
+    """``value`` with every list / mapping longer than :data:`LOG_ITEMS` shortened."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {k: summarized(v) for k, v in items[:LOG_ITEMS]}
+        if len(items) > LOG_ITEMS:
+            out["…"] = f"{len(items) - LOG_ITEMS} more keys"
+        return out
+    if isinstance(value, list | tuple):
+        shown = [summarized(v) for v in value[:LOG_ITEMS]]
+        return shown + [f"… {len(value) - LOG_ITEMS} more"] if len(value) > LOG_ITEMS else shown
+    return value

@@ -26,6 +26,15 @@ DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own ``Image.MAX_IMAGE_PIXELS``: ``etl.images.<column>.max_pixels``' default."""
 
 
+def _unsupported(dtype: str) -> str:
+    """The message for a type the ETL cannot read, listing the ones it can."""
+    simple = sorted(_INTEGRAL | _FRACTIONAL | _OTHER)
+    return (
+        f"unsupported type {dtype!r}; supported: {', '.join(simple)}, decimal(p,s) and "
+        "array<float|double|int|long|...> (with an etl.arrays entry)"
+    )
+
+
 def is_integral(dtype: str) -> bool:
     """True for Spark SQL integer types."""
     return dtype in _INTEGRAL
@@ -202,9 +211,7 @@ class EtlConfig:
         for name, dtype in self.schema.items():
             t = dtype.strip().lower()
             ok = t in _INTEGRAL or t in _FRACTIONAL or t in _OTHER or _DECIMAL.match(t)
-            check(
-                bool(ok or is_array(t)), f"etl.schema.{name}", f"unknown Spark SQL type {dtype!r}"
-            )
+            check(bool(ok or is_array(t)), f"etl.schema.{name}", _unsupported(dtype))
         self._check_columns()
         self._check_tensors()
         check(self.num_shards >= 1, "etl.num_shards", f"must be >= 1, got {self.num_shards}")

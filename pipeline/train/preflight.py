@@ -63,6 +63,7 @@ def check_training_inputs(cfg: TrainConfig, mode: Mode | None = None) -> ShardSe
     check_output_dir("train.checkpoint.dir", cfg.checkpoint.dir, "checkpoints")
     shards = ShardSet.open(cfg.dataset)
     check_training_data(cfg, shards, mode=mode)
+    check_model(cfg, shards)
     for name in _READ_SPLITS:  # the cheap checks above first; these read every file
         split = shards.splits.get(name)
         if split is not None:
@@ -147,4 +148,55 @@ def _check_footer(shards: ShardSet, shard: ShardInfo) -> None:
         raise ShardSetError(
             f"shard {shown} has {rows} rows, the manifest says {shard.rows} "
             "(the manifest does not match the files)"
+        )
+
+
+def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
+    """Build the model on the ``meta`` device and run one forward pass of a 2-row batch.
+
+    A builder that does not import, rejects its arguments, or does not fit the input shape
+    (``train.model.args.input_shape``, the shard set's columns) fails here on the driver in
+    seconds, as a ``ConfigError`` naming the key, instead of in every rank of every attempt.
+    The meta device allocates nothing, so this costs the same for any model size.
+    """
+    import torch
+
+    from pipeline.data.prefetch import Batch
+    from pipeline.train import engine
+    from pipeline.train.models import BuilderError
+
+    try:
+        inputs = engine.model_inputs(cfg, shards)
+        with torch.device("meta"):
+            model = engine.new_model(cfg, shards)
+    except BuilderError as e:
+        raise ConfigError(
+            "train.model.builder", str(e).removeprefix("train.model.builder: ")
+        ) from e
+    except ValueError as e:  # input_shape that does not fit the columns
+        raise ConfigError("train.model.args.input_shape", str(e)) from e
+    stored = {
+        c.name: torch.zeros((2, *c.column.spec.shape), dtype=getattr(torch, c.column.spec.dtype))
+        for c in inputs.columns
+    }
+    x, _ = inputs.prepare(Batch(stored, torch.zeros(2)), torch.device("cpu"))
+    x = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shapes = {c.name: list(c.shape) for c in inputs.columns}
+        raise ConfigError(
+            "train.model",
+            f"{cfg.model.builder} with input_shape {list(inputs.input_shape)} (inputs {shapes}) "
+            f"fails on a batch of the shard set's columns: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+        ) from e
+    outputs = 1 if cfg.task == "regression" else len(shards.classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            "train.model",
+            f"{cfg.model.builder} returns {got} for a batch of 2 rows; the {cfg.task} task "
+            f"needs [2, {outputs}]",
         )
