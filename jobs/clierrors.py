@@ -102,5 +102,5 @@ def summarized(value: Any) -> Any:
         return out
     if isinstance(value, list | tuple):
         shown = [summarized(v) for v in value[:LOG_ITEMS]]
-        return shown + [f"… {len(value) - LOG_ITEMS} more"] if len(value) > LOG_ITEMS else shown
+        return [*shown, f"… {len(value) - LOG_ITEMS} more"] if len(value) > LOG_ITEMS else shown
     return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -111,6 +112,11 @@ def test_the_effective_config_log_line_is_bounded(caplog: pytest.LogCaptureFixtu
 
 def test_the_setuptools_packaging_warning_is_gone(tmp_path: Path) -> None:
     """jobs/configs (data) was 'importable but absent from packages'; now it is discovered."""
+    src = tmp_path / "src"  # a copy: setuptools writes build/ beside the sources
+    for name in ("pipeline", "preprocessing", "jobs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     proc = subprocess.run(
         [
             sys.executable,
@@ -122,7 +128,7 @@ def test_the_setuptools_packaging_warning_is_gone(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(src),
         ],
         capture_output=True,
         text=True,
