@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from pipeline.core import storage
-from pipeline.data.shardset import MANIFEST_NAME, ShardSet
+from pipeline.data.shardset import FEATURES_COLUMN, MANIFEST_NAME, ShardSet
 from pipeline.train.bundle import METRICS, SPEC, WEIGHTS
 from pipeline.train.checkpoint import CheckpointManager
 
@@ -68,7 +68,8 @@ def _describe_shardset(ss: ShardSet) -> dict[str, Any]:
         "created_by": m.get("created_by"),
         "generation": m.get("generation"),
         "file_format": ss.file_format,
-        "feature_dim": ss.feature_dim,
+        "feature_dim": _feature_dim(ss),
+        "columns": [c.to_manifest() for c in ss.columns],
         "label": m.get("label"),
         "splits": splits,
         "reconciliation": m.get("reconciliation"),
@@ -77,13 +78,28 @@ def _describe_shardset(ss: ShardSet) -> dict[str, Any]:
     }
 
 
+def _feature_dim(ss: ShardSet) -> int | None:
+    """The ``features`` vector's length; None for a set without one (arrays / images only)."""
+    if not any(c.name == FEATURES_COLUMN for c in ss.columns):
+        return None
+    return ss.feature_dim
+
+
+def _tensors(d: dict[str, Any]) -> str:
+    """The array / image columns of a described shard set, e.g. ``image uint8 [8, 8, 1]``."""
+    kinds = ("array", "image")
+    out = [f"{c['name']} {c['dtype']} {c['shape']}" for c in d["columns"] if c.get("kind") in kinds]
+    return ", ".join(out) or "none"
+
+
 def render(d: dict[str, Any]) -> str:
     """Human-readable text for :func:`describe`'s result."""
     if d["kind"] != "shardset":
         return json.dumps(d, indent=2, default=str)
     lines = [
         f"shard set {d['uri']}  ({d['file_format']}, generation {d['generation']}, {d['created_at']})",
-        f"features: {d['feature_dim']} float32   label: {d['label']['column']} "
+        f"features: {'none' if d['feature_dim'] is None else str(d['feature_dim']) + ' float32'}   "
+        f"tensors: {_tensors(d)}   label: {d['label']['column']} "
         f"({d['label']['task']}, classes={d['label'].get('classes')})",
         "split   rows        shards  rows/shard (min..max, skew)   MiB",
     ]

@@ -5,7 +5,14 @@ every Arrow batch of a task goes through the model that :func:`cached_bundle` ke
 module-level cache keyed by the bundle URI and the sha256 of its weights (computed on the
 driver), which later batches and later tasks in the same reused worker hit; a bundle
 rewritten in place gets a new digest, hence a reload. Rows the validation flagged are not run
-through the model; their outputs are null. pyspark, numpy, pyarrow and torch are imported
+through the model; their outputs are null.
+
+A batch's input columns become the training reader's :class:`~pipeline.data.prefetch.Batch`
+(name → ``[B, *stored shape]`` in the stored dtype: the ``features`` vector and arrays
+float32, images uint8 ``[B, H, W, C]`` from their decoded bytes), which goes through
+:func:`pipeline.train.engine.to_model` with the bundle's recorded inputs (the training
+normalization, channels-first images) and into the model as in training: ``model(x)`` for one
+input column, ``model({name: x})`` for several. pyspark, numpy, pyarrow and torch are imported
 inside the functions, so importing this module costs nothing.
 """
 
@@ -18,14 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pipeline.data.shardset import FEATURES_COLUMN
-
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
     import torch
 
     from pipeline.train.bundle import LoadedBundle
+    from pipeline.train.inputs import ModelInput, ModelInputs
 
 __all__ = [
     "CLASS_INDEX",
@@ -63,7 +69,8 @@ class PredictJob:
     uri: str
     sha256: str
     task: str
-    dim: int
+    inputs: tuple[str, ...]
+    """The batch's input columns (the model's, as ``model.json`` records them); not returned."""
     batch_size: int
     reason_column: str
     counter: Counter | None
@@ -102,10 +109,11 @@ def predict_partition(
     """The mapInArrow body: every batch of one task through the worker's cached model."""
     import torch
 
-    model = cached_bundle(job.uri, job.sha256, job.counter).model
+    bundle = cached_bundle(job.uri, job.sha256, job.counter)
+    inputs = bundle.inputs
     with _torch_threads(_task_cpus()), torch.inference_mode():
         for batch in batches:
-            yield _predict_batch(model, batch, job)
+            yield _predict_batch(bundle.model, inputs, batch, job)
 
 
 def _task_cpus() -> int:
@@ -130,9 +138,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _predict_batch(
-    model: torch.nn.Module, batch: pa.RecordBatch, job: PredictJob
+    model: torch.nn.Module, inputs: ModelInputs, batch: pa.RecordBatch, job: PredictJob
 ) -> pa.RecordBatch:
-    """The batch without ``features``, plus the class index and probabilities, or the value.
+    """The batch without its input columns, plus the class index and probabilities, or the value.
 
     Rows with a validation reason are not run through the model; their outputs are null.
     """
@@ -141,15 +149,21 @@ def _predict_batch(
     import pyarrow.compute as pc
     import torch
 
+    from pipeline.data.prefetch import Batch
+    from pipeline.train.engine import to_model
+
     ok = pc.is_null(batch.column(job.reason_column)).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(ok)
-    x = _features_matrix(batch.column(FEATURES_COLUMN).take(pa.array(rows)), job)
-    chunks = [
-        model(torch.from_numpy(x[i : i + job.batch_size])).float()
-        for i in range(0, len(x), job.batch_size)
-    ]
+    taken = pa.array(rows)
+    xs = {c.name: _tensor(batch.column(c.name).take(taken), c, job) for c in inputs.columns}
+    chunks = []
+    for i in range(0, len(rows), job.batch_size):
+        part = {name: x[i : i + job.batch_size] for name, x in xs.items()}
+        labels = torch.zeros(len(next(iter(part.values()))))
+        x, _ = to_model(inputs, Batch(part, labels), torch.device("cpu"))
+        chunks.append(model(x).float())
     out = torch.cat(chunks) if chunks else torch.zeros((0, 1))
-    names = [n for n in batch.schema.names if n != FEATURES_COLUMN]
+    names = [n for n in batch.schema.names if n not in job.inputs]
     arrays = [batch.column(n) for n in names]
     missing = ~ok
     if job.task == "classification":
@@ -166,22 +180,33 @@ def _predict_batch(
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
-def _features_matrix(vectors: pa.Array, job: PredictJob) -> np.ndarray:
-    """``[rows, dim]`` float32 from an Arrow ``list<float>`` column."""
+def _tensor(values: pa.Array, column: ModelInput, job: PredictJob) -> torch.Tensor:
+    """``[rows, *stored shape]`` in the stored dtype, from one input column of a batch.
+
+    ``list<float>`` (the ``features`` vector, arrays) or, for an image, the decoded pixels as
+    ``binary`` (``H * W * C`` bytes a row).
+    """
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
+    import torch
 
     from pipeline.train.bundle import BundleError
 
-    values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if not values.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
-        values = values.copy()
-    if values.size != len(vectors) * job.dim:
+    spec = column.column.spec
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        flat = np.frombuffer(b"".join(values.to_pylist()), dtype=np.uint8)
+    else:
+        flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
+    flat = flat.astype(spec.numpy_dtype, copy=False)
+    if not flat.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
+        flat = flat.copy()
+    if flat.size != len(values) * spec.size:
         raise BundleError(
-            f"{job.uri}: the feature model produced {values.size} values for {len(vectors)} "
-            f"rows, but the network takes {job.dim} per row"
+            f"{job.uri}: column {spec.name!r} holds {flat.size} values for {len(values)} rows, "
+            f"but the network takes {spec.size} ({spec.dtype} {list(spec.shape)}) per row"
         )
-    return values.reshape(len(vectors), job.dim)
+    return torch.from_numpy(flat.reshape(len(values), *spec.shape))
 
 
 def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:

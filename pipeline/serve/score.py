@@ -5,9 +5,14 @@ training and serving:
 
 1. the ETL's feature checks (:func:`preprocessing.read.validate_features`: the ETL's
    validation without the key and label checks, since scoring input normally has no label);
+   Array columns are checked and cast to ``array<float>``, image columns decoded (the ETL's
+   Pillow decoder, resize and channel conversion), exactly as the shards get them;
 2. the bundle's fitted feature ``PipelineModel`` (``features/``), applied with the ETL's own
-   :func:`preprocessing.features.apply_features`;
-3. the network, in ``mapInArrow`` batches. The model is loaded once per Python worker:
+   :func:`preprocessing.features.apply_features` (only when the etl section has numeric or
+   categorical columns: an array / image-only bundle has no ``features`` vector);
+3. the network, in ``mapInArrow`` batches, fed every input column ``model.json`` records
+   (:attr:`~pipeline.train.bundle.LoadedBundle.inputs`) and normalized on the way in by the
+   training code itself (:func:`pipeline.train.engine.to_model`). The model is loaded once per Python worker:
    :func:`~pipeline.serve.predict.cached_bundle` keeps it in a module-level cache keyed by the bundle URI and the
    sha256 of its weights (computed on the driver), which later batches and later tasks in
    the same reused worker hit. A bundle rewritten in place gets a new digest, hence a reload.
@@ -17,8 +22,9 @@ class in the label's original values and type, e.g. ``0``/``1`` or ``"cat"``; re
 double), ``probability`` (classification only: ``array<float>``, one entry per class in the
 order of ``model.json``'s ``classes``), ``score_error`` and ``score_error_column``. A row the
 ETL would quarantine for a feature reason (``malformed_record``, ``repeated_header``,
-``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``: same
-codes, same priority) gets a null prediction and the reason instead of failing the job.
+``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``,
+``array_missing``, ``array_invalid``, ``image_missing``, ``image_unreadable``,
+``image_invalid``, ``image_too_large``: same codes, same priority) gets a null prediction and the reason instead of failing the job.
 
 The ``etl`` section that built the training data comes from ``model.json`` (written there by
 training); bundles from before it was recorded fall back to the manifest of the shard set
@@ -41,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -138,19 +143,30 @@ class ScoreResult:
 
 
 def _open_bundle(uri: str) -> _Bundle:
-    """Spec, weights digest and etl section of the bundle at ``uri``; needs its ``features/``."""
+    """Spec, weights digest and etl section of the bundle at ``uri``.
+
+    A bundle whose etl section has numeric or categorical columns needs its ``features/``.
+    """
     from pipeline.train.bundle import FEATURES, WEIGHTS, BundleError, read_spec
     from preprocessing.config import EtlConfig
 
     spec = read_spec(uri)
     fs, root = storage.resolve(uri)
-    if not spec.get("features") or not storage.exists(fs, storage.join(root, FEATURES)):
-        raise BundleError(
-            f"{uri} has no {FEATURES}/ (its shard set had no feature model): scoring raw rows "
-            "needs the fitted feature PipelineModel"
-        )
+    has_features = spec.get("features") and storage.exists(fs, storage.join(root, FEATURES))
+    no_features = BundleError(
+        f"{uri} has no {FEATURES}/ (its shard set had no feature model): scoring raw rows "
+        "needs the fitted feature PipelineModel"
+    )
+    try:
+        etl = EtlConfig.from_mapping(_etl_section(uri, spec))
+    except BundleError:
+        if not has_features:  # every ETL saves a feature model, even an empty one
+            raise no_features from None
+        raise
+    if etl.has_tabular and not has_features:
+        raise no_features
     sha256, _ = storage.sha256_file(fs, storage.join(root, WEIGHTS))
-    return _Bundle(uri, spec, sha256, EtlConfig.from_mapping(_etl_section(uri, spec)))
+    return _Bundle(uri, spec, sha256, etl)
 
 
 def _etl_section(uri: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +197,9 @@ def score(
 ) -> DataFrame:
     """Score ``df`` with the bundle at URI ``bundle`` (lazy: returns the scored DataFrame).
 
-    ``df`` needs the feature columns of the bundle's ``etl.schema`` (any types that cast to
-    the declared ones, e.g. strings); the key and label may be absent. Its columns come
+    ``df`` needs the feature, array and image columns of the bundle's ``etl.schema`` (any
+    types that cast to the declared ones, e.g. strings; an image column holds bytes, or paths
+    / URIs when declared string); the key and label may be absent. Its columns come
     back unchanged, plus :data:`OUTPUT_COLUMNS` (``probability`` for classification only).
     ``batch_size`` rows go through the network at once; ``load_counter`` (e.g.
     ``spark.sparkContext.accumulator(0)``) counts model loads in the workers.
@@ -194,7 +211,7 @@ def score(
     _on_driver("score")
     opened = _open_bundle(bundle)
     cfg = opened.etl
-    features = [*cfg.numeric, *cfg.categorical]
+    features = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
     require_columns(df.columns, features, f"the DataFrame to score with {bundle}")
     keep = list(df.columns)
     if CORRUPT not in df.columns:
@@ -212,11 +229,8 @@ def _score_raw(
     load_counter: Counter | None,
 ) -> DataFrame:
     """Validate, featurize, predict; ``keep`` are the input columns to return unchanged."""
-    from pyspark.ml import PipelineModel
     from pyspark.sql import functions as F
 
-    from pipeline.train.bundle import FEATURES
-    from preprocessing.features import apply_features
     from preprocessing.read import REASON, REASON_COLUMN, validate_features
 
     taken = sorted(set(keep) & set(OUTPUT_COLUMNS))
@@ -225,21 +239,22 @@ def _score_raw(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     checked = validate_features(raw, opened.etl, keep=keep, keep_prefix=_KEEP)
-    features_model = PipelineModel.read().session(spark).load(storage.join(opened.uri, FEATURES))
-    featurized = apply_features(features_model, checked).select(
-        *[_KEEP + c for c in keep], FEATURES_COLUMN, REASON, REASON_COLUMN
+    inputs = _input_names(opened)
+    featurized = _featurized(spark, opened, checked).select(
+        *[_KEEP + c for c in keep], *inputs, REASON, REASON_COLUMN
     )
     job = PredictJob(
         uri=opened.uri,
         sha256=opened.sha256,
         task=opened.task,
-        dim=math.prod(int(d) for d in opened.spec["input_shape"]),
+        inputs=inputs,
         batch_size=batch_size,
         reason_column=REASON,
         counter=load_counter,
     )
     predicted = _constraint_barrier(featurized).mapInArrow(
-        functools.partial(predict_partition, job=job), _output_schema(featurized, opened.task)
+        functools.partial(predict_partition, job=job),
+        _output_schema(featurized, opened.task, inputs),
     )
     return predicted.select(
         *[F.col(_KEEP + c).alias(c) for c in keep],
@@ -247,6 +262,40 @@ def _score_raw(
         F.col(REASON).alias(SCORE_ERROR),
         F.col(REASON_COLUMN).alias(SCORE_ERROR_COLUMN),
     )
+
+
+def _input_names(opened: _Bundle) -> tuple[str, ...]:
+    """The columns the network takes, as ``model.json`` records them (``features``, tensors).
+
+    Each must be one the etl section makes: ``features`` for numeric / categorical columns,
+    or an array / image column.
+    """
+    from pipeline.train.bundle import BundleError
+    from pipeline.train.inputs import ModelInputs
+
+    names = ModelInputs.from_spec(opened.spec).names
+    etl = opened.etl
+    made = {*etl.tensor_columns, *([FEATURES_COLUMN] if etl.has_tabular else [])}
+    unknown = [n for n in names if n not in made]
+    if unknown:
+        raise BundleError(
+            f"{opened.uri}: the model takes column(s) {unknown} that its etl section does not "
+            f"make (it makes {sorted(made)})"
+        )
+    return names
+
+
+def _featurized(spark: SparkSession, opened: _Bundle, checked: DataFrame) -> DataFrame:
+    """``checked`` with the ``features`` vector (the bundle's ``features/`` model) if it has one."""
+    from pyspark.ml import PipelineModel
+
+    from pipeline.train.bundle import FEATURES
+    from preprocessing.features import apply_features
+
+    if not opened.etl.has_tabular:
+        return checked
+    features_model = PipelineModel.read().session(spark).load(storage.join(opened.uri, FEATURES))
+    return apply_features(features_model, checked)
 
 
 def _constraint_barrier(df: DataFrame) -> DataFrame:
@@ -266,10 +315,10 @@ def _constraint_barrier(df: DataFrame) -> DataFrame:
     return expanded.drop(variable, value)
 
 
-def _output_schema(featurized: DataFrame, task: str) -> Any:
+def _output_schema(featurized: DataFrame, task: str, inputs: Sequence[str]) -> Any:
     from pyspark.sql import types as T
 
-    fields = [f for f in featurized.schema.fields if f.name != FEATURES_COLUMN]
+    fields = [f for f in featurized.schema.fields if f.name not in inputs]
     if task == "classification":
         fields += [
             T.StructField(CLASS_INDEX, T.IntegerType(), True),
@@ -325,7 +374,8 @@ def score_table(
 
     ``input`` is read like the ETL's input: format ``fmt`` or the bundle's
     ``etl.input.format`` (csv, json, parquet, or a catalog table), with that section's
-    options when the format is the same. The arguments mirror ``spark-train score``'s flags,
+    options when the format is the same (an ``image_folder`` input's rows keep the file's URI
+    and folder name, not the image bytes). The arguments mirror ``spark-train score``'s flags,
     and a missing bundle or input is a :class:`~pipeline.core.configbase.ConfigError` naming
     ``--model`` / ``--input``.
     """
@@ -340,7 +390,9 @@ def score_table(
     cfg = _input_config(opened.etl, input, fmt)
     raw = _with_missing_input(lambda: read_raw(spark, cfg, for_scoring=True, source="--input"))
     raw = dataclasses.replace(raw, df=raw.df.drop(SOURCE))
-    keep = [c for c in raw.df.columns if c != CORRUPT]
+    # An image folder's rows are (path, folder, bytes): the bytes are not copied to the output.
+    images = set(cfg.images) if cfg.input.format == "image_folder" else set()
+    keep = [c for c in raw.df.columns if c != CORRUPT and c not in images]
     counter = spark.sparkContext.accumulator(0)
     scored = _score_raw(spark, raw, opened, keep, batch_size, counter)
     _write_parquet(scored, output)

@@ -53,7 +53,9 @@ def read_raw(
     without the label. ``source`` names the input in errors.
     """
     inp = cfg.input
-    need = [*cfg.numeric, *cfg.categorical] if for_scoring else list(cfg.schema)
+    need = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
+    if not for_scoring:
+        need = list(cfg.schema)
     if inp.format == "image_folder":
         return RawInput(read_image_folder(spark, cfg, SOURCE, CORRUPT), text=False)
     if inp.format in ("csv", "json"):

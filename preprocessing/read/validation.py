@@ -102,10 +102,12 @@ def validate_features(
 
     The key and the label are neither required nor checked. Output columns: each ``keep``
     column unchanged as ``<keep_prefix><name>``, every feature column typed exactly as
-    :func:`validate` gives it to the feature model, ``_reason`` and ``_reason_column`` (same
-    codes and priority as the ETL's quarantine; null on good rows).
+    :func:`validate` gives it to the feature model, every array column (``array<float>``) and
+    image column (decoded pixels, binary, then its ``_isum_`` sums) as the shards get them,
+    ``_reason`` and ``_reason_column`` (same codes and priority as the ETL's quarantine,
+    array and image reasons included; null on good rows).
     """
-    features = [*cfg.numeric, *cfg.categorical]
+    features = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
     df, checks = _coded(raw, cfg, features, targets=False)
     return df.select(
         *[F.col(c).alias(keep_prefix + c) for c in keep],
