@@ -29,6 +29,7 @@ from tests.integration.test_training import (
     _torchrun,
     _weights,
 )
+from tests.integration.test_training import _cfg as training_cfg
 from tests.shards import Extra, make_shardset, write_columns
 
 pytestmark = pytest.mark.timeout(600)
@@ -45,24 +46,15 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_shardset(root, rows_per_shard=rows, seed=3, extra=[IMAGE, ARRAY])
 
 
+# test_training's small quick config, with the fusion model instead of its MLP.
+FUSION = {
+    "builder": "pipeline.train.models:fusion",
+    "args": {"channels": [4, 8], "hidden": [16], "dropout": 0.0},
+}
+
+
 def _cfg(tmp: Path, dataset: str, **over: Any) -> TrainConfig:
-    base = {
-        "dataset": dataset,
-        "model": {
-            "builder": "pipeline.train.models:fusion",
-            "args": {"channels": [4, 8], "hidden": [16]},
-        },
-        "num_workers": 2,
-        "epochs": 3,
-        "batch_size": 32,
-        "optimizer": {"name": "adamw", "lr": 0.01},
-        "lr_schedule": {"name": "cosine", "warmup_steps": 2},
-        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 4},
-        "output": str(tmp / "model"),
-        "timeout_s": 60,
-        "max_attempts": 1,
-    }
-    return TrainConfig.from_mapping(_merge(base, over))
+    return training_cfg(tmp, dataset, **_merge({"model": FUSION}, over))
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +126,9 @@ def _digits(root: Path) -> str:
     return write_columns(root, splits, columns=[image], classes=list(range(10)), shards=3)
 
 
-@pytest.mark.spark
-@pytest.mark.slow
-def test_cnn_defaults_reach_097_on_digits_images(spark: Any, tmp_path: Path) -> None:
-    dataset = _digits(tmp_path / "digits")
-    cfg = TrainConfig.from_mapping(
+def _digits_cnn(tmp: Path, dataset: str) -> TrainConfig:
+    """The built-in cnn with its defaults, as a user would train it on the digits images."""
+    return TrainConfig.from_mapping(
         {
             "dataset": dataset,
             "model": {"builder": "pipeline.train.models:cnn"},  # its defaults
@@ -147,11 +137,17 @@ def test_cnn_defaults_reach_097_on_digits_images(spark: Any, tmp_path: Path) -> 
             "batch_size": 32,
             "optimizer": {"name": "adamw", "lr": 0.002},
             "lr_schedule": {"name": "cosine", "warmup_steps": 10},
-            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0, "keep": 1},
-            "output": str(tmp_path / "model"),
+            "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0, "keep": 1},
+            "output": str(tmp / "model"),
             "verify": "size",
         }
     )
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_cnn_defaults_reach_097_on_digits_images(spark: Any, tmp_path: Path) -> None:
+    cfg = _digits_cnn(tmp_path, _digits(tmp_path / "digits"))
     result: TrainResult = fit(cfg, spark, show_progress=False)
     accuracies = [e["val_accuracy"] for e in result.epochs]
     print("digits cnn val accuracy by epoch:", [round(a, 4) for a in accuracies])
@@ -182,19 +178,7 @@ def test_cnn_trains_on_the_etls_digit_images(spark: Any, tmp_path: Path) -> None
         }
     )
     run_etl(spark, etl)
-    cfg = TrainConfig.from_mapping(
-        {
-            "dataset": str(tmp_path / "shards"),
-            "model": {"builder": "pipeline.train.models:cnn"},
-            "num_workers": 2,
-            "epochs": 20,
-            "batch_size": 32,
-            "optimizer": {"name": "adamw", "lr": 0.002},
-            "lr_schedule": {"name": "cosine", "warmup_steps": 10},
-            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0, "keep": 1},
-            "output": str(tmp_path / "model"),
-        }
-    )
+    cfg = _digits_cnn(tmp_path, str(tmp_path / "shards"))
     result = fit(cfg, spark, show_progress=False)
     accuracies = [e["val_accuracy"] for e in result.epochs]
     print("ETL digits cnn val accuracy by epoch:", [round(a, 4) for a in accuracies])
