@@ -33,12 +33,12 @@ from pipeline.train.inputs import ModelInputs
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer
 
-ModelInput = torch.Tensor | dict[str, torch.Tensor]
+ModelArgument = torch.Tensor | dict[str, torch.Tensor]
 """What a model is called with: one tensor, or one per input column (by name)."""
 
 __all__ = [
     "RANK_SEED_STRIDE",
-    "ModelInput",
+    "ModelArgument",
     "ResumeError",
     "Stepper",
     "autocast",
@@ -149,7 +149,7 @@ def new_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 # -- device and precision ------------------------------------------------------------------
 def to_model(
     inputs: ModelInputs, batch: Batch, device: torch.device
-) -> tuple[ModelInput, torch.Tensor]:
+) -> tuple[ModelArgument, torch.Tensor]:
     """``(x, y)``: the batch copied to ``device``, then normalized; call ``model(x)``.
 
     ``x`` is one tensor for a single input column, else a dict by column name (see

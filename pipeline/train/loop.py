@@ -296,7 +296,7 @@ class _Trainer:
         self._report(metrics)
         self._save_checkpoint(epoch_end=True, epoch_start_time=start)
 
-    def _micro_batches(self) -> Iterator[tuple[engine.ModelInput, torch.Tensor, bool, float]]:
+    def _micro_batches(self) -> Iterator[tuple[engine.ModelArgument, torch.Tensor, bool, float]]:
         """Yield ``(x, y, ends_group, weight)`` for the rest of the epoch.
 
         Micro-batches are grouped ``train.grad_accum_steps`` at a time (the last group of an

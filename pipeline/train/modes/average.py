@@ -460,7 +460,7 @@ class _LocalLoop:
                     break
         self.loss_sum = float(loss_sum)
 
-    def _step(self, x: engine.ModelInput, y: torch.Tensor) -> torch.Tensor:
+    def _step(self, x: engine.ModelArgument, y: torch.Tensor) -> torch.Tensor:
         with self.autocast:
             loss = loss_fn(self.model(x), y, self.cfg.task, reduction="mean")
         loss.backward()
