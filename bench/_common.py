@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the machine/version line and section-wise RESULTS.md updates."""
+"""Shared by the benchmarks: a quiet local Spark session, the machine/version line and
+section-wise RESULTS.md updates."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def write_section(name: str, body: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(new.rstrip("\n") + "\n")
+
+
+def spark_session(driver_memory: str, master: str = "local[2]"):  # type: ignore[no-untyped-def]
+    """A local SparkSession without UI, console progress or INFO logs."""
+    from pyspark.sql import SparkSession
+
+    spark = (
+        SparkSession.builder.master(master)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", driver_memory)
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

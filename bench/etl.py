@@ -23,28 +23,14 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-from bench._common import environment, write_section  # noqa: E402
-
-
-def _session(master: str = "local[2]"):  # type: ignore[no-untyped-def]
-    from pyspark.sql import SparkSession
-
-    spark = (
-        SparkSession.builder.master(master)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.memory", "6g")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
+from bench._common import environment, spark_session, write_section  # noqa: E402
 
 
 def child(kind: str, raw: str, out: str) -> None:
     """Run one measurement in this (fresh) process and print its seconds as JSON."""
     from preprocessing.make_data import demo_etl_section, schema_ddl
 
-    spark = _session()
+    spark = spark_session("6g")
     started = time.perf_counter()
     phases: dict[str, float] = {}
     if kind == "plain":
@@ -82,7 +68,7 @@ def _ensure_data(rows: int, work: Path) -> Path:
     if not (raw / "_SUCCESS").exists():
         from preprocessing.make_data import make_data
 
-        spark = _session()
+        spark = spark_session("6g")
         t = time.perf_counter()
         make_data(spark, rows, str(raw), seed=0)
         print(f"make-data {rows} rows: {time.perf_counter() - t:.1f}s", flush=True)

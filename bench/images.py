@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-from bench._common import environment, write_section  # noqa: E402
+from bench._common import environment, spark_session, write_section  # noqa: E402
 
 WORK = REPO / "bench" / "_work"
 SECTION = "Images"
@@ -98,20 +98,6 @@ def make_tiles(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def _session():  # type: ignore[no-untyped-def]
-    from pyspark.sql import SparkSession
-
-    spark = (
-        SparkSession.builder.master("local[2]")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.memory", "4g")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
 def etl_config(raw: Path, out: Path):  # type: ignore[no-untyped-def]
     from preprocessing.config import EtlConfig
 
@@ -156,7 +142,7 @@ def run_pillow(raw: Path, out: Path) -> float:
 
 
 def bench_etl(raw: Path, n: int, pairs: int) -> dict[str, object]:
-    spark = _session()
+    spark = spark_session("4g")
     warm = make_tiles(WORK / "images-warm", 200, seed=1)
     run_etl_once(spark, warm, WORK / "images-warm-out")  # JVM, Python workers, code paths
     run_pillow(warm, WORK / "images-warm-np")
