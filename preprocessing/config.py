@@ -201,8 +201,8 @@ class EtlConfig:
     num_shards: int = 8
     """Files per split; their row counts differ by at most one."""
     format: FormatName = DEFAULT_FORMAT
-    """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records; only
-    for a ``features`` vector without ``arrays`` or ``images``)."""
+    """Shard file format: ``parquet``, or ``tfrecord`` (``tf.train.Example`` records, one
+    feature per column; images as one ``bytes_list`` value of uint8 pixels)."""
     row_group_rows: int = 65536
     """Rows per Parquet row group; for ``tfrecord``, rows per reader piece (same batches)."""
 

@@ -210,7 +210,6 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     }
     EtlConfig.from_mapping(base)  # valid
     cases = {
-        "etl.format": {"format": "tfrecord"},
         "etl.schema.emb": {"arrays": {}},
         "etl.arrays.emb.shape": {"arrays": {"emb": {"shape": [0]}}},
         "etl.images.img.size": {"images": {"img": {"size": [8]}}},

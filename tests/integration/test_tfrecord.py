@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.data.formats import tfrecord
@@ -136,3 +138,64 @@ def test_one_ddp_epoch_on_tfrecord_equals_parquet(
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_tensor_columns_in_tfrecord_read_as_in_parquet(spark: Any, tmp_path: Path) -> None:
+    """An image (PNG bytes), an array<float> embedding and a numeric column, through the ETL
+    as Parquet and as TFRecord: equal manifests' columns and bitwise-equal reader batches,
+    the image uint8 on both."""
+    from pyspark.sql import types as T
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(96):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(png, "PNG")
+        emb = rng.normal(size=4).astype(np.float32).tolist()
+        rows.append((i, float(rng.normal()), emb, png.getvalue(), i % 3))
+    schema = T.StructType(
+        [
+            T.StructField("id", T.LongType()),
+            T.StructField("x", T.DoubleType()),
+            T.StructField("emb", T.ArrayType(T.FloatType())),
+            T.StructField("img", T.BinaryType()),
+            T.StructField("y", T.IntegerType()),
+        ]
+    )
+    spark.createDataFrame(rows, schema).write.parquet(str(tmp_path / "raw"))
+    sets = []
+    for fmt in ("parquet", "tfrecord"):
+        section = {
+            "input": {"path": str(tmp_path / "raw"), "format": "parquet"},
+            "schema": {
+                "id": "long",
+                "x": "double",
+                "emb": "array<float>",
+                "img": "binary",
+                "y": "int",
+            },
+            "key": "id",
+            "label": "y",
+            "numeric": ["x"],
+            "arrays": {"emb": {"shape": [4]}},
+            "images": {"img": {"size": [4, 4]}},
+            "output": str(tmp_path / fmt),
+            "num_shards": 2,
+            "row_group_rows": 16,
+            "format": fmt,
+        }
+        sets.append(ShardSet.open(run_etl(spark, EtlConfig.from_mapping(section)).output))
+    pq_set, tf_set = sets
+    assert pq_set.manifest["schema"] == tf_set.manifest["schema"]
+    assert tf_set.column("img")["dtype"] == "uint8"
+    for split in pq_set.splits:
+        batches = [
+            list(ShardReader(ss, split, rank=0, world_size=1, batch_size=8, seed=4)) for ss in sets
+        ]
+        assert len(batches[0]) == len(batches[1]) > 0
+        for a, b in zip(*batches, strict=True):
+            assert a.inputs.keys() == b.inputs.keys() == {"features", "emb", "img"}
+            assert b.inputs["img"].dtype == torch.uint8 and b.inputs["img"].shape[1:] == (4, 4, 3)
+            for name in a.inputs:
+                assert torch.equal(a.inputs[name], b.inputs[name]), (split, name)
+            assert torch.equal(a.labels, b.labels)

@@ -23,6 +23,7 @@ from pipeline.data.formats import (
     format_names,
     format_of,
     get_format,
+    tfrecord,
 )
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import MANIFEST_NAME, ShardSet, ShardSetError
@@ -208,3 +209,135 @@ def test_tensor_columns_use_the_spec_type_both_ways() -> None:
     )
     with pytest.raises(ValueError, match="image arrays must all have length 12"):
         to_shard_batch(short, schema)
+
+
+# -- tensor columns: named columns of any dtype, both formats ----------------------------------
+TENSORS = (
+    ColumnSpec("emb", "float32", (2, 2)),
+    ColumnSpec("features", "float32", (3,)),
+    ColumnSpec("image", "uint8", (2, 3, 3)),
+    ColumnSpec("tokens", "int32", (5,)),
+)
+
+
+def tensor_table(
+    n: int, *, string_keys: bool = False, uniform: bool = False, seed: int = 0
+) -> pa.Table:
+    """Rows with every kind of tensor column; string keys of varied lengths when asked;
+    ``uniform``: every record has the same length and structure (small keys, labels, ids)."""
+    rng = np.random.default_rng(seed)
+    key = ColumnSpec("key", "string" if string_keys else "int64")
+    specs = (key, *TENSORS, ColumnSpec("label", "int64"))
+    keys = [f"k{'x' * (i % 37)}{i}" for i in range(n)] if string_keys else np.arange(n) * 1000
+    if uniform:
+        keys = np.arange(n) % 100
+    values = {
+        "emb": rng.standard_normal((n, 4)).astype(np.float32),
+        "features": rng.standard_normal((n, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (n, 18), dtype=np.uint8),
+        # token ids of every varint width, and the int32 extremes
+        "tokens": rng.choice([0, 1, 127, 128, 300, 70_000, 2**31 - 1, -(2**31)], (n, 5)),
+    }
+    if uniform:
+        values["tokens"] = np.broadcast_to([300, 5, 70_000, 0, 9], (n, 5)) + rng.integers(
+            0, 9, (n, 5)
+        )
+    cols = [pa.array(keys)]
+    for spec in TENSORS:
+        flat = values[spec.name].astype(spec.numpy_dtype).reshape(-1)
+        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), spec.size))
+    cols.append(pa.array(rng.integers(0, 100 if uniform else 300, n)))  # 1 or 2 varint bytes
+    return pa.table(cols, schema=arrow_schema(specs))
+
+
+def read_all(fmt: ShardFormat, path: str, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    index = fmt.index(LOCAL, path, rows, where=path)
+    parts = [
+        fmt.read_columns(
+            LOCAL, path, index, i, columns=TENSORS, label_dtype=np.dtype(np.int64), where=path
+        )
+        for i in range(index.num_row_groups)
+    ]
+    cols = {c.name: np.concatenate([p[0][c.name] for p in parts]) for c in TENSORS}
+    return cols, np.concatenate([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("rows", ["int_keys", "string_keys", "uniform"])
+def test_tensor_columns_round_trip(
+    tmp_path: Path, name: str, rows: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32, uint8 and int32 tensors come back bitwise, in their dtype and shape.
+
+    Records of one layout are decoded together, never one by one (``uniform``); the others
+    (varint widths and key lengths vary) through the general parser.
+    """
+    fmt = get_format(name)
+    table = tensor_table(300, string_keys=rows == "string_keys", uniform=rows == "uniform")
+    if rows == "uniform":
+
+        def one_by_one(record: bytes) -> None:
+            raise AssertionError("a record of the common layout was parsed on its own")
+
+        monkeypatch.setattr("pipeline.data.formats._template.decode_example", one_by_one)
+    path = str(tmp_path / f"t{fmt.suffix}")
+    fmt.write(LOCAL, path, table, 64)
+    cols, labels = read_all(fmt, path, 64)
+    for spec in TENSORS:
+        want = table[spec.name].combine_chunks().flatten().to_numpy()
+        assert cols[spec.name].dtype == spec.numpy_dtype
+        assert cols[spec.name].shape == (300, *spec.shape)
+        assert cols[spec.name].tobytes() == want.astype(spec.numpy_dtype).tobytes(), spec.name
+    assert labels.tolist() == table["label"].to_pylist()
+
+
+def test_tfrecord_tensor_records_are_plain_examples(tmp_path: Path) -> None:
+    """One feature per column, in name order; an image is one bytes_list value of its pixels;
+    the tabular layout is byte for byte what the encoder of earlier versions wrote."""
+    table = tensor_table(40, string_keys=False)
+    path = tmp_path / "t.tfrecord"
+    tfrecord.TFRecordFormat().write(LOCAL, str(path), table, 16)
+    first = tfrecord.decode_example(tfrecord.read_records(path.read_bytes())[0])
+    assert list(first) == sorted(table.schema.names)
+    assert first["image"].kind == "bytes_list"
+    assert first["image"].values == [table["image"][0].values.to_numpy().tobytes()]
+    assert first["tokens"].kind == "int64_list" and first["emb"].kind == "float_list"
+    assert first["tokens"].values.tolist() == table["tokens"][0].values.to_pylist()
+    tab = shard_table(50, 4)
+    old = tfrecord.encode_examples(
+        tab["key"].combine_chunks(),
+        tab["features"].combine_chunks().flatten().to_numpy().reshape(50, 4),
+        tab["label"].to_numpy(),
+    )
+    tfrecord.TFRecordFormat().write(LOCAL, str(tmp_path / "tab.tfrecord"), tab, 16)
+    assert (tmp_path / "tab.tfrecord").read_bytes() == old
+
+
+def test_tfrecord_tensor_errors_name_the_record_and_feature(tmp_path: Path) -> None:
+    table = tensor_table(40, string_keys=False)
+    path = str(tmp_path / "t.tfrecord")
+    fmt = tfrecord.TFRecordFormat()
+    fmt.write(LOCAL, path, table, 16)
+    index = fmt.index(LOCAL, path, 16, where=path)
+    wrong = ColumnSpec("image", "uint8", (3, 3, 3))
+    with pytest.raises(
+        ShardSetError,
+        match=r"t.tfrecord: record 16: feature 'image' is a bytes_list of 1 value\(s\) of "
+        r"\[18\] bytes; expected a bytes_list of one 27-byte value \(uint8 \[3, 3, 3\]\)",
+    ):
+        fmt.read_columns(
+            LOCAL, path, index, 1, columns=[wrong], label_dtype=np.dtype(np.int64), where=path
+        )
+    with pytest.raises(
+        ShardSetError,
+        match=r"record 0: feature 'missing' is missing; expected a float_list of 1 values",
+    ):
+        fmt.read_columns(
+            LOCAL,
+            path,
+            index,
+            0,
+            columns=[ColumnSpec("missing", "float32", (1,))],
+            label_dtype=np.dtype(np.int64),
+            where=path,
+        )

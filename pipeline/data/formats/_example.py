@@ -38,7 +38,9 @@ __all__ = [
     "decode_example",
     "decode_layout",
     "decode_same_length",
+    "encode_columns",
     "encode_payload",
+    "read_varint",
 ]
 
 _ARANGE10: Final = np.arange(10, dtype=np.int64)
@@ -213,6 +215,50 @@ def encode_payload(keys: pa.Array | np.ndarray, feats: np.ndarray, labels: np.nd
     return _field(0x0A, entries, n)
 
 
+def encode_columns(batch: pa.RecordBatch) -> list[Seg]:
+    """The ``tf.train.Example`` of every row of ``batch``, one feature per column, as segments.
+
+    Columns (in name order, as deterministic serialization orders a map): the ``key`` (integer:
+    int64_list; string: bytes_list), integer scalars and integer tensors as int64_list, float32
+    scalars and tensors as float_list, uint8 tensors as one bytes_list value of their raw bytes
+    (row-major). A tensor column is a ``fixed_size_list`` (:mod:`pipeline.data.columns`).
+    """
+    n = batch.num_rows
+    entries: list[Seg] = []
+    for name in sorted(batch.schema.names):
+        tag, seg = _column_seg(name, batch.column(name), n)
+        entries += _entry(name, tag, seg, n)
+    return _field(0x0A, entries, n)
+
+
+def _column_seg(name: str, col: pa.Array, n: int) -> tuple[int, Seg]:
+    if col.null_count:
+        raise ValueError(f"column {name!r} must not be null ({col.null_count} nulls)")
+    kind = col.type
+    if name == KEY_COLUMN or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        key = _key_seg(col)
+        return (_INT64_LIST if key.kind != "ragged" else _BYTES_LIST), key
+    tensor = pa.types.is_fixed_size_list(kind)
+    values = col.flatten() if tensor else col
+    width = kind.list_size if tensor else 1
+    flat = values.to_numpy(zero_copy_only=False)
+    if flat.dtype == np.float32:
+        return _FLOAT_LIST, matrix(flat.astype("<f4").view(np.uint8).reshape(n, 4 * width))
+    if tensor and flat.dtype == np.uint8:
+        return _BYTES_LIST, matrix(flat.reshape(n, width))
+    if flat.dtype.kind in "iu" and flat.dtype != np.uint64:
+        if not tensor:
+            return _INT64_LIST, _varint_seg(flat.astype(np.int64))
+        groups, lengths = _varint_matrix(flat.astype(np.int64))
+        keep = _ARANGE10 < lengths[:, None]
+        per_row = lengths.reshape(n, width).sum(axis=1)
+        return _INT64_LIST, Seg("ragged", groups[keep], per_row, excl_cumsum(per_row))
+    raise ValueError(
+        f"column {name!r}: a TFRecord shard holds float32, uint8 tensors and integers, not "
+        f"Arrow type {kind}"
+    )
+
+
 # -- decoding ---------------------------------------------------------------------------------
 class Feature(NamedTuple):
     """One ``tf.train.Feature``.
@@ -225,7 +271,8 @@ class Feature(NamedTuple):
     values: np.ndarray | list[bytes]
 
 
-def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` of ``data`` and the position after it; ValueError when malformed."""
     result = shift = 0
     while shift < 70:
         if pos >= len(data):
@@ -244,16 +291,16 @@ def _fields(data: memoryview) -> list[tuple[int, int, Any]]:
     out: list[tuple[int, int, Any]] = []
     pos = 0
     while pos < len(data):
-        tag, pos = _read_varint(data, pos)
+        tag, pos = read_varint(data, pos)
         field, wire = tag >> 3, tag & 7
         value: Any
         if wire == 0:
-            value, pos = _read_varint(data, pos)
+            value, pos = read_varint(data, pos)
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
             value, pos = data[pos : pos + size], pos + size
         elif wire == 2:
-            size, pos = _read_varint(data, pos)
+            size, pos = read_varint(data, pos)
             value, pos = data[pos : pos + size], pos + size
         else:
             raise ValueError(f"unsupported wire type {wire} (field {field})")

@@ -4,10 +4,13 @@ Framing (TensorFlow's ``TFRecordWriter``): every record is ``uint64 length`` (li
 ``uint32 masked_crc32c(length bytes)``, ``data``, ``uint32 masked_crc32c(data)``, where
 ``masked(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2**32)``. No compression.
 
-Records are ``tf.train.Example`` protobufs holding ``features`` (float_list of D floats),
-``key`` (int64_list, or bytes_list with the UTF-8 string key) and ``label`` (int64_list with
-the class code, or float_list with the regression target), encoded and decoded by hand in
-:mod:`pipeline.data.formats._example`; CRC32C is computed by
+Records are ``tf.train.Example`` protobufs with one feature per shard column: ``key``
+(int64_list, or bytes_list with the UTF-8 string key), ``label`` (int64_list with the class
+code, or float_list with the regression target), and each tensor column (``features``, arrays:
+float_list of its values in row-major order; images and other uint8 tensors: one bytes_list
+value of their raw bytes; integer tensors such as token ids: int64_list), encoded and decoded
+by hand in :mod:`pipeline.data.formats._example` (the tabular layout, with a fast path) and
+:mod:`pipeline.data.formats._template` (any columns); CRC32C is computed by
 :mod:`pipeline.data.formats._crc32c`. Both are vectorised with numpy over many records at
 once (no C extension); their public names are re-exported here.
 
@@ -20,6 +23,7 @@ a :class:`ShardIndex` of byte offsets built by one sequential scan of the file.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -43,11 +47,13 @@ from pipeline.data.formats._example import (
     decode_example,
     decode_layout,
     decode_same_length,
+    encode_columns,
     encode_payload,
     matrix,
 )
+from pipeline.data.formats._template import decode_columns
 from pipeline.data.formats.base import RowGroupIndex, ShardFormat, ShardWriter, WrittenShard
-from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, ShardSetError
+from pipeline.data.shardset import FEATURES_COLUMN, LABEL_COLUMN, ShardSetError
 
 __all__ = [
     "Feature",
@@ -63,6 +69,7 @@ __all__ = [
     "index_shard",
     "mask_crc",
     "masked_crc32c",
+    "read_columns",
     "read_records",
     "read_row_group",
 ]
@@ -350,6 +357,22 @@ def read_row_group(
     the file. Labels are an int64_list for an integer ``label_dtype``, else a float_list.
     """
     where = where or path
+    buf, starts, lengths = _group_records(fs, path, index, i, where)
+    first_row = index.row_group(i).first_row
+    parts = [(np.zeros((0, dim), np.float32), np.zeros(0, label_dtype))]
+    step = max(1, _CHUNK_BYTES // (4 * dim + 64))
+    for a in range(0, len(starts), step):
+        rows, first = slice(a, a + step), first_row + a
+        parts.append(_decode(buf, starts[rows], lengths[rows], dim, label_dtype, where, first))
+    if len(parts) == 2:
+        return parts[1]
+    return np.concatenate([f for f, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+
+def _group_records(
+    fs: pafs.FileSystem, path: str, index: ShardIndex, i: int, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row group ``i``'s bytes (with slack), its record starts and data lengths, CRCs checked."""
     group = index.row_group(i)
     buf = _read_group(fs, path, group, f"{where}: row group {i}")
     raw = buf[: group.nbytes]  # the rest is slack for the decoder's varint windows
@@ -360,14 +383,47 @@ def read_row_group(
             "(the file changed after it was indexed)"
         )
     _check_data(raw, starts, lengths, where, group.first_row)
-    parts = [(np.zeros((0, dim), np.float32), np.zeros(0, label_dtype))]
-    step = max(1, _CHUNK_BYTES // (4 * dim + 64))
-    for a in range(0, len(starts), step):
-        rows, first = slice(a, a + step), group.first_row + a
-        parts.append(_decode(buf, starts[rows], lengths[rows], dim, label_dtype, where, first))
-    if len(parts) == 2:
-        return parts[1]
-    return np.concatenate([f for f, _ in parts]), np.concatenate([lab for _, lab in parts])
+    return buf, starts, lengths
+
+
+def read_columns(
+    fs: pafs.FileSystem,
+    path: str,
+    index: ShardIndex,
+    i: int,
+    *,
+    columns: Sequence[ColumnSpec],
+    label_dtype: np.dtype[Any],
+    where: str = "",
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The tensor ``columns`` (each ``[n, *shape]``, its dtype) and labels of row group ``i``.
+
+    Every CRC is verified; errors name ``where`` (default ``path``) and the record.
+    """
+    where = where or path
+    buf, starts, lengths = _group_records(fs, path, index, i, where)
+    first_row = index.row_group(i).first_row
+    row_bytes = sum(4 * c.size for c in columns) + 64
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    parts = [
+        decode_columns(
+            buf,
+            starts[a : a + step] + _HEADER,
+            lengths[a : a + step],
+            columns,
+            label_dtype,
+            where=where,
+            first=first_row + a,
+        )
+        for a in range(0, len(starts), step)
+    ]
+    if not parts:
+        empty = {c.name: np.zeros((0, *c.shape), c.numpy_dtype) for c in columns}
+        return empty, np.zeros(0, label_dtype)
+    if len(parts) == 1:
+        return parts[0]
+    tensors = {c.name: np.concatenate([p[0][c.name] for p in parts]) for c in columns}
+    return tensors, np.concatenate([p[1] for p in parts])
 
 
 def _read_group(fs: pafs.FileSystem, path: str, group: RowGroup, where: str) -> np.ndarray:
@@ -395,11 +451,16 @@ class TFRecordShardWriter(ShardWriter):
         self._sink = storage.HashingWriter(self._raw)
 
     def add(self, batch: pa.RecordBatch) -> None:
-        """Encode and write the rows of ``batch`` (``key``, ``features``, ``label``)."""
+        """Encode and write the rows of ``batch`` (every column of the shard schema)."""
         n = batch.num_rows
-        feats = batch.column(FEATURES_COLUMN).flatten().to_numpy().reshape(n, -1)
-        labels = batch.column(LABEL_COLUMN).to_numpy()
-        self._sink.write(encode_examples(batch.column(KEY_COLUMN), feats, labels))
+        row_bytes = sum(
+            4 * (f.type.list_size if pa.types.is_fixed_size_list(f.type) else 1)
+            for f in batch.schema
+        )
+        step = max(1, _CHUNK_BYTES // (row_bytes + 64))
+        for a in range(0, n, step):
+            part = batch.slice(a, step)
+            self._sink.write(_frame(encode_columns(part), part.num_rows).tobytes())
         self.rows += n
 
     def close(self) -> WrittenShard:
@@ -412,7 +473,6 @@ class TFRecordFormat(ShardFormat):
     """TFRecord files of ``tf.train.Example`` records (``file_format: tfrecord``)."""
 
     name: ClassVar[str] = "tfrecord"
-    any_columns: ClassVar[bool] = False  # the Example encoder knows key, features and label
     suffix: ClassVar[str] = ".tfrecord"
     index_source: ClassVar[str] = "TFRecord file"
 
@@ -443,11 +503,39 @@ class TFRecordFormat(ShardFormat):
         if not isinstance(index, ShardIndex):
             raise TypeError(f"a TFRecord shard needs a ShardIndex, got {type(index).__name__}")
         if features.name != FEATURES_COLUMN:
-            raise TFRecordError(
-                f"{where}: this reader decodes only the {FEATURES_COLUMN!r} vector of TFRecord "
-                f"shards, not column {features.name!r}: write tensor columns as Parquet"
+            columns, labels = self.read_columns(
+                fs, path, index, i, columns=[features], label_dtype=label_dtype, where=where
             )
+            return columns[features.name], labels
         feats, labels = read_row_group(
             fs, path, index, i, dim=features.size, label_dtype=label_dtype, where=where
         )
         return feats.reshape(len(feats), *features.shape), labels
+
+    def read_columns(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        index: RowGroupIndex,
+        i: int,
+        *,
+        columns: Sequence[ColumnSpec],
+        label_dtype: np.dtype[Any],
+        where: str,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decode ``columns`` of row group ``i`` at once (the tabular layout: its fast path)."""
+        if not isinstance(index, ShardIndex):
+            raise TypeError(f"a TFRecord shard needs a ShardIndex, got {type(index).__name__}")
+        if [c.name for c in columns] == [FEATURES_COLUMN]:
+            feats, labels = self.read_row_group(
+                fs, path, index, i, features=columns[0], label_dtype=label_dtype, where=where
+            )
+            return {FEATURES_COLUMN: feats}, labels
+        try:
+            return read_columns(
+                fs, path, index, i, columns=columns, label_dtype=label_dtype, where=where
+            )
+        except TFRecordError:
+            raise
+        except ShardSetError as e:
+            raise TFRecordError(str(e)) from e
