@@ -215,8 +215,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config, bool], int]] = {
 }
 
 
+def _import_from_working_dir() -> None:
+    """User modules in the working directory import in every command, as under ``python -m``.
+
+    ``train.model.builder: "mymodels:net"`` with ``mymodels.py`` beside the config: the
+    driver builds and checks the model, ``evaluate`` loads the bundle, and local Python
+    workers (started with ``-m``, in this directory) import it alike. A console script's
+    ``sys.path[0]`` is its ``bin/`` directory, and spark-submit's is the job file's, so without
+    this only the executors would see the module. On a cluster the module must reach the
+    executors too: ``--py-files`` / ``spark.submit.pyFiles`` (README, "Your own model").
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None) -> int:
     """Run one subcommand; returns the exit code."""
+    _import_from_working_dir()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2), already printed

@@ -96,6 +96,7 @@ def _run_stages(
         train = dataclasses.replace(train, resume=True)
     if train.dataset != etl.output:
         raise ConfigError("train.dataset", f"is {train.dataset!r} but etl.output is {etl.output!r}")
+    _check_train_section(cfg)
     summary.doc["outputs"] = {"shard_set": etl.output, "bundle": train.output}
     spark = spark_session(cfg, under_submit=under_submit)
     sc = spark.sparkContext
@@ -108,6 +109,20 @@ def _run_stages(
     _train_stage(summary, spark, train, force="train" in args.force)
     _evaluate_stage(summary, train.output, etl.output)
     print(f"model bundle: {train.output}")
+
+
+def _check_train_section(cfg: Config) -> None:
+    """What can be checked of the train section before the ETL writes its shard set."""
+    from pipeline.train.preflight import check_train_config  # lazy: loads torch
+
+    check_train_config(cfg.train)
+    etl_task, train_task = cfg.etl.resolved_task, cfg.train.task
+    if train_task is not None and train_task != etl_task:
+        raise ConfigError(
+            "train.task",
+            f"is {train_task!r} but the ETL builds a {etl_task!r} shard set (etl.task / the "
+            "label's type); leave train.task unset to take the shard set's",
+        )
 
 
 def _etl_stage(summary: RunSummary, spark: Any, etl: Any, *, force: bool) -> None:

@@ -25,7 +25,7 @@ from pipeline.launch.rounds import fit_average
 from pipeline.launch.tracking import tracked
 from pipeline.train.bundle import CONFIG, SPEC, model_spec
 from pipeline.train.config import TrainConfig
-from pipeline.train.preflight import check_training_inputs
+from pipeline.train.preflight import check_training_inputs, resolve_task
 from pipeline.train.registry import BarrierMode, Mode, get_mode
 
 __all__ = ["TrainResult", "bundle_is_current", "fit"]
@@ -48,7 +48,8 @@ def fit(
     """
     with tracked(cfg) as runlog:
         mode = get_mode(cfg.mode)
-        check_training_inputs(cfg, mode)  # refuse damaged or unusable inputs before launching
+        shards = check_training_inputs(cfg, mode)  # refuse unusable inputs before launching
+        cfg = resolve_task(cfg, shards)
         result = _launch(mode, cfg, spark, env=env, show_progress=show_progress)
         runlog.done(result.epochs, {"steps": result.steps, "attempt": result.attempt})
     return result
@@ -88,6 +89,7 @@ def bundle_is_current(cfg: TrainConfig) -> bool:
         shards = ShardSet.open(cfg.dataset)
     except ShardSetError:
         return False
+    cfg = resolve_task(cfg, shards)
     spec = json.loads(storage.read_bytes(fs, spec_path))
     trained = (yaml.safe_load(storage.read_bytes(fs, config_path)) or {}).get("train", {})
     current = model_spec(

@@ -50,7 +50,7 @@ from pipeline.train.modes.average import (
     section,
     train_round,
 )
-from pipeline.train.preflight import check_training_data
+from pipeline.train.preflight import check_training_data, resolve_task
 
 if TYPE_CHECKING:
     from pyspark import Broadcast, SparkContext
@@ -164,10 +164,11 @@ class _Driver:
         env: dict[str, str],
         show_progress: bool | None,
     ) -> None:
-        self.cfg, self.avg, self.spark, self.sc = cfg, cfg.averaging, spark, sc
-        self.env, self.show_progress = env, show_progress
         self.shards = ShardSet.open(cfg.dataset)
         check_training_data(cfg, self.shards)
+        cfg = resolve_task(cfg, self.shards)
+        self.cfg, self.avg, self.spark, self.sc = cfg, cfg.averaging, spark, sc
+        self.env, self.show_progress = env, show_progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same initial model as a DDP run's
             self.model = engine.new_model(cfg, self.shards)
@@ -346,7 +347,7 @@ class _Driver:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float | None]:
         """Loss and accuracy / RMSE of the global model on the whole val split."""
-        sums = EvalSums(self.cfg.task)
+        sums = EvalSums(self.shards.task)
         if self.val is None:
             return sums.result(prefix="val_")
         self.model.load_state_dict(self.weights)

@@ -110,8 +110,8 @@ def model_spec(
         "input_shape": list(input_shape),
         "inputs": inputs.to_json(),
         "num_outputs": num_outputs,
-        "task": cfg.task,
-        "classes": shards.classes if cfg.task == "classification" else [],
+        "task": shards.task,  # train.task, when set, equals it (preflight)
+        "classes": shards.classes if shards.task == "classification" else [],
         "feature_names": shards.feature_names,
         "shardset": {
             "uri": shards.uri,

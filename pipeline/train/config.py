@@ -272,9 +272,9 @@ class TrainConfig:
     dataset: str = "out/shards"
     """URI of the shard set written by the ETL."""
 
-    task: Literal["classification", "regression"] = "classification"
-    """``classification`` (cross-entropy, accuracy) or ``regression`` (MSE, RMSE); must
-    match the shard set's label task."""
+    task: Literal["classification", "regression"] | None = None
+    """``classification`` (cross-entropy, accuracy) or ``regression`` (MSE, RMSE). Unset
+    (null): the shard set's label task, from its manifest; set, it must match it."""
 
     mode: str = "ddp"
     """Training mode, a name in the mode registry (:mod:`pipeline.train.modes`): ``ddp``

@@ -118,7 +118,7 @@ def model_inputs(cfg: TrainConfig, shards: ShardSet) -> ModelInputs:
 def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], int]:
     """``(input_shape, num_outputs)`` of the model ``cfg`` trains on ``shards``."""
     shape = model_inputs(cfg, shards).input_shape
-    if cfg.task == "regression":
+    if shards.task == "regression":  # train.task, when set, equals it (preflight)
         return shape, 1
     classes = shards.classes
     if len(classes) < 2:

@@ -44,7 +44,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.engine import ResumeError
 from pipeline.train.metrics import EvalSums, loss_fn
 from pipeline.train.optim import build_scheduler
-from pipeline.train.preflight import check_training_data
+from pipeline.train.preflight import check_training_data, resolve_task
 from pipeline.train.registry import BarrierMode, WrapContext, get_mode, register_mode
 
 __all__ = ["train_worker"]
@@ -120,12 +120,13 @@ class _Trainer:
     def __init__(
         self, cfg: TrainConfig, mode: BarrierMode, comm: Collectives, ctx: WrapContext
     ) -> None:
+        self.shards = ShardSet.open(cfg.dataset)
+        check_training_data(cfg, self.shards, workers=comm.world_size)
+        cfg = resolve_task(cfg, self.shards)
         self.cfg, self.mode, self.comm, self.device = cfg, mode, comm, ctx.device
         self.rank, self.world_size = comm.rank, comm.world_size
         self.attempt = distenv.current().attempt
         self.fault = parse_fault()
-        self.shards = ShardSet.open(cfg.dataset)
-        check_training_data(cfg, self.shards, workers=self.world_size)
         engine.seed_everything(cfg.seed)  # identical model initialisation on every rank
         self.train_reader = self._reader("train", shuffle=True)
         val = self.shards.splits.get("val")
@@ -326,7 +327,7 @@ class _Trainer:
         for x, y, sync, weight in self._micro_batches():
             with contextlib.nullcontext() if sync else self.mode.no_sync(self.model):
                 with self.autocast:
-                    loss = loss_fn(self.model(x), y, self.cfg.task, reduction="mean")
+                    loss = loss_fn(self.model(x), y, self.shards.task, reduction="mean")
                 (loss if weight == 1.0 else loss * weight).backward()
             self.loss_sum.add_(loss.detach(), alpha=y.shape[0])  # one op: this runs every step
             self.loss_rows += y.shape[0]
@@ -350,9 +351,9 @@ class _Trainer:
     def _evaluate(self) -> dict[str, float | None]:
         """Validation loss and accuracy (classification) or RMSE (regression), all ranks."""
         if self.val_reader is None:
-            return EvalSums(self.cfg.task).result(prefix="val_")
+            return EvalSums(self.shards.task).result(prefix="val_")
         self.module.eval()
-        sums = EvalSums(self.cfg.task, self.device)
+        sums = EvalSums(self.shards.task, self.device)
         self.val_reader.set_epoch(0)
         for batch in self.val_reader:
             x, y = engine.to_model(self.inputs, batch, self.device)

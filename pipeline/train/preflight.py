@@ -34,7 +34,7 @@ from pipeline.data.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
 from pipeline.train.config import TrainConfig
 from pipeline.train.registry import Mode, get_mode
 
-__all__ = ["check_training_data", "check_training_inputs"]
+__all__ = ["check_train_config", "check_training_data", "check_training_inputs", "resolve_task"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,28 @@ def check_training_inputs(cfg: TrainConfig, mode: Mode | None = None) -> ShardSe
     change), :class:`ShardSetError` (the file or split that is damaged) or ``ValueError``
     (data that cannot be trained on).
     """
+    mode = check_train_config(cfg, mode)
+    shards = ShardSet.open(cfg.dataset)
+    check_training_data(cfg, shards, mode=mode)
+    check_model(cfg, shards)
+    for name in _READ_SPLITS:  # the cheap checks above first; these read every file
+        split = shards.splits.get(name)
+        if split is not None:
+            _check_split(shards, split, cfg.verify)
+    rows = shards.split("train").rows
+    log.info("preflight: %s passed (%d train rows, verify=%s)", cfg.dataset, rows, cfg.verify)
+    return shards
+
+
+def check_train_config(cfg: TrainConfig, mode: Mode | None = None) -> Mode:
+    """The checks that need no shard set; returns the mode.
+
+    ``spark-train run`` makes them before its ETL, so that a mistake in the train section
+    costs seconds, not an ETL. The mode's settings, the outputs (disjoint, empty or ours) and that ``train.model.builder``
+    imports (``ConfigError`` naming the key).
+    """
+    from pipeline.train.models import BuilderError, resolve_builder
+
     mode = mode or get_mode(cfg.mode)
     mode.check_config(cfg)  # settings first: they need no I/O
     check_disjoint(
@@ -61,16 +83,13 @@ def check_training_inputs(cfg: TrainConfig, mode: Mode | None = None) -> ShardSe
     )
     check_output_dir("train.output", cfg.output, "bundle")
     check_output_dir("train.checkpoint.dir", cfg.checkpoint.dir, "checkpoints")
-    shards = ShardSet.open(cfg.dataset)
-    check_training_data(cfg, shards, mode=mode)
-    check_model(cfg, shards)
-    for name in _READ_SPLITS:  # the cheap checks above first; these read every file
-        split = shards.splits.get(name)
-        if split is not None:
-            _check_split(shards, split, cfg.verify)
-    rows = shards.split("train").rows
-    log.info("preflight: %s passed (%d train rows, verify=%s)", cfg.dataset, rows, cfg.verify)
-    return shards
+    try:
+        resolve_builder(cfg.model.builder)
+    except BuilderError as e:
+        raise ConfigError(
+            "train.model.builder", str(e).removeprefix("train.model.builder: ")
+        ) from e
+    return mode
 
 
 def check_training_data(
@@ -98,13 +117,22 @@ def check_training_data(
     mode.check_data(cfg, shards)
 
 
+def resolve_task(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
+    """``cfg`` with ``train.task`` set to the shard set's task when it is unset (None).
+
+    An explicit ``train.task`` is kept; :func:`check_training_data` refuses a mismatch.
+    """
+    return cfg if cfg.task is not None else cfg.replace(task=shards.task)
+
+
 def _check_label(cfg: TrainConfig, shards: ShardSet) -> None:
-    if shards.task != cfg.task:
+    if cfg.task is not None and shards.task != cfg.task:
         raise ConfigError(
             "train.task",
-            f"is {cfg.task!r} but the shard set {cfg.dataset} was built for {shards.task!r}",
+            f"is {cfg.task!r} but the shard set {cfg.dataset} was built for {shards.task!r} "
+            "(leave train.task unset to take the shard set's)",
         )
-    if cfg.task == "classification" and len(shards.classes) < 2:
+    if shards.task == "classification" and len(shards.classes) < 2:
         raise ValueError(
             f"shard set {cfg.dataset} has {len(shards.classes)} class(es) {shards.classes!r} "
             "in manifest label.classes: classification needs at least 2 (declare etl.classes, "
@@ -165,6 +193,7 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     from pipeline.train import engine
     from pipeline.train.models import BuilderError
 
+    cfg = resolve_task(cfg, shards)
     try:
         inputs = engine.model_inputs(cfg, shards)
         with torch.device("meta"):

@@ -16,7 +16,7 @@ from jobs.clierrors import LOG_CHARS, log_effective_config
 from pipeline.config import parse_config
 from pipeline.core.configbase import ConfigError
 from pipeline.train.config import TrainConfig
-from pipeline.train.preflight import check_training_inputs
+from pipeline.train.preflight import check_training_inputs, resolve_task
 from preprocessing.config import EtlConfig
 from tests.shards import make_shardset
 
@@ -142,3 +142,110 @@ def test_the_setuptools_packaging_warning_is_gone(tmp_path: Path) -> None:
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "jobs/configs/demo.yaml" in names and "pipeline/train/modes/ddp.py" in names
+
+
+def test_train_task_defaults_to_the_shard_sets_and_a_mismatch_stays_an_error(
+    tmp_path: Path,
+) -> None:
+    """A regression shard set used to need ``train.task: regression`` spelled out."""
+    data = make_shardset(
+        tmp_path / "set", rows_per_shard={"train": [40], "val": [8]}, task="regression"
+    )
+    base = {"dataset": data, "checkpoint": {"dir": str(tmp_path / "c")}, "num_workers": 2}
+    cfg = TrainConfig.from_mapping({**base, "output": str(tmp_path / "m")})
+    assert cfg.task is None
+    shards = check_training_inputs(cfg)  # the model preflight builds a 1-output regressor
+    assert resolve_task(cfg, shards).task == "regression"
+    explicit = TrainConfig.from_mapping({**base, "task": "classification", "output": "m2"})
+    with pytest.raises(ConfigError, match="built for 'regression'") as e:
+        check_training_inputs(explicit)
+    assert e.value.key == "train.task"
+
+
+USER_MODULE = '''
+from torch import nn
+
+
+def net(*, input_shape, num_outputs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], num_outputs))
+'''
+
+
+def test_a_model_module_in_the_working_directory_works_in_evaluate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``builder: "mymodels:net"`` worked in train and score (executors) but not evaluate."""
+    import torch
+
+    from pipeline.data.shardset import ShardSet
+    from pipeline.train import bundle, engine
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mymodels.py").write_text(USER_MODULE)
+    data = make_shardset(tmp_path / "set", rows_per_shard={"train": [20], "test": [12]}, dim=6)
+    cfg = TrainConfig.from_mapping(
+        {"dataset": data, "model": {"builder": "mymodels:net"}, "output": str(tmp_path / "m")}
+    )
+    monkeypatch.syspath_prepend(str(work))  # to write the bundle here
+    shards = ShardSet.open(data)
+    torch.manual_seed(0)
+    shape, outputs = engine.model_shape(cfg, shards)
+    spec = bundle.model_spec(cfg, shards, input_shape=shape, num_outputs=outputs)
+    model = engine.new_model(cfg, shards)
+    uri = bundle.write_bundle(cfg.output, model=model, spec=spec, metrics={}, config={})
+    script = Path(sys.executable).parent / "spark-train"  # a console script, not python -m
+    proc = subprocess.run(
+        [str(script), "evaluate", "--model", uri],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert '"rows": 12' in proc.stdout
+
+
+def test_run_checks_the_train_section_before_the_etl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A builder that does not import used to surface after the whole ETL had run."""
+    import yaml
+
+    from jobs.cli import main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "part.csv").write_text("id,x,y\n1,0.5,0\n2,1.5,1\n")
+    config = {
+        "spark": {"master": "local[1]"},
+        "etl": {
+            "input": {"path": str(raw), "format": "csv"},
+            "schema": {"id": "long", "x": "double", "y": "int"},
+            "key": "id",
+            "label": "y",
+            "numeric": ["x"],
+            "output": str(tmp_path / "shards"),
+        },
+        "train": {
+            "dataset": str(tmp_path / "shards"),
+            "model": {"builder": "no_such_module:net"},
+            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "output": str(tmp_path / "model"),
+        },
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    assert main(["run", "--config", str(path)]) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "train.model.builder" in err and "no_such_module" in err, err[-800:]
+    assert not (tmp_path / "shards").exists()  # the ETL did not run
+    config["train"]["model"] = {}
+    config["train"]["task"] = "regression"  # y is an int label: the ETL builds classification
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path)]) == 2
+    assert "train.task" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()

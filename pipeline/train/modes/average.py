@@ -76,6 +76,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import ModelInputs
 from pipeline.train.metrics import loss_fn
 from pipeline.train.optim import LRFactor
+from pipeline.train.preflight import resolve_task
 from pipeline.train.registry import Mode
 
 __all__ = [
@@ -314,8 +315,8 @@ def train_round(
     Spark assigned one (``spec.env`` carries the launcher's device variables), else the CPU.
     Deterministic for given inputs.
     """
-    cfg = TrainConfig.from_mapping(spec.config)
-    shards = ShardSet.open(cfg.dataset)
+    shards = ShardSet.open(spec.config["dataset"])
+    cfg = resolve_task(TrainConfig.from_mapping(spec.config), shards)
     with (
         scoped_environ(spec.env),
         engine.deterministic(threads),
@@ -339,7 +340,9 @@ def train_round(
             load_optimizer_tensors(optimizer, state)
         steps = _steps(cfg, spec, reader.steps_per_epoch)
         inputs = engine.model_inputs(cfg, shards)
-        loop = _LocalLoop(cfg, model, optimizer, device, inputs, warmup=spec.epoch_offset == 0)
+        loop = _LocalLoop(
+            cfg, model, optimizer, device, inputs, task=shards.task, warmup=spec.epoch_offset == 0
+        )
         loop.run(reader, steps, fault=parse_fault(), worker=worker, attempt=attempt)
     return contribution(
         _results(cfg, spec, worker, model, optimizer),
@@ -426,9 +429,11 @@ class _LocalLoop:
         device: torch.device,
         inputs: ModelInputs,
         *,
+        task: str,
         warmup: bool,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.device = cfg, model, optimizer, device
+        self.task = task
         self.inputs = inputs
         self.stepper = engine.Stepper(cfg, model, optimizer)
         self.autocast = engine.autocast(cfg, device)
@@ -462,7 +467,7 @@ class _LocalLoop:
 
     def _step(self, x: engine.ModelArgument, y: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            loss = loss_fn(self.model(x), y, self.cfg.task, reduction="mean")
+            loss = loss_fn(self.model(x), y, self.task, reduction="mean")
         loss.backward()
         self.stepper()
         return loss.detach()
