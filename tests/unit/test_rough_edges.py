@@ -162,13 +162,13 @@ def test_train_task_defaults_to_the_shard_sets_and_a_mismatch_stays_an_error(
     assert e.value.key == "train.task"
 
 
-USER_MODULE = '''
+USER_MODULE = """
 from torch import nn
 
 
 def net(*, input_shape, num_outputs):
     return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], num_outputs))
-'''
+"""
 
 
 def test_a_model_module_in_the_working_directory_works_in_evaluate(
