@@ -164,6 +164,7 @@ def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> 
 
 
 def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.launch.pyenv import check_executor_python
     from pipeline.serve.score import score_table
 
     model = args.model or (cfg.train.output if cfg.train_data is not None else None)
@@ -172,6 +173,7 @@ def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     spark = spark_session(cfg, under_submit=under_submit)
+    check_executor_python(spark)  # one line instead of a task failure per partition
     result = score_table(
         spark, model, args.input, args.output, fmt=args.format, batch_size=args.batch_size
     )

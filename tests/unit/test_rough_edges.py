@@ -249,3 +249,43 @@ def test_run_checks_the_train_section_before_the_etl(
     assert main(["run", "--config", str(path)]) == 2
     assert "train.task" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.slow
+def test_executors_running_another_python_get_a_one_line_error(tmp_path: Path) -> None:
+    """A session whose executors run ``python3`` (no spark-train there) used to fail in every
+    rank of every attempt with ``No module named 'pipeline'``."""
+    import os
+
+    import yaml
+
+    other = shutil.which("python3", path="/usr/bin:/bin")
+    if other is None or Path(other).resolve() == Path(sys.executable).resolve():
+        pytest.skip("needs a second Python interpreter without spark-train")
+    data = make_shardset(tmp_path / "set", rows_per_shard={"train": [20], "val": [4]}, dim=4)
+    config = {
+        "spark": {"master": "local[1]"},
+        "train": {
+            "dataset": data,
+            "num_workers": 1,
+            "max_attempts": 3,
+            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "output": str(tmp_path / "model"),
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYSPARK_PYTHON": other}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "spark-train"), "train", "--config", "c.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if "spark-train train: error" in ln]
+    assert "spark.pyspark.python" in line and f"the executors run {other}" in line, line
+    assert "which cannot import" in line and "torch" in line and "set PYSPARK_PYTHON" in line, line
+    assert "attempt" not in proc.stderr  # refused before any launch
