@@ -50,6 +50,17 @@ def default_work_dir() -> str:
     )
 
 
+def _train_data(train: Mapping[str, Any] | TrainConfig | None) -> dict[str, Any]:
+    """The ``train`` section as a mapping; a ``TrainConfig`` without the paths the estimator sets."""
+    if not isinstance(train, TrainConfig):
+        return dict(train or {})
+    data = to_dict(train)
+    for name in ("dataset", "output"):
+        data.pop(name)
+    data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "dir"}
+    return data
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -112,7 +123,7 @@ class TorchEstimator(Estimator[TorchModel]):
             )
         )
         columns = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in given.items()}
-        train_data = to_dict(train) if isinstance(train, TrainConfig) else dict(train or {})
+        train_data = _train_data(train)
         self._setDefault(workDir=default_work_dir())
         self._set(etl=merge_columns(etl, columns), train=train_data)
         if work_dir is not None:

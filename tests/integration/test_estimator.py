@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import ConfigError, TorchEstimator, TorchModel
+from pipeline import ConfigError, TorchEstimator, TorchModel, TrainConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
@@ -139,3 +139,9 @@ def test_settings_the_estimator_owns_and_bad_train_keys_fail_at_construction(
     with pytest.raises(ConfigError, match="is required") as info:
         TorchEstimator(label="y", numeric=["x0"])
     assert info.value.key == "etl.key"
+    # Spark ML params: a TrainConfig, param maps, copies
+    est = TorchEstimator(label="y", key="id", numeric=["x0"], train=TrainConfig(epochs=3))
+    assert est.getTrain()["epochs"] == 3 and "output" not in est.getTrain()
+    other = est.copy({est.train: {"epochs": 1}, est.workDir: str(tmp_path)})
+    assert other.getTrain() == {"epochs": 1} and other.getWorkDir() == str(tmp_path)
+    assert est.getTrain()["epochs"] == 3 and "workDir" in est.explainParams()
