@@ -121,7 +121,7 @@ estimator = TorchEstimator(
     train={
         "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [64, 32]}},
         "num_workers": 2,
-        "epochs": 12,
+        "epochs": 8,
         "batch_size": 64,
         "optimizer": {"lr": 0.005},
     },
@@ -175,7 +175,8 @@ np.add.at(confusion, (truth, predicted), 1)
 fig, (cm_ax, hist_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
 cm_ax.imshow(confusion, cmap="Blues")
 for (t, p), n in np.ndenumerate(confusion):
-    cm_ax.text(p, t, str(n), ha="center", va="center")
+    color = "white" if n > len(rows) / 4 else "black"
+    cm_ax.text(p, t, str(n), ha="center", va="center", color=color)
 cm_ax.set(title="confusion matrix", xlabel="predicted", ylabel="true", xticks=[0, 1], yticks=[0, 1])
 hist_ax.hist([p_churn[truth == 0], p_churn[truth == 1]], bins=20, label=["churned=0", "churned=1"])
 hist_ax.set(title="P(churned) on new rows", xlabel="probability")
@@ -211,6 +212,14 @@ def build() -> nbformat.NotebookNode:
     return build_cells(CELLS)
 
 
+def drop_stderr(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Remove stderr streams (Spark's and the JVM's start-up lines) from the stored outputs."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
+    return nb
+
+
 def main() -> int:
     """Rebuild ``estimator.ipynb`` (executed unless ``--no-run``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,7 +227,7 @@ def main() -> int:
     args = parser.parse_args()
     nb = build()
     if not args.no_run:
-        execute(nb, HERE)
+        drop_stderr(execute(nb, HERE))
     nbformat.write(nb, NOTEBOOK)
     print(f"wrote {NOTEBOOK} ({NOTEBOOK.stat().st_size // 1024} KiB)")
     return 0
