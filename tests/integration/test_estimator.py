@@ -59,7 +59,11 @@ def test_fit_transform_save_load(spark: Any, tmp_path: Path) -> None:
     from pipeline.serve.score import score_table
 
     df = _frame(spark)
-    model = _estimator(tmp_path / "work").fit(df)
+    estimator = _estimator(tmp_path / "work")
+    etl_cfg, train_cfg = estimator.configs(df)  # what fit runs: types from the DataFrame
+    assert etl_cfg.schema["emb"] == "array<float>" and etl_cfg.schema["id"] == "bigint"
+    assert train_cfg.task == "classification" and train_cfg.dataset == etl_cfg.output
+    model = estimator.fit(df)
     assert model.etl_result is not None
     assert model.etl_result.manifest["reconciliation"]["rows_in"] == ROWS
     assert [e["epoch"] for e in model.history] == [0, 1]
