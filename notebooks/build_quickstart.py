@@ -228,8 +228,8 @@ scored.groupBy("score_error").count().show()""",
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    """The notebook with the cells above and no outputs."""
+def build(cells: list[tuple[str, str]] = CELLS) -> nbformat.NotebookNode:
+    """The notebook with ``cells`` (default: the ones above) and no outputs."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
         "name": "python3",
@@ -237,7 +237,7 @@ def build() -> nbformat.NotebookNode:
         "language": "python",
     }
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, source in CELLS:
+    for kind, source in cells:
         make = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
         nb.cells.append(make(source))
     return nb

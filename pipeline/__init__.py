@@ -19,6 +19,9 @@ name                   what it is
 ``run_distributed``    run any function or torchrun script as N ranks of one Spark
                        barrier job (torchrun environment, logs, relaunch)
 ``DistributedError``   what ``fit`` / ``run_distributed`` raise when ranks fail
+``TorchDistributor``   drop-in for PySpark's ``TorchDistributor`` on ``run_distributed``
+``TorchEstimator``     Spark ML estimator: ``fit(df)`` runs ETL + training on a DataFrame
+``TorchModel``         its model: ``transform(df)`` scores; saves / loads as a bundle
 ``evaluate``           a bundle's loss and accuracy / RMSE on a split (no Spark)
 ``score``              score a DataFrame with a bundle (lazy, ``mapInArrow``)
 ``ShardSet``           open a committed shard set (manifest, splits, columns)
@@ -36,7 +39,7 @@ Layout (the data flow, bottom up; ``make lint`` enforces the layers with import-
 it: environment, driver channel, heartbeats, progress, faults) → ``data`` (the shard-set
 format, format registry, reader; Spark-free) → ``train`` (one engine, modes, checkpoints,
 models, bundle; Spark-free) → ``launch`` (Spark barrier launcher, averaging rounds, ``fit``)
-and ``serve`` (evaluate, score, inspect).
+and ``serve`` (evaluate, score, inspect) → ``estimator`` (the notebook API over both).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from pipeline.core.configbase import ConfigError
     from pipeline.data.reader import ShardReader
     from pipeline.data.shardset import ShardSet
+    from pipeline.estimator import TorchEstimator, TorchModel
+    from pipeline.launch.distributor import TorchDistributor
     from pipeline.launch.fit import TrainResult, fit
     from pipeline.launch.launcher import DistributedError, run_distributed
     from pipeline.serve.evaluate import evaluate_bundle as evaluate
@@ -74,6 +79,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "TrainResult": ("pipeline.launch.fit", "TrainResult"),
     "run_distributed": ("pipeline.launch.launcher", "run_distributed"),
     "DistributedError": ("pipeline.launch.launcher", "DistributedError"),
+    "TorchDistributor": ("pipeline.launch.distributor", "TorchDistributor"),
+    "TorchEstimator": ("pipeline.estimator", "TorchEstimator"),
+    "TorchModel": ("pipeline.estimator", "TorchModel"),
     "evaluate": ("pipeline.serve.evaluate", "evaluate_bundle"),
     "score": ("pipeline.serve.score", "score"),
     "load_bundle": ("pipeline.train.bundle", "load_bundle"),
@@ -90,6 +98,9 @@ __all__ = [
     "ShardReader",
     "ShardSet",
     "SparkConfig",
+    "TorchDistributor",
+    "TorchEstimator",
+    "TorchModel",
     "TrainConfig",
     "TrainResult",
     "__version__",
