@@ -1,7 +1,8 @@
 """Text columns: ETL tokenization throughput, and reader + step time with fixed vs per-batch
 padding.
 
-    python bench/text.py [--rows 200000] [--pairs 3] [--shard-rows 20000] [--no-write]
+    python bench/text.py [--rows 200000] [--pairs 3] [--shard-rows 20000] [--repeats 3]
+                         [--no-write]
 
 a. Tokenization of make-data's ``review`` column (``--rows`` texts, 5–44 pseudo-words) with
    the WordPiece tokenizer the ETL trains on it (``max_length`` 64): the ETL's executor step
@@ -14,9 +15,10 @@ a. Tokenization of make-data's ``review`` column (``--rows`` texts, 5–44 pseud
    alternate; the headline is the median ratio of the pairs.
 b. One ETL of ``--shard-rows`` make-data rows with ``review`` at ``max_length`` 128; a
    ``ShardReader`` (rank 0 of 1, batch 256, shuffle) over its train split with
-   ``text_padding`` ``fixed`` and ``batch``: the reader alone (ms per batch) and the reader
-   plus a training step (forward, backward, AdamW) of the ``text`` model, embedding bag and
-   one-layer Transformer (dim 64), on the CPU.
+   ``text_padding`` ``fixed`` and ``batch``: the reader alone (ms per batch, a whole epoch)
+   and the reader plus a training step (forward, backward, AdamW) of the ``text`` model,
+   embedding bag (an epoch) and one-layer Transformer (dim 64, the first 12 batches), on the
+   CPU; ``--repeats`` alternating runs of each, the median.
 
 Data are generated under ``bench/_work/``. Rewrites the ``## Text`` section of RESULTS.md.
 """
@@ -116,8 +118,9 @@ def bench_tokenize(spark: Any, rows: int, pairs: int) -> dict[str, Any]:
     }
 
 
-def _steps(uri: str, padding: Any, encoder: str | None) -> tuple[float, int, float]:
-    """ms per batch over one epoch, batches, mean batch width; ``encoder`` None: reader only."""
+def _steps(uri: str, padding: Any, encoder: str | None, limit: int) -> tuple[float, int, float]:
+    """ms per batch over the first ``limit`` batches of an epoch, batches, mean batch width;
+    ``encoder`` None: the reader only."""
     import torch
 
     from pipeline.data.reader import ShardReader
@@ -143,6 +146,8 @@ def _steps(uri: str, padding: Any, encoder: str | None) -> tuple[float, int, flo
     started = time.perf_counter()
     with reader:
         for batch in reader:
+            if len(widths) == limit:
+                break
             widths.append(batch.inputs["review"].shape[1])
             if model is not None and opt is not None:
                 x, y = inputs.prepare(batch, torch.device("cpu"))
@@ -154,7 +159,7 @@ def _steps(uri: str, padding: Any, encoder: str | None) -> tuple[float, int, flo
     return 1000 * seconds / len(widths), len(widths), statistics.mean(widths)
 
 
-def bench_padding(spark: Any, rows: int) -> dict[str, Any]:
+def bench_padding(spark: Any, rows: int, repeats: int) -> dict[str, Any]:
     from preprocessing.etl import run_etl
     from preprocessing.make_data import make_data
 
@@ -164,10 +169,15 @@ def bench_padding(spark: Any, rows: int) -> dict[str, Any]:
     uri = str(WORK / f"text-shards-{rows}")
     run_etl(spark, _etl_cfg(str(raw), uri, 128))
     out: dict[str, Any] = {}
-    for what in (None, "bag", "transformer"):
-        for padding in ("fixed", "batch"):
-            _steps(uri, padding, what)  # warm-up (page cache, torch kernels)
-            out[f"{what or 'reader'}/{padding}"] = _steps(uri, padding, what)
+    for what, limit in ((None, 10**9), ("bag", 10**9), ("transformer", 12)):
+        _steps(uri, "fixed", what, 2)  # warm-up (page cache, torch kernels)
+        runs: dict[str, list[tuple[float, int, float]]] = {"fixed": [], "batch": []}
+        for _ in range(repeats):  # alternating; the median ms per batch of each
+            for padding in ("fixed", "batch"):
+                runs[padding].append(_steps(uri, padding, what, limit))
+        for padding, rs in runs.items():
+            ms = statistics.median(r[0] for r in rs)
+            out[f"{what or 'reader'}/{padding}"] = (ms, rs[0][1], rs[0][2])
     return out
 
 
@@ -196,7 +206,7 @@ def report(
         f"| ETL {tok['ratio_threads']:.2f}× faster |",
         "",
         f"### b. Reader and training step, fixed vs per-batch padding ({shard_rows:,} rows, "
-        "max_length 128, batch 256, CPU)",
+        "max_length 128, batch 256, CPU, median of alternating runs)",
         "",
         "| what | fixed: ms / batch | per-batch: ms / batch | speed-up | mean width fixed → batch |",
         "|---|---|---|---|---|",
@@ -217,13 +227,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--shard-rows", type=int, default=20_000)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     spark = spark_session("4g")
     load_before = os.getloadavg()[0]
     tok = bench_tokenize(spark, args.rows, args.pairs)
-    pad = bench_padding(spark, args.shard_rows)
+    pad = bench_padding(spark, args.shard_rows, args.repeats)
     text = report(tok, pad, args.shard_rows, (load_before, os.getloadavg()[0]))
     print(f"## {SECTION}\n\n{text}")
     if not args.no_write:

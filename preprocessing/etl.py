@@ -315,7 +315,7 @@ def _encoded(
     return encode_texts(rows, texts, count=True)
 
 
-TEXT_LIKE_LEVELS = 0.5
+TEXT_LIKE_LEVELS = 0.9
 """A categorical column with more train levels than this fraction of the train rows is
 probably free text: the ETL warns (``etl.texts`` would tokenize it)."""
 

@@ -30,6 +30,7 @@ from pipeline.data.shardset import SPLITS, ShardSet
 from pipeline.launch.fit import TrainResult, fit
 from pipeline.serve import score as scoring
 from pipeline.serve.evaluate import evaluate_bundle
+from pipeline.serve.inspect import describe, render
 from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 from preprocessing.etl import EtlResult, run_etl
@@ -122,6 +123,8 @@ def test_trained_tokenizer_etl_train_evaluate_score(spark: Any, trained: Built) 
     assert review["kind"] == "text" and review["text"]["pad_id"] == 0
     truncated = m["text"]["review"]["truncated"]
     assert set(truncated) == set(SPLITS) and 0 < truncated["train"] < m["splits"]["train"]["rows"]
+    shown = render(describe(trained.etl.output))
+    assert f"review text vocab={review['text']['vocab_size']} pad_id=0 truncated" in shown
     table = _shard_table(trained.etl.output)
     ids = _ids_by_key(table, "key", "review")
     assert ids[10**7] == ids[10**7 + 1] == [0] * MAX_LENGTH  # empty: keep → an empty sequence
@@ -261,7 +264,7 @@ def test_provided_tokenizer_and_hostile_corpus(
 
     tmp = tmp_path / "train"
     args = {"encoder": "transformer", "dim": 32, "layers": 1, "heads": 2, "hidden": [32]}
-    cfg = _train_cfg(tmp, etl.output, args, epochs=6)
+    cfg = _train_cfg(tmp, etl.output, args, epochs=12)
     fit(cfg, spark)
     _beats_majority(cfg.output, etl.output, "hostile corpus, provided tokenizer, transformer")
 
