@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.add_argument("--dirty-fraction", type=float, default=0.01)
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="add a free-text column 'review' whose words carry the label signal",
+    )
     p = sub.add_parser("etl", help="validate, split, featurize and shard the raw table")
     _common(p)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -131,6 +136,7 @@ def _cmd_make_data(args: argparse.Namespace, cfg: Config, under_submit: bool) ->
         seed=args.seed,
         fmt=args.format,
         dirty_fraction=args.dirty_fraction,
+        text=args.text,
     )
     print(f"wrote {n} rows ({args.format}, seed {args.seed}) to {args.output}")
     return EXIT_OK

@@ -11,7 +11,14 @@ from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
 from pipeline.data.formats import DEFAULT_FORMAT, FormatName, get_format
 
-__all__ = ["ArrayConfig", "EtlConfig", "ImageConfig", "InputConfig", "SplitConfig"]
+__all__ = [
+    "ArrayConfig",
+    "EtlConfig",
+    "ImageConfig",
+    "InputConfig",
+    "SplitConfig",
+    "TextConfig",
+]
 
 _INTEGRAL = {"byte", "tinyint", "short", "smallint", "int", "integer", "long", "bigint"}
 _FRACTIONAL = {"float", "double"}
@@ -160,6 +167,54 @@ class ImageConfig:
         return (self.size[0], self.size[1], self.num_channels)
 
 
+TEXT_SAMPLE_CHARS = 4000
+"""Characters of each sampled train text that a tokenizer is trained on (its first ones)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TextConfig:
+    """One free-text column: ``etl.texts.<column>`` (declared ``string``).
+
+    Tokenized in the executors (Hugging Face ``tokenizers``, batch-encoded per Arrow batch)
+    and stored as an int32 tensor column of ``max_length`` token ids, padded with the
+    tokenizer's pad id (0 for a trained one); a row's length is its count of non-pad ids.
+    Longer sequences keep their first ``max_length`` tokens; the rows cut are counted per
+    split in the manifest (``text.<column>.truncated``).
+    """
+
+    max_length: int = 128
+    """Token ids stored per row (the tensor column's shape is ``[max_length]``)."""
+    tokenizer: str | None = None
+    """URI of a Hugging Face ``tokenizer.json`` to use as it is (any storage URI); its pad
+    token is taken from its padding settings, else ``[PAD]`` / ``<pad>`` in its vocabulary.
+    Unset: a tokenizer is trained on the train split (``algorithm``, ``vocab_size``)."""
+    algorithm: Literal["bpe", "wordpiece"] = "wordpiece"
+    """The model of a trained tokenizer: byte-pair encoding or WordPiece (NFKC-normalized,
+    split on whitespace and punctuation; special tokens ``[PAD]`` = 0 and ``[UNK]`` = 1)."""
+    vocab_size: int = 8000
+    """Vocabulary size of a trained tokenizer (at most; a small corpus gives fewer)."""
+    lowercase: bool = True
+    """A trained tokenizer lowercases its input."""
+    sample_rows: int = 50_000
+    """A tokenizer is trained on at most this many good train rows, picked by a seeded hash
+    of the key (``etl.split.seed``) and gathered to the driver, each cut to its first 4000
+    characters: the driver holds at most ``sample_rows`` × 4000 characters."""
+    empty: Literal["keep", "quarantine"] = "keep"
+    """A null, empty or whitespace-only value: ``keep`` stores an empty sequence (all pad),
+    ``quarantine`` rejects the row (``text_missing``)."""
+    max_chars: int = 100_000
+    """Longer values are quarantined (``text_too_long``) before tokenization."""
+
+    def check(self, key: str) -> None:
+        """Raise :class:`ConfigError` under ``key`` for unusable sizes."""
+        check(self.max_length >= 1, f"{key}.max_length", "must be >= 1")
+        check(self.vocab_size >= 10, f"{key}.vocab_size", "must be >= 10")
+        check(self.sample_rows >= 1, f"{key}.sample_rows", "must be >= 1")
+        check(self.max_chars >= 1, f"{key}.max_chars", "must be >= 1")
+        if self.tokenizer is not None:
+            check(bool(self.tokenizer.strip()), f"{key}.tokenizer", "must not be empty")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EtlConfig:
     """Read → validate (quarantine bad rows) → split → featurize → balanced shards + manifest."""
@@ -184,6 +239,9 @@ class EtlConfig:
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     """Image columns, each stored as its own uint8 ``[H, W, C]`` tensor column named as the
     column, with the per-channel train mean / std of ``x / 255`` in the manifest."""
+    texts: Mapping[str, TextConfig] = field(default_factory=dict)
+    """Free-text columns (declared ``string``), each tokenized into its own int32 tensor
+    column of token ids named as the column (see :class:`TextConfig`)."""
     task: Literal["classification", "regression"] | None = None
     """Default: classification for integer/string/boolean labels, regression for fractional ones."""
     classes: tuple[Any, ...] | None = None
@@ -245,9 +303,9 @@ class EtlConfig:
         feats = set(self.numeric) | set(self.categorical)
         check(self.label not in feats, "etl.label", "the label cannot also be a feature")
         check(
-            bool(feats or self.arrays or self.images),
+            bool(feats or self.arrays or self.images or self.texts),
             "etl.numeric",
-            "declare at least one numeric, categorical, array or image feature",
+            "declare at least one numeric, categorical, array, image or text feature",
         )
         extra = set(self.onehot) - set(self.categorical)
         check(not extra, "etl.onehot", f"{sorted(extra)} are not listed under etl.categorical")
@@ -259,7 +317,8 @@ class EtlConfig:
     def _check_tensors(self) -> None:
         """The ``arrays`` / ``images`` columns: declared types, names, format and input."""
         tabular = {*self.numeric, *self.categorical, self.key, self.label}
-        for group, kind in (("arrays", self.arrays), ("images", self.images)):
+        groups = (("arrays", self.arrays), ("images", self.images), ("texts", self.texts))
+        for group, kind in groups:
             for name, col in kind.items():
                 key = f"etl.{group}.{name}"
                 check(name in self.schema, key, f"column {name!r} is not declared in etl.schema")
@@ -273,6 +332,11 @@ class EtlConfig:
                 col.check(key)
         both = sorted(set(self.arrays) & set(self.images))
         check(not both, "etl.images", f"{both} also listed under etl.arrays")
+        both = sorted(set(self.texts) & {*self.arrays, *self.images})
+        check(not both, "etl.texts", f"{both} also listed under etl.arrays or etl.images")
+        for name in self.texts:
+            t = self.dtype(name)
+            check(t == "string", f"etl.texts.{name}", f"is declared {t}; text columns are string")
         for name in self.schema:
             t = self.dtype(name)
             if is_array(t):
@@ -295,13 +359,13 @@ class EtlConfig:
 
     def _check_tensor_io(self) -> None:
         """Input formats and shard formats that cannot carry the tensor columns."""
-        tensors = (*self.arrays, *self.images)
+        tensors = (*self.arrays, *self.images, *self.texts)
         check(
             get_format(self.format).any_columns
             or (not tensors and bool(self.numeric or self.categorical)),
             "etl.format",
             f"{self.format} shards hold only key, a features vector and label: use "
-            f"{DEFAULT_FORMAT} for array / image columns (declared: {list(tensors)}) and for "
+            f"{DEFAULT_FORMAT} for array / image / text columns (declared: {list(tensors)}) and for "
             "data sets without numeric or categorical features",
         )
         text = self.input.format in ("csv", "json")
@@ -325,8 +389,10 @@ class EtlConfig:
 
     @property
     def tensor_columns(self) -> tuple[str, ...]:
-        """The array and image columns, in ``etl.schema`` order (their shard column order)."""
-        return tuple(c for c in self.schema if c in self.arrays or c in self.images)
+        """The array, image and text columns, in ``etl.schema`` order (their shard order)."""
+        return tuple(
+            c for c in self.schema if c in self.arrays or c in self.images or c in self.texts
+        )
 
     @property
     def has_tabular(self) -> bool:

@@ -4,7 +4,8 @@ Passes over the data: one read that is validated (images decoded), split and cac
 aggregation that counts everything the manifest and the balance plan need (rows by split,
 reason, column, input partition and — for classification — label); the quarantine write;
 the Spark ML fits and one aggregation for the array / image statistics on the cached train
-split; one shuffle that writes the shards. The manifest is committed
+split (and, per text column without a given tokenizer, one bounded sample gathered to train
+it); one shuffle that writes the shards, tokenizing text columns in its map stage. The manifest is committed
 last; old generations are deleted only after the commit.
 """
 
@@ -31,7 +32,17 @@ from pipeline.data.columns import arrow_schema
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
-from preprocessing.features import FittedFeatures, apply_features, fit_features, fit_tensors
+from preprocessing.features import (
+    FittedFeatures,
+    FittedText,
+    apply_features,
+    encode_texts,
+    fit_features,
+    fit_tensors,
+    fit_texts,
+    save_texts,
+)
+from preprocessing.features.text import tokenizer_digests
 from preprocessing.read import (
     CORRUPT,
     RAW_PREFIX,
@@ -186,7 +197,9 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     with timer("read_header_fingerprint"):
         raw = read_raw(spark, cfg)
         cfg_dict = to_dict(cfg)
-        fp = mf.fingerprint(spark, raw.df, cfg_dict)
+        digests = tokenizer_digests(cfg)  # a provided tokenizer.json is an input too
+        fp_config = {**cfg_dict, "_tokenizers": digests} if digests else cfg_dict
+        fp = mf.fingerprint(spark, raw.df, fp_config)
         existing = mf.read_existing(cfg.output)
     if (
         not force
@@ -231,17 +244,21 @@ def _build(
     plan = ShardPlan(tally.plan_counts, cfg.num_shards)
     _check_trainable(cfg, tally, plan, storage.join(cfg.output, quarantine_rel))
     ok = validated.filter(F.col(REASON).isNull())
+    train = ok.filter(F.col(SPLIT) == "train")
     with timer("fit_features"):
-        fitted = fit_features(ok.filter(F.col(SPLIT) == "train"), cfg)
-        tensors = fit_tensors(ok.filter(F.col(SPLIT) == "train"), cfg)
+        fitted = fit_features(train, cfg)
+        texts = fit_texts(train, cfg)
+        tensors = fit_tensors(train, cfg, {c: t.spec for c, t in texts.items()})
+    _warn_text_like(cfg, fitted, plan.split_rows("train"))
     features_rel = f"features/{generation}"
     with timer("save_features"):
         fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
-    encoded = _encoded(ok, cfg, fitted, classes, plan)
+        save_texts(texts, storage.join(cfg.output, features_rel))
+    encoded = _encoded(ok, cfg, fitted, classes, plan, texts)
     dim = fitted.dim if cfg.has_tabular else None
     columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors)
     with timer("write_shards"):
-        splits = write_shards(encoded, plan, cfg, arrow_schema(columns), generation)
+        splits, truncated = write_shards(encoded, plan, cfg, arrow_schema(columns), generation)
     rows_ok = sum(plan.split_rows(s) for s in SPLITS)
     if rows_ok + tally.rows_quarantined != tally.rows_in:  # pragma: no cover - invariant
         raise AssertionError("reconciliation failed: rows_ok + rows_quarantined != rows_in")
@@ -267,6 +284,7 @@ def _build(
         },
         feature_stats=fitted.stats,
         features_model=features_rel,
+        **({"text": {c: {"truncated": n} for c, n in truncated.items()}} if texts else {}),
         timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
         splits=splits,
     )
@@ -278,18 +296,44 @@ def _encoded(
     fitted: FittedFeatures,
     classes: list[Any] | None,
     plan: ShardPlan,
+    texts: dict[str, FittedText],
 ) -> DataFrame:
-    """The good rows as shard rows: key, features, tensors, encoded label, shard bucket."""
+    """The good rows as shard rows: key, features, tensors, encoded label, shard bucket.
+
+    Text columns become token ids, with their ``_trunc_`` flags (counted by the writers).
+    """
     used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical, *cfg.tensor_columns])
     bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
     features = [F.col(FEATURES_COLUMN)] if cfg.has_tabular else []
-    return apply_features(fitted.model, bucketed).select(
+    rows = apply_features(fitted.model, bucketed).select(
         F.col(cfg.key).alias(KEY_COLUMN),
         *features,
         *[F.col(c) for c in cfg.tensor_columns],
         _encode_label(cfg, classes).alias(LABEL_COLUMN),
         F.col(BUCKET),
     )
+    return encode_texts(rows, texts, count=True)
+
+
+TEXT_LIKE_LEVELS = 0.9
+"""A categorical column with more train levels than this fraction of the train rows is
+probably free text: the ETL warns (``etl.texts`` would tokenize it)."""
+
+
+def _warn_text_like(cfg: EtlConfig, fitted: FittedFeatures, train_rows: int) -> None:
+    """Warn about categorical columns whose train levels are nearly one per row."""
+    levels = fitted.stats.get("categorical", {})
+    for c in cfg.categorical:
+        n = int(levels[c]["levels"])
+        if train_rows >= 20 and n > TEXT_LIKE_LEVELS * train_rows:
+            log.warning(
+                "categorical column %r has %d distinct values in %d train rows: almost every "
+                "row is its own category, so a model learns nothing from it. If it holds free "
+                "text, declare it under etl.texts (tokenized) instead of etl.categorical",
+                c,
+                n,
+                train_rows,
+            )
 
 
 def _check_trainable(cfg: EtlConfig, tally: _Tally, plan: ShardPlan, quarantine: str) -> None:

@@ -3,7 +3,10 @@
 20 numeric columns ``f0..f19``, 5 categorical ``c0..c4`` (``c2`` and ``c4`` high-cardinality,
 Zipf-distributed), a key ``id`` and a binary ``label`` drawn from a non-linear logit (a
 sine, a product, a threshold, a square, and category effects), so a model has something
-real to learn. About ``dirty_fraction`` of the rows are spoilt in one of several ways (see
+real to learn. With ``text=True`` a free-text column ``review`` is added before the label
+(:data:`TEXT_COLUMN`): 5–40 pseudo-words, a few of them cue words drawn from a positive or a
+negative list with odds set by the label, so a text model can predict the label from the
+words (and the other columns stay as they are without it). About ``dirty_fraction`` of the rows are spoilt in one of several ways (see
 ``DIRT_KINDS``), as real exports are. Generation is split into fixed-size chunks, each
 seeded by ``(seed, chunk)`` and produced by one Spark task with numpy + Arrow, so the output
 is identical for a given seed and row count whatever the cluster, and 10 M rows take
@@ -21,7 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import SparkSession
 
-__all__ = ["DIRT_KINDS", "SCHEMA", "demo_etl_section", "make_data", "schema_ddl"]
+__all__ = [
+    "DIRT_KINDS",
+    "SCHEMA",
+    "TEXT_COLUMN",
+    "demo_etl_section",
+    "make_data",
+    "schema_ddl",
+    "text_words",
+]
 
 NUM_NUMERIC = 20
 CATEGORICAL_LEVELS = {"c0": 5, "c1": 20, "c2": 5000, "c3": 3, "c4": 20000}
@@ -49,6 +60,39 @@ DIRT_KINDS = (
     "key_missing",
 )
 _VALUE_DIRT = ("nan", "inf", "label_missing", "label_out_of_range")
+TEXT_COLUMN = "review"
+_TEXT_FILLER = 400  # neutral pseudo-words
+_TEXT_CUES = 24  # cue words per polarity
+_CUE_AGREES = 0.8  # a cue word matches the row's label with this probability
+
+
+def text_words() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pseudo-words of the text column: (filler, positive cues, negative cues)."""
+    rng = np.random.default_rng(20261203)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words: list[str] = []
+    while len(words) < _TEXT_FILLER + 2 * _TEXT_CUES:
+        word = "".join(rng.choice(syllables, size=int(rng.integers(2, 4))))
+        if word not in words:
+            words.append(word)
+    w = np.array(words)
+    cues = _TEXT_FILLER + _TEXT_CUES
+    return w[:_TEXT_FILLER], w[_TEXT_FILLER:cues], w[cues:]
+
+
+def _text_column(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+    """One review per row: filler words (Zipf) with 1–4 cue words agreeing with the label."""
+    filler, positive, negative = text_words()
+    p = _zipf_probabilities(len(filler))
+    out = []
+    for y in label.tolist():
+        words = list(rng.choice(filler, size=int(rng.integers(4, 37)), p=p))
+        for _ in range(int(rng.integers(1, 5))):
+            agrees = rng.random() < _CUE_AGREES
+            cues = positive if (y == 1) == agrees else negative
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(cues)))
+        out.append(" ".join(words))
+    return np.array(out)
 
 
 def _zipf_probabilities(levels: int, exponent: float = 1.1) -> np.ndarray:
@@ -90,19 +134,24 @@ def _dirty_rows(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray
     return np.flatnonzero(rng.random(n) < fraction)
 
 
+def _columns(text: bool) -> list[str]:
+    return [*COLUMNS[:-1], TEXT_COLUMN, COLUMNS[-1]] if text else COLUMNS
+
+
 def _csv_lines(cols: dict[str, np.ndarray], dirty: np.ndarray, kinds: np.ndarray) -> pa.Array:
     arrays = []
-    for name in COLUMNS:
+    names = _columns(TEXT_COLUMN in cols)
+    for name in names:
         v = cols[name]
         arrays.append(pc.cast(pa.array(v), pa.string()))
     lines = pc.binary_join_element_wise(*arrays, ",").to_pylist()
     for i, kind in zip(dirty.tolist(), kinds.tolist(), strict=True):
-        lines[i] = _spoil_line(lines[i].split(","), str(kind), i)
+        lines[i] = _spoil_line(lines[i].split(","), str(kind), i, names)
     return pa.array(lines, pa.string())
 
 
-def _spoil_line(fields: list[str], kind: str, i: int) -> str:
-    pos = {c: j for j, c in enumerate(COLUMNS)}
+def _spoil_line(fields: list[str], kind: str, i: int, names: list[str]) -> str:
+    pos = {c: j for j, c in enumerate(names)}
     f = 1 + i % NUM_NUMERIC
     if kind == "text_in_numeric":
         fields[f] = "n/a"
@@ -128,16 +177,20 @@ def _spoil_line(fields: list[str], kind: str, i: int) -> str:
 
 
 def _chunk_table(
-    seed: int, chunk: int, rows: int, fmt: str, dirty_fraction: float
+    seed: int, chunk: int, rows: int, fmt: str, dirty_fraction: float, text: bool = False
 ) -> pa.RecordBatch:
     rng = np.random.default_rng([seed, chunk])
     start = chunk * CHUNK_ROWS
     n = min(CHUNK_ROWS, rows - start)
     cols = _chunk_columns(rng, start, n)
+    if text:  # its own stream: the other columns are the same with or without it
+        label = cols.pop("label")
+        cols[TEXT_COLUMN] = _text_column(np.random.default_rng([seed, chunk, 1]), label)
+        cols["label"] = label
     dirty = _dirty_rows(rng, n, dirty_fraction)
     if fmt == "csv":
         kinds = rng.choice(np.array(DIRT_KINDS), size=len(dirty))
-        header = ",".join(COLUMNS)
+        header = ",".join(_columns(text))
         lines = pa.concat_arrays([pa.array([header]), _csv_lines(cols, dirty, kinds)])
         return pa.RecordBatch.from_arrays([lines], names=["value"])
     kinds = rng.choice(np.array(_VALUE_DIRT), size=len(dirty))
@@ -154,9 +207,13 @@ def _chunk_table(
     return pa.RecordBatch.from_pydict(arrays)
 
 
-def schema_ddl() -> str:
-    """Spark DDL of the generated table (``SCHEMA`` in column order)."""
-    return ", ".join(f"`{c}` {t}" for c, t in SCHEMA.items())
+def _schema(text: bool) -> dict[str, str]:
+    return {c: SCHEMA.get(c, "string") for c in _columns(text)}
+
+
+def schema_ddl(text: bool = False) -> str:
+    """Spark DDL of the generated table (``SCHEMA`` in column order, ``review`` with text)."""
+    return ", ".join(f"`{c}` {t}" for c, t in _schema(text).items())
 
 
 def make_data(
@@ -167,8 +224,12 @@ def make_data(
     seed: int = 0,
     fmt: str = "csv",
     dirty_fraction: float = 0.01,
+    text: bool = False,
 ) -> int:
-    """Write ``rows`` rows to ``output`` (overwritten) as CSV (one file per chunk) or Parquet."""
+    """Write ``rows`` rows to ``output`` (overwritten) as CSV (one file per chunk) or Parquet.
+
+    ``text`` adds the ``review`` column (see the module docstring).
+    """
     if rows < 1:
         raise ValueError(f"--rows must be >= 1, got {rows}")
     if fmt not in ("csv", "parquet"):
@@ -178,23 +239,27 @@ def make_data(
     def gen(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             for chunk in b.column(0).to_pylist():
-                yield _chunk_table(seed, int(chunk), rows, fmt, dirty_fraction)
+                yield _chunk_table(seed, int(chunk), rows, fmt, dirty_fraction, text)
 
     ids = spark.range(0, chunks, 1, numPartitions=chunks)
     if fmt == "csv":
         out = ids.mapInArrow(gen, "value string")
         out.write.mode("overwrite").option("compression", "none").text(output)
     else:
-        out = ids.mapInArrow(gen, schema_ddl())
+        out = ids.mapInArrow(gen, schema_ddl(text))
         out.write.mode("overwrite").parquet(output)
     return rows
 
 
-def demo_etl_section(raw: str, output: str, fmt: str = "csv") -> dict[str, Any]:
-    """An ``etl`` config section for data written by :func:`make_data`."""
+def demo_etl_section(
+    raw: str, output: str, fmt: str = "csv", *, text: bool = False
+) -> dict[str, Any]:
+    """An ``etl`` config section for data written by :func:`make_data` (``text``: with it)."""
+    texts = {TEXT_COLUMN: {"max_length": 48}} if text else {}
     return {
         "input": {"path": raw, "format": fmt},
-        "schema": dict(SCHEMA),
+        "schema": _schema(text),
+        "texts": texts,
         "label": "label",
         "key": "id",
         "numeric": list(NUMERIC),

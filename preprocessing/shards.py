@@ -16,11 +16,14 @@ copy) from the same sorted batches, so every format holds the same rows in the s
 order. The shard schema comes from the column specs (:func:`shard_columns`, the manifest's
 ``schema``) through :func:`pipeline.data.columns.arrow_schema`. Each writer reports (shard,
 rows, bytes, sha256) and the driver checks every count against the plan before anything is
-committed.
+committed. Columns named ``_trunc_<column>`` (text columns whose ids were cut,
+:mod:`preprocessing.features.text`) are not stored: each writer sums them, and
+:func:`write_shards` returns the sums per split.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from preprocessing.config import EtlConfig, is_integral
 __all__ = [
     "BUCKET",
     "SPLIT",
+    "TRUNCATED_PREFIX",
     "ShardPlan",
     "assign_split",
     "shard_columns",
@@ -190,8 +194,10 @@ _RESULT_SCHEMA = pa.schema(
         ("rows", pa.int64()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
+        ("counted", pa.string()),  # JSON {column: rows} of the _trunc_ columns
     ]
 )
+TRUNCATED_PREFIX = "_trunc_"
 
 
 def write_empty_shard(
@@ -213,11 +219,18 @@ def _shard_writer(
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs, root = storage.resolve(root_uri)
         files: dict[int, ShardWriter] = {}
+        counted: dict[int, dict[str, int]] = {}
         token = uuid.uuid4().hex[:12]
         for batch in batches:
             buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
+            flags = [n for n in batch.schema.names if n.startswith(TRUNCATED_PREFIX)]
             for b in np.unique(buckets):
                 rows = batch.filter(pa.array(buckets == b))
+                sums = counted.setdefault(int(b), {})
+                for n in flags:
+                    column = n.removeprefix(TRUNCATED_PREFIX)
+                    total = int(np.sum(rows.column(n).to_numpy(zero_copy_only=False)))
+                    sums[column] = sums.get(column, 0) + total
                 if int(b) not in files:
                     split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
                     rel = shard_relpath(split, shard, generation, fmt.name)
@@ -229,7 +242,8 @@ def _shard_writer(
         out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
         for b, f in sorted(files.items()):
             rows, size, digest = f.close()
-            for k, v in zip(_RESULT_SCHEMA.names, (b, f.path, rows, size, digest), strict=True):
+            values = (b, f.path, rows, size, digest, json.dumps(counted.get(b, {})))
+            for k, v in zip(_RESULT_SCHEMA.names, values, strict=True):
                 out[k].append(v)
         yield pa.RecordBatch.from_pydict(out, schema=_RESULT_SCHEMA)
 
@@ -238,15 +252,17 @@ def _shard_writer(
 
 def write_shards(
     df: DataFrame, plan: ShardPlan, cfg: EtlConfig, schema: pa.Schema, generation: str
-) -> dict[str, list[ShardInfo]]:
-    """Write every split as exactly ``num_shards`` balanced files; returns manifest entries.
+) -> tuple[dict[str, list[ShardInfo]], dict[str, dict[str, int]]]:
+    """Write every split as exactly ``num_shards`` balanced files.
 
     ``df`` holds good rows with the columns of ``schema`` (``key``, ``features``, tensor
-    columns, ``label``; image pixels as ``binary``) and the ``_bucket`` that
-    :func:`with_buckets` assigned according to ``plan``.
+    columns, ``label``; image pixels as ``binary``), the ``_bucket`` that
+    :func:`with_buckets` assigned according to ``plan`` and any ``_trunc_<column>`` flags.
+    Returns the manifest entries per split and, per flagged column, its sum per split.
     """
     k = cfg.num_shards
-    bucketed = df.select(*schema.names, BUCKET)
+    flags = [c for c in df.columns if c.startswith(TRUNCATED_PREFIX)]
+    bucketed = df.select(*schema.names, *flags, BUCKET)
     # Within a shard, rows are ordered by a seeded hash of the key rather than input order:
     # input sorted by time or label must not turn into correlated batches downstream.
     order = F.xxhash64(F.lit(cfg.split.seed + 1), F.col(KEY_COLUMN))
@@ -259,6 +275,10 @@ def write_shards(
     fs, root = storage.resolve(cfg.output)
     written = {int(r["bucket"]): r for r in results}
     out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    counts = {c.removeprefix(TRUNCATED_PREFIX): dict.fromkeys(SPLITS, 0) for c in flags}
+    for result in results:
+        for column, n in json.loads(result["counted"]).items():
+            counts[column][SPLITS[int(result["bucket"]) // k]] += int(n)
     for split in SPLITS:
         for shard in range(k):
             rel = shard_relpath(split, shard, generation, cfg.format)
@@ -279,4 +299,4 @@ def write_shards(
                     "during the ETL?)"
                 )
             out[split].append(ShardInfo(path=rel, rows=rows, bytes=size, sha256=digest))
-    return out
+    return out, counts

@@ -8,7 +8,7 @@ produces (vectors as variable-length ``list`` arrays) into the shard schema
 
 Which columns a model reads (:func:`input_columns`): every column of the manifest's
 ``schema`` except the key and the label, in manifest order — the tabular ``features`` vector
-(absent from image-only sets), arrays and images. Each is an :class:`InputColumn`: its
+(absent from image-only sets), arrays, images and texts (int32 token ids). Each is an :class:`InputColumn`: its
 :class:`~pipeline.data.columns.ColumnSpec` plus the optional schema keys ``kind``
 (``"tabular"``, ``"array"``, ``"image"``; None in manifests written before they existed) and
 ``normalize`` (``{"scale", "mean", "std"}``, applied on the training device after the copy,
@@ -48,7 +48,7 @@ __all__ = [
     "to_shard_batch",
 ]
 
-INPUT_KINDS: Final = ("tabular", "array", "image")
+INPUT_KINDS: Final = ("tabular", "array", "image", "text")
 """The ``kind`` values of input columns this build reads (None: a manifest without kinds)."""
 _OTHER_KINDS: Final = ("key", "label")
 
@@ -114,6 +114,11 @@ class InputColumn:
         """The column's name (the key of a batch's ``inputs``)."""
         return self.spec.name
 
+    @property
+    def pad_id(self) -> int | None:
+        """A text column's padding id (None for other kinds)."""
+        return None if self.spec.text is None else int(self.spec.text["pad_id"])
+
     def to_manifest(self) -> dict[str, Any]:
         """The column as a schema entry, with ``kind`` and ``normalize``."""
         norm = None if self.normalize is None else self.normalize.to_manifest()
@@ -137,6 +142,11 @@ class InputColumn:
         if kind == "image" and len(spec.shape) != 3:
             raise ValueError(
                 f"image column {spec.name!r} has shape {list(spec.shape)}; expected [H, W, C]"
+            )
+        if kind == "text" and (len(spec.shape) != 1 or spec.dtype != "int32" or not spec.text):
+            raise ValueError(
+                f"text column {spec.name!r} must be int32 [max_length] with a text entry, got "
+                f"{spec.dtype} {list(spec.shape)}"
             )
         return cls(spec, kind, Normalize.parse(entry.get("normalize"), spec))
 

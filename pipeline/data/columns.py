@@ -12,11 +12,16 @@ written before they existed, and left out of an entry when they have their defau
 
 * ``kind``: one of :data:`COLUMN_KINDS` — ``key``, ``label``, ``tabular`` (the Spark ML
   ``features`` vector, already standardized), ``array`` (a declared fixed-shape numeric
-  column, stored float32) or ``image`` (decoded pixels, uint8 ``[H, W, C]``);
+  column, stored float32), ``image`` (decoded pixels, uint8 ``[H, W, C]``) or ``text``
+  (int32 token ids ``[max_length]``, padded with the pad id);
 * ``normalize``: ``{"scale": s, "mean": m, "std": d}``, where ``m`` and ``d`` are (nested)
   lists broadcastable with numpy's rules to the row shape; the model's input is
   ``(x / s - m) / d`` (images: ``s`` = 255 and per-channel ``m``, ``d`` of length ``C``;
   standardized arrays: ``s`` = 1 and per-element ``m``, ``d`` of the row shape).
+
+A ``text`` column also has ``text``: ``{"vocab_size": V, "pad_id": p, "tokenizer": path}``,
+the ids' range ``[0, V)``, the padding id and the ``tokenizer.json`` it was encoded with,
+relative to the shard set's feature-model directory (copied into a bundle's ``features/``).
 
 In a shard file a scalar column has the Arrow type of its ``dtype``; a tensor column (a
 non-empty ``shape``) is a ``fixed_size_list<dtype>[prod(shape)]`` holding the row's values in
@@ -46,7 +51,7 @@ __all__ = [
     "columns_from_manifest",
 ]
 
-COLUMN_KINDS = ("key", "label", "tabular", "array", "image")
+COLUMN_KINDS = ("key", "label", "tabular", "array", "image", "text")
 """The values of a schema entry's ``kind``."""
 
 
@@ -63,6 +68,7 @@ class ColumnSpec:
     shape: tuple[int, ...] = ()
     kind: str | None = None
     normalize: Mapping[str, Any] | None = field(default=None, hash=False)
+    text: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -86,6 +92,8 @@ class ColumnSpec:
             object.__setattr__(
                 self, "normalize", _check_normalize(self.name, self.normalize, shape)
             )
+        if self.text is not None:
+            object.__setattr__(self, "text", _check_text(self.name, self.text))
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> ColumnSpec:
@@ -102,6 +110,7 @@ class ColumnSpec:
             tuple(shape),
             kind=None if kind is None else str(kind),
             normalize=entry.get("normalize"),
+            text=entry.get("text"),
         )
 
     def to_manifest(self) -> dict[str, Any]:
@@ -115,6 +124,8 @@ class ColumnSpec:
                 "mean": self.normalize["mean"],
                 "std": self.normalize["std"],
             }
+        if self.text is not None:
+            out["text"] = dict(self.text)
         return out
 
     @property
@@ -160,6 +171,18 @@ def _check_normalize(
         if not np.isfinite(values).all() or (key == "std" and not (values > 0).all()):
             raise ValueError(f"column {name!r}: normalize.{key} must be finite (std: > 0)")
     return {"scale": float(scale), "mean": normalize["mean"], "std": normalize["std"]}
+
+
+def _check_text(name: str, text: Mapping[str, Any]) -> dict[str, Any]:
+    """A text column's ``text`` entry as a plain dict, checked; ValueError naming the column."""
+    keys = {"vocab_size", "pad_id", "tokenizer"}
+    if not isinstance(text, Mapping) or set(text) != keys:
+        raise ValueError(f"column {name!r}: text must have exactly the keys {sorted(keys)}")
+    vocab, pad = text["vocab_size"], text["pad_id"]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (vocab, pad))
+    if not ints or not 0 <= pad < vocab:
+        raise ValueError(f"column {name!r}: text needs integers 0 <= pad_id < vocab_size")
+    return {"vocab_size": vocab, "pad_id": pad, "tokenizer": str(text["tokenizer"])}
 
 
 def arrow_type(spec: ColumnSpec, *, element: bool = False) -> pa.DataType:

@@ -45,6 +45,8 @@ class Batch:
     Inputs keep the dtype and shape the manifest declares for their column: the tabular
     ``features`` vector float32 ``[B, D]``, arrays as declared, images uint8 ``[B, H, W, C]``
     (normalization and channels-first happen on the device: :mod:`pipeline.train.inputs`).
+    Text columns are int32 ids ``[B, L]``: ``L`` is the column's ``max_length``, or with the
+    reader's ``text_padding="batch"`` the last non-pad position of the batch's longest row.
     Labels are int64 class codes for classification and float32 targets for regression.
     ``Batch(tensor, labels)`` is a batch whose only input is ``features``.
     """
@@ -117,6 +119,9 @@ class Producer:
 
     def __init__(self, reader: ShardReader, job: Job) -> None:
         self._reader, self._job = reader, job
+        self._pads: dict[str, int] = {}  # text columns cut per batch → their pad id
+        if reader.text_padding == "batch":
+            self._pads = {c.name: c.pad_id for c in reader.inputs if c.pad_id is not None}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=reader.prefetch_batches)
         self._stop = threading.Event()
         name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
@@ -198,12 +203,23 @@ class Producer:
             cols = {k: np.take(v, rows, axis=0) for k, v in cols.items()}
             labels = np.take(labels, rows)
             for i in range(0, len(rows), batch):
-                inputs = {k: torch.from_numpy(v[i : i + batch]) for k, v in cols.items()}
+                inputs = {
+                    k: torch.from_numpy(self._cut(k, v[i : i + batch])) for k, v in cols.items()
+                }
                 self._put(Batch(inputs, torch.from_numpy(labels[i : i + batch])))
                 left -= 1
                 if left == 0:
                     return
             window += 1
+
+    def _cut(self, name: str, x: np.ndarray) -> np.ndarray:
+        """A text column cut after the batch's last non-pad position (per-batch padding)."""
+        pad = self._pads.get(name)
+        if pad is None:
+            return x
+        used = np.flatnonzero((x != pad).any(axis=0))
+        length = int(used[-1]) + 1 if used.size else 1
+        return x if length == x.shape[1] else np.ascontiguousarray(x[:, :length])
 
     def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
         r = self._reader

@@ -21,7 +21,12 @@ A :class:`Batch` maps the name of every input column (:func:`pipeline.data.array
 all columns but key and label, in manifest order) to a ``[B, *shape]`` tensor in the column's
 stored dtype — uint8 images stay uint8 ``[B, H, W, C]`` until the training device has them
 (:mod:`pipeline.train.inputs` normalizes there) — plus the labels; ``batch.features`` is the
-tabular vector. All columns of a row move together, so the row policy, shuffle and resume
+tabular vector. Text columns (int32 token ids) are padded to their ``max_length`` in the
+shards; ``text_padding="batch"`` (the default) cuts each batch's ids after the last position
+any of its rows uses, so a batch of short texts carries no columns of padding — measured in
+``bench/text.py`` (bench/RESULTS.md, "Text"); ``"fixed"`` keeps ``max_length``. Which rows
+make a batch does not change, so equal steps, shuffle and resume hold alike. All columns of a
+row move together, so the row policy, shuffle and resume
 below hold for every column alike.
 
 Shuffle
@@ -142,6 +147,7 @@ class ShardReader:
         drop_last: bool = False,
         verify: Verify = "auto",
         prefetch_batches: int = 4,
+        text_padding: Literal["batch", "fixed"] = "batch",
     ) -> None:
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
@@ -152,6 +158,9 @@ class ShardReader:
         _check_int("shuffle_buffer_rows", shuffle_buffer_rows, 1)
         _check_int("shuffle_buffer_bytes", shuffle_buffer_bytes, 1)
         _check_int("prefetch_batches", prefetch_batches, 1)
+        if text_padding not in ("batch", "fixed"):
+            raise ValueError(f"text_padding must be 'batch' or 'fixed', got {text_padding!r}")
+        self.text_padding = text_padding
         if verify not in _VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(_VERIFY_MODES)}, got {verify!r}")
         self.shardset = ShardSet.open(shardset) if isinstance(shardset, str) else shardset

@@ -75,6 +75,7 @@ def _describe_shardset(ss: ShardSet) -> dict[str, Any]:
         "reconciliation": m.get("reconciliation"),
         "quarantine": m.get("quarantine"),
         "feature_stats": m.get("feature_stats"),
+        "text": m.get("text"),
     }
 
 
@@ -86,8 +87,8 @@ def _feature_dim(ss: ShardSet) -> int | None:
 
 
 def _tensors(d: dict[str, Any]) -> str:
-    """The array / image columns of a described shard set, e.g. ``image uint8 [8, 8, 1]``."""
-    kinds = ("array", "image")
+    """The tensor columns of a described shard set, e.g. ``image uint8 [8, 8, 1]``."""
+    kinds = ("array", "image", "text")
     out = [f"{c['name']} {c['dtype']} {c['shape']}" for c in d["columns"] if c.get("kind") in kinds]
     return ", ".join(out) or "none"
 
@@ -128,4 +129,11 @@ def render(d: dict[str, Any]) -> str:
         lines.append(
             f"  {name:<6} levels={st['levels']} top={st['top']}{' one-hot' if st['onehot'] else ''}"
         )
+    for c in d["columns"]:
+        if c.get("kind") == "text":
+            cut = ((d.get("text") or {}).get(c["name"]) or {}).get("truncated", {})
+            lines.append(
+                f"  {c['name']:<6} text vocab={c['text']['vocab_size']} pad_id="
+                f"{c['text']['pad_id']} truncated {cut}"
+            )
     return "\n".join(lines)

@@ -10,6 +10,9 @@ training and serving:
 2. the bundle's fitted feature ``PipelineModel`` (``features/``), applied with the ETL's own
    :func:`preprocessing.features.apply_features` (only when the etl section has numeric or
    categorical columns: an array / image-only bundle has no ``features`` vector);
+   text columns tokenized by :func:`preprocessing.features.encode_texts` with the tokenizers
+   saved in the bundle's ``features/text/`` (the ones that encoded the shards), in
+   ``mapInArrow`` batches; a row with a reason is not tokenized;
 3. the network, in ``mapInArrow`` batches, fed every input column ``model.json`` records
    (:attr:`~pipeline.train.bundle.LoadedBundle.inputs`) and normalized on the way in by the
    training code itself (:func:`pipeline.train.engine.to_model`). The model is loaded once per Python worker:
@@ -24,7 +27,8 @@ order of ``model.json``'s ``classes``), ``score_error`` and ``score_error_column
 ETL would quarantine for a feature reason (``malformed_record``, ``repeated_header``,
 ``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``,
 ``array_missing``, ``array_invalid``, ``image_missing``, ``image_unreadable``,
-``image_invalid``, ``image_too_large``: same codes, same priority) gets a null prediction and the reason instead of failing the job.
+``image_invalid``, ``image_too_large``, ``text_missing``, ``text_too_long``,
+``text_invalid``: same codes, same priority) gets a null prediction and the reason instead of failing the job.
 
 The ``etl`` section that built the training data comes from ``model.json`` (written there by
 training); bundles from before it was recorded fall back to the manifest of the shard set
@@ -163,7 +167,7 @@ def _open_bundle(uri: str) -> _Bundle:
         if not has_features:  # every ETL saves a feature model, even an empty one
             raise no_features from None
         raise
-    if etl.has_tabular and not has_features:
+    if (etl.has_tabular or etl.texts) and not has_features:
         raise no_features
     sha256, _ = storage.sha256_file(fs, storage.join(root, WEIGHTS))
     return _Bundle(uri, spec, sha256, etl)
@@ -286,16 +290,30 @@ def _input_names(opened: _Bundle) -> tuple[str, ...]:
 
 
 def _featurized(spark: SparkSession, opened: _Bundle, checked: DataFrame) -> DataFrame:
-    """``checked`` with the ``features`` vector (the bundle's ``features/`` model) if it has one."""
+    """``checked`` with the ``features`` vector and the text columns' token ids.
+
+    The vector comes from the bundle's ``features/`` model (when the etl section has one), the
+    ids from the tokenizers saved beside it.
+    """
     from pyspark.ml import PipelineModel
+    from pyspark.sql import functions as F
 
     from pipeline.train.bundle import FEATURES
-    from preprocessing.features import apply_features
+    from pipeline.train.inputs import ModelInputs
+    from preprocessing.features import apply_features, encode_texts, load_texts
+    from preprocessing.read import REASON
 
-    if not opened.etl.has_tabular:
-        return checked
-    features_model = PipelineModel.read().session(spark).load(storage.join(opened.uri, FEATURES))
-    return apply_features(features_model, checked)
+    out = checked
+    if opened.etl.has_tabular:
+        model = PipelineModel.read().session(spark).load(storage.join(opened.uri, FEATURES))
+        out = apply_features(model, checked)
+    columns = ModelInputs.from_spec(opened.spec).columns
+    specs = {c.name: c.column.spec for c in columns if c.column.kind == "text"}
+    if not specs:
+        return out
+    for c in specs:  # a rejected row's text (maybe 1 MB) is not tokenized
+        out = out.withColumn(c, F.when(F.col(REASON).isNull(), F.col(c)))
+    return encode_texts(out, load_texts(specs, storage.join(opened.uri, FEATURES)))
 
 
 def _constraint_barrier(df: DataFrame) -> DataFrame:

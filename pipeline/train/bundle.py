@@ -236,18 +236,20 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
     """
     spec = read_spec(uri)
     fs, root = storage.resolve(uri)
-    inputs = None
+    inputs, vocab = None, None
     if spec.get("inputs") is not None:
         try:
-            inputs = ModelInputs.from_spec(spec).spec()
+            recorded = ModelInputs.from_spec(spec)
         except ValueError as e:
             raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
+        inputs, vocab = recorded.spec(), recorded.vocab()
     model = build_model(
         spec["builder"],
         input_shape=tuple(spec["input_shape"]),
         num_outputs=int(spec["num_outputs"]),
         args=spec.get("args") or {},
         inputs=inputs,
+        vocab=vocab,
     )
     data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:

@@ -132,12 +132,14 @@ def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], in
 def new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
     """A freshly initialised model (seed first for identical weights on every rank)."""
     input_shape, num_outputs = model_shape(cfg, shards)
+    inputs = model_inputs(cfg, shards)
     return build_model(
         cfg.model.builder,
         input_shape=input_shape,
         num_outputs=num_outputs,
         args=builder_args(cfg),
-        inputs=model_inputs(cfg, shards).spec(),
+        inputs=inputs.spec(),
+        vocab=inputs.vocab(),
     )
 
 

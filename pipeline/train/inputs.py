@@ -12,8 +12,8 @@ and label) reach the model as follows:
   a column with ``normalize`` or of kind ``image`` becomes float32; ``normalize`` computes
   ``(x / scale - mean) / std`` in float32 (``mean``, ``std`` broadcast to the stored row
   shape); an image ``[B, H, W, C]`` becomes channels-first ``[B, C, H, W]`` (contiguous).
-  Anything else (today's ``features`` vector) passes through untouched, so tabular training
-  is bitwise what it was.
+  Anything else (the ``features`` vector, text token ids) passes through untouched, so
+  tabular training is bitwise what it was.
 * The model is called with one tensor when the set has one input column (``model(x)``, as
   every builder always was), and with the dict ``{name: tensor}`` when it has several.
 
@@ -23,6 +23,8 @@ model-facing shape of the single input column (``[C, H, W]`` for an image; for t
 many elements: the model reshapes the flat rows itself), or of the first input column when
 there are several. A builder with an ``inputs`` parameter also receives the whole spec:
 ``{name: (dtype, shape)}``, model-facing, in manifest order (:meth:`ModelInputs.spec`).
+A builder with a ``vocab`` parameter receives ``{text column: (vocab_size, pad_id)}``
+(:meth:`ModelInputs.vocab`), to size its embeddings and mask the padding.
 ``model.json`` records the input columns (:meth:`ModelInputs.to_json`) so that evaluation and
 scoring use the training normalization and can check a shard set's columns against them.
 """
@@ -164,6 +166,15 @@ class ModelInputs:
             only = self.columns[0]
             return {only.name: (only.dtype, self.input_shape)}
         return {c.name: (c.dtype, c.shape) for c in self.columns}
+
+    def vocab(self) -> dict[str, tuple[int, int]]:
+        """``{text column: (vocab_size, pad_id)}`` (empty without text columns)."""
+        out = {}
+        for c in self.columns:
+            text = c.column.spec.text
+            if c.column.kind == "text" and text is not None:
+                out[c.name] = (int(text["vocab_size"]), int(text["pad_id"]))
+        return out
 
     def to_json(self) -> list[dict[str, Any]]:
         """The ``inputs`` list of ``model.json``."""

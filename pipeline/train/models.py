@@ -20,7 +20,12 @@ Built in:
   model averaging stay deterministic). Its defaults reach ≥ 0.97 val accuracy on
   scikit-learn's 8×8 digits within 20 epochs (tests/integration/test_tensor_training.py);
 * :func:`fusion` — image column(s) through :func:`cnn`'s convolutions plus the other
-  columns (the tabular vector) flattened, concatenated, then an MLP head.
+  columns (the tabular vector) flattened, concatenated, then an MLP head;
+* :func:`text` — token-id column(s) through an embedding bag (the mean of the non-pad
+  tokens' embeddings: a fast baseline) or a small Transformer encoder (masked mean of its
+  outputs), plus the other columns (the tabular vector) flattened, then an MLP head. Text
+  columns need a builder with a ``vocab`` parameter (``{column: (vocab_size, pad_id)}``),
+  since the ids are indices, not numbers, and their width may change per batch.
 """
 
 from __future__ import annotations
@@ -29,17 +34,18 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["BuilderError", "build_model", "cnn", "fusion", "mlp", "resolve_builder"]
+__all__ = ["BuilderError", "build_model", "cnn", "fusion", "mlp", "resolve_builder", "text"]
 
 _KEY = "train.model.builder"
 _MIN_POOLED = 4  # pooling stops before a feature map would get narrower than this
 
 InputSpec = Mapping[str, tuple[str, Sequence[int]]]
+Vocab = Mapping[str, tuple[int, int]]
 
 
 class BuilderError(ValueError):
@@ -215,6 +221,112 @@ def fusion(
     return nn.Sequential(_Columns(list(spec), parts), *layers, nn.Linear(width, num_outputs))
 
 
+class _TextEncoder(nn.Module):
+    """``[B, L]`` token ids → ``[B, dim]``: an embedding bag or a Transformer encoder.
+
+    Pad positions never contribute: the bag excludes ``pad_id`` from its mean, the encoder
+    masks them in attention and in its mean pooling. ``L`` may be anything up to
+    ``max_length`` (per-batch padding).
+    """
+
+    def __init__(
+        self,
+        vocab: tuple[int, int],
+        max_length: int,
+        *,
+        encoder: str,
+        dim: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        size, self.pad_id = vocab
+        self.encoder = encoder
+        if encoder == "bag":
+            self.bag = nn.EmbeddingBag(size, dim, mode="mean", padding_idx=self.pad_id)
+            return
+        self.embed = nn.Embedding(size, dim, padding_idx=self.pad_id)
+        self.position = nn.Embedding(max_length, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        if self.encoder == "bag":
+            out: torch.Tensor = self.bag(ids)
+            return out
+        pad = ids == self.pad_id
+        pad[:, 0] = False  # an all-pad row (empty text) still attends to something
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.layers(self.embed(ids) + self.position(positions), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+def text(
+    *,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    inputs: InputSpec | None = None,
+    vocab: Vocab | None = None,
+    encoder: Literal["bag", "transformer"] = "bag",
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    hidden: Sequence[int] = (64,),
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Text columns (token ids) plus any other columns: encoders → concatenation → MLP head.
+
+    Args:
+        input_shape: shape of the first input column (used when ``inputs`` is absent).
+        num_outputs: logits per row (classes) or 1 (regression).
+        inputs: the input spec; every column named in ``vocab`` is text, the others (the
+            tabular ``features`` vector, arrays) are flattened.
+        vocab: ``{text column: (vocab_size, pad_id)}``, given by the training code.
+        encoder: ``bag`` (mean of token embeddings) or ``transformer`` (encoder layers with
+            learned positions, masked mean pooling).
+        dim: embedding width.
+        layers: Transformer encoder layers.
+        heads: attention heads per layer (``dim`` must be divisible by it).
+        hidden: widths of the head's hidden layers.
+        dropout: dropout after each hidden layer (and in the Transformer).
+    """
+    _check_outputs(num_outputs)
+    if not vocab:
+        raise ValueError("the text model needs text columns (the shard set has none)")
+    if encoder not in ("bag", "transformer"):
+        raise ValueError(f"encoder must be 'bag' or 'transformer', got {encoder!r}")
+    if dim < 1 or layers < 1 or heads < 1 or dim % heads:
+        raise ValueError(f"need dim, layers, heads >= 1 and dim divisible by heads, got {dim}")
+    spec = dict(inputs or {next(iter(vocab)): ("int32", tuple(input_shape))})
+    parts: list[nn.Module] = []
+    width = 0
+    for name, (_, shape) in spec.items():
+        dims = _check_shape(shape, (1, 2, 3))
+        if name in vocab:
+            parts.append(
+                _TextEncoder(
+                    vocab[name],
+                    dims[0],
+                    encoder=encoder,
+                    dim=dim,
+                    layers=layers,
+                    heads=heads,
+                    dropout=dropout,
+                )
+            )
+            width += dim
+        else:
+            parts.append(nn.Flatten())
+            width += math.prod(dims)
+    head, width = _dense(width, hidden, dropout)
+    return nn.Sequential(_Columns(list(spec), parts), *head, nn.Linear(width, num_outputs))
+
+
 def resolve_builder(spec: str) -> Callable[..., nn.Module]:
     """Import ``"package.module:function"``; errors name ``train.model.builder``."""
     module_name, sep, attr = spec.partition(":")
@@ -241,15 +353,24 @@ def build_model(
     num_outputs: int,
     args: dict[str, Any] | None = None,
     inputs: InputSpec | None = None,
+    vocab: Vocab | None = None,
 ) -> nn.Module:
     """Resolve ``spec`` and call it; the result must be an ``nn.Module``.
 
     ``inputs`` (the input spec) is passed to builders with an ``inputs`` parameter; a spec
-    of several columns needs one.
+    of several columns needs one. ``vocab`` (the text columns) goes to builders with a
+    ``vocab`` parameter; text columns need one.
     """
     builder = resolve_builder(spec)
     kwargs = dict(args or {})
-    if inputs is not None and _takes_inputs(builder):
+    if vocab:
+        if not _takes(builder, "vocab"):
+            raise BuilderError(
+                f"{_KEY}: {spec!r} has no 'vocab' parameter, but the shard set has text "
+                f"column(s) {', '.join(vocab)} (token ids): use pipeline.train.models:text"
+            )
+        kwargs["vocab"] = dict(vocab)
+    if inputs is not None and _takes(builder, "inputs"):
         kwargs["inputs"] = {k: (d, tuple(s)) for k, (d, s) in inputs.items()}
     elif inputs is not None and len(inputs) > 1:
         raise BuilderError(
@@ -270,8 +391,8 @@ def build_model(
     return model
 
 
-def _takes_inputs(builder: Callable[..., Any]) -> bool:
+def _takes(builder: Callable[..., Any], parameter: str) -> bool:
     try:
-        return "inputs" in inspect.signature(builder).parameters
+        return parameter in inspect.signature(builder).parameters
     except (TypeError, ValueError):  # a builtin or C callable without a signature
         return False

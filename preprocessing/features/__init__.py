@@ -2,12 +2,29 @@
 
 :mod:`~preprocessing.features.tabular` (numeric + categorical columns) fills the ``features``
 vector, which :mod:`~preprocessing.features.assemble` concatenates and standardizes;
-:mod:`~preprocessing.features.array` and :mod:`~preprocessing.features.image` are tensor
-columns of their own, whose normalization :mod:`~preprocessing.features.tensors` fits
+:mod:`~preprocessing.features.array`, :mod:`~preprocessing.features.image` and
+:mod:`~preprocessing.features.text` (tokenized) are tensor columns of their own, whose normalization :mod:`~preprocessing.features.tensors` fits
 (:mod:`~preprocessing.features.kind` says what each sort of kind provides).
 """
 
 from preprocessing.features.assemble import FittedFeatures, apply_features, fit_features
 from preprocessing.features.tensors import fit_tensors
+from preprocessing.features.text import (
+    FittedText,
+    encode_texts,
+    fit_texts,
+    load_texts,
+    save_texts,
+)
 
-__all__ = ["FittedFeatures", "apply_features", "fit_features", "fit_tensors"]
+__all__ = [
+    "FittedFeatures",
+    "FittedText",
+    "apply_features",
+    "encode_texts",
+    "fit_features",
+    "fit_tensors",
+    "fit_texts",
+    "load_texts",
+    "save_texts",
+]

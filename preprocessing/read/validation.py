@@ -26,9 +26,15 @@ priority order (the first that applies wins):
 ``image_unreadable``   the image's path / URI cannot be read
 ``image_invalid``      the file is not a decodable image (empty, truncated, not an image)
 ``image_too_large``    its header claims more than ``max_pixels`` pixels
+``text_missing``       a null, empty or whitespace-only text, with ``empty: quarantine``
+``text_too_long``      a text of more than ``max_chars`` characters
+``text_invalid``       a text holding U+FFFD: the input's invalid UTF-8, as the reader
+                       decodes it (:mod:`preprocessing.read.raw`)
 =====================  ===============================================================
 
-Array and image checks come last, in ``etl.schema`` order. Images are decoded (with Pillow,
+A text column holds a string of any content; a JSON number or object in its place is read as
+its JSON text (Spark's JSON reader), and a typed input's number is cast to its decimal text,
+as for any string column. Array, image and text checks come last, in ``etl.schema`` order. Images are decoded (with Pillow,
 in the executors: :mod:`preprocessing.read.images`) before the checks run, so a row's
 pixels are computed once and kept with it.
 
@@ -222,6 +228,19 @@ def _tensor_checks(
         elif c in cfg.images:
             out.append((F.col(_TYPED + c).isNull(), "image_missing", c))
             out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
+        elif c in cfg.texts:
+            out += _text_checks(cfg, c, F.col(_TYPED + c))
+    return out
+
+
+def _text_checks(cfg: EtlConfig, column: str, typed: Column) -> list[tuple[Column, str, str]]:
+    """A text column's checks; ``typed`` is null for a null, empty or blank value."""
+    text = cfg.texts[column]
+    out = []
+    if text.empty == "quarantine":  # Spark's trim removes spaces only; \s also tabs, newlines
+        out.append((typed.isNull() | typed.rlike(r"^\s*$"), "text_missing", column))
+    out.append((F.length(typed) > F.lit(text.max_chars), "text_too_long", column))
+    out.append((F.instr(typed, "\ufffd") > F.lit(0), "text_invalid", column))
     return out
 
 
