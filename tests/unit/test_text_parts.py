@@ -34,7 +34,6 @@ def _etl(**over: Any) -> EtlConfig:
         ({"texts": {"n": {}}}, "etl.texts.n", "text columns are string"),
         ({"texts": {"review": {"max_length": 0}}}, "etl.texts.review.max_length", ">= 1"),
         ({"texts": {"label": {}}}, "etl.texts.label", "the label"),
-        ({"format": "tfrecord"}, "etl.format", "text columns"),
     ],
 )
 def test_config_errors_name_the_key(over: dict[str, Any], key: str, message: str) -> None:
