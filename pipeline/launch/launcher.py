@@ -17,6 +17,12 @@ driver's log as ``[rank N] …``), bounds the job by ``timeout_s``, reports the 
 cause of a failure (:class:`DistributedError`), and relaunches the whole job up to
 ``max_attempts`` times.
 
+On a Spark Connect session the "driver" is the client: the job is
+``mapInArrow(barrier=True)`` over ``spark.range(n)``, tagged and interrupted with
+``SparkSession.addTag`` / ``interruptTag``; when the executors cannot reach the client, the
+ranks rendezvous through ``allGather`` and each failure report reaches the client inside
+Spark's error (:func:`pipeline.runtime.rankrun.report_failure`).
+
 This is the only ``pipeline`` module that imports pyspark, and it does so lazily; the task
 side lives in the Spark-free :mod:`pipeline.runtime.rankrun`.
 """
