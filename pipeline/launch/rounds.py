@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["fit_average"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +175,27 @@ def _run_job_connect(
         .collect()
     )
     found = {int(r[0]): cloudpickle.loads(bytes(r[1])) for r in rows}
-    total = _tree_sum([found.get(i) for i in range(partitions)])
+    total = _tree_sum([found.get(i) for i in range(partitions)], combine)
     assert total is not None and total.workers == workers, f"{workers} workers expected"
     return total
 
 
-def _tree_sum(values: list[Contribution | None]) -> Contribution | None:
+def _tree_sum(values: list[T | None], add: Callable[[T, T], T]) -> T | None:
     """Sum as ``treeReduce`` does with :func:`reduce_layout`'s partitions.
 
     Pairs ``i`` with ``i + n/2`` until 4 remain, then adds in order (None: padding).
     """
+
+    def both(a: T | None, b: T | None) -> T | None:
+        return b if a is None else a if b is None else add(a, b)
+
     while len(values) > 4:
         half = len(values) // 2
-        values = [_add(values[i], values[i + half]) for i in range(half)]
-    total: Contribution | None = None
+        values = [both(values[i], values[i + half]) for i in range(half)]
+    total: T | None = None
     for value in values:
-        total = _add(total, value)
+        total = both(total, value)
     return total
-
-
-def _add(a: Contribution | None, b: Contribution | None) -> Contribution | None:
-    return b if a is None else a if b is None else combine(a, b)
 
 
 def _check_plan_size(spark: SparkSession, payload: bytes) -> None:
