@@ -190,9 +190,9 @@ def _section(results: dict[str, dict[str, list[float]]], reps: int) -> str:
             "run_distributed launches an RDD barrier stage on a classic session and "
             "`mapInArrow(barrier=True)` over Connect (no RDDs there). The bare-job rows compare "
             "the two on the classic session; the RDD stage stays on classic because a "
-            "cancelled `mapInArrow` barrier job there does not stop its Python workers "
-            "(`cancelJobsWithTag` / `cancelAllJobs`: the job ran its full 60 s; the RDD stage "
-            "stopped in ~1.5 s), which `timeout_s` and the heartbeat check rely on.",
+            "cancelled `mapInArrow` barrier job there does not end (its `collect` had not "
+            "returned 60 s after `cancelJobsWithTag` or `cancelAllJobs`; the RDD stage's "
+            "returned in ~1.5 s), and `timeout_s` and the heartbeat check rely on cancelling.",
             "",
             "run_distributed's rendezvous is one round trip to the driver (the client, over "
             "Connect); it avoids `BarrierTaskContext.allGather` (its fallback), which costs "

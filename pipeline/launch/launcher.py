@@ -347,8 +347,9 @@ def _barrier_job(
     Connect: ``spark.range(n)`` in ``n`` partitions ``.mapInArrow(..., barrier=True)``.
     Classic: an RDD barrier stage. Both return every rank's pickled ``(rank, connected,
     value)``. Classic keeps the RDD because a cancelled ``mapInArrow`` barrier job there does
-    not stop its Python workers (measured with Spark 4.3: the job ran on for its full length
-    after ``cancelJobsWithTag`` / ``cancelAllJobs``, while the RDD stage stops in ~1.5 s).
+    not end (measured with Spark 4.3 on ``local[2]``: its ``collect`` had not returned 60 s
+    after ``cancelJobsWithTag`` or ``cancelAllJobs``; the RDD stage's returned in ~1.5 s), and
+    ``timeout_s`` and the heartbeat check rely on cancelling.
     """
     if not is_connect(spark):
         rdd = spark.sparkContext.parallelize(range(num_workers), num_workers)

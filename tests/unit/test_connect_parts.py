@@ -77,3 +77,12 @@ def test_is_connect_tells_sessions_apart_without_pyspark() -> None:
     assert not is_connect(_Session())
     connect_like = type("SparkSession", (), {"__module__": "pyspark.sql.connect.session"})()
     assert is_connect(connect_like)
+
+
+def test_averaging_refuses_weights_larger_than_a_connect_plan() -> None:
+    from pipeline.launch import rounds
+
+    session = _Session({"spark.connect.grpc.maxInboundMessageSize": str(2**20)})
+    rounds._check_plan_size(session, b"x" * 2**19)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"spark.connect.grpc.maxInboundMessageSize \(1 MiB\)"):
+        rounds._check_plan_size(session, b"x" * 2**20)  # type: ignore[arg-type]
