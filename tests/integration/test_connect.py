@@ -73,33 +73,49 @@ def test_a_bad_remote_is_a_config_error(tmp_path: Path, capsys: Any) -> None:
     assert "spark.remote" in err and "sc://HOST[:PORT]" in err
 
 
-def test_run_etl_train_evaluate_score_and_averaging_over_connect(
-    remote: Any, connect_url: str, raw_data: Path, tmp_path: Path, capsys: Any
-) -> None:
-    cfg = pipeline_config(tmp_path, raw_data)
+@pytest.fixture(scope="module")
+def connect_run(
+    remote: Any, connect_url: str, raw_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``spark-train run --remote URL``: ETL → train → evaluate over Connect; its directory."""
+    work = tmp_path_factory.mktemp("connect-run")
+    cfg = pipeline_config(work, raw_data)
     assert main(["run", "--config", str(cfg), "--remote", connect_url]) == 0
-    out = capsys.readouterr().out
-    assert "built" in out and "trained 1 epoch(s)" in out and "test metrics" in out
-    summary = json.loads((tmp_path / "run-summary.json").read_text())
+    return work
+
+
+def test_run_etl_train_evaluate_then_score_over_connect(
+    remote: Any, connect_url: str, connect_run: Path, raw_data: Path, capsys: Any
+) -> None:
+    summary = json.loads((connect_run / "run-summary.json").read_text())
     assert summary["status"] == "succeeded"
+    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
+    assert summary["stages"][0]["counts"]["rows_in"] == 3000
     assert summary["spark"]["remote"] == connect_url and summary["spark"]["master"] == "local[2]"
+    assert summary["metrics"]["rows"] > 250  # the test split, evaluated
 
-    scored = tmp_path / "scored"
-    args = ["--model", str(tmp_path / "model"), "--input", str(raw_data), "--output", str(scored)]
-    assert main(["score", "--config", str(cfg), "--remote", connect_url, *args]) == 0
+    scored = connect_run / "scored"
+    args = ["--model", str(connect_run / "model"), "--input", str(raw_data)]
+    cfg = str(connect_run / "c.yaml")
+    assert (
+        main(["score", "--config", cfg, "--remote", connect_url, *args, "--output", str(scored)])
+        == 0
+    )
     assert "model loads not counted (Spark Connect" in capsys.readouterr().out
-    rows = remote.read.parquet(str(scored)).where("prediction IS NOT NULL").count()
-    assert rows > 2900
+    assert remote.read.parquet(str(scored)).where("prediction IS NOT NULL").count() > 2900
 
-    # Model averaging: the rounds run as mapInArrow jobs and are summed on the client.
+
+def test_model_averaging_over_connect(connect_url: str, connect_run: Path) -> None:
+    # The rounds run as mapInArrow jobs and are summed on the client.
     averaged = ["--set", "train.mode=average", "--set", "train.averaging.rounds=2"]
-    averaged += ["--set", f"train.output={tmp_path / 'avg'}"]
-    averaged += ["--set", f"train.checkpoint.dir={tmp_path / 'avg-ckpt'}"]
-    assert main(["train", "--config", str(cfg), "--remote", connect_url, *averaged]) == 0
-    metrics = json.loads((tmp_path / "avg" / "metrics.json").read_text())
+    averaged += ["--set", f"train.output={connect_run / 'avg'}"]
+    averaged += ["--set", f"train.checkpoint.dir={connect_run / 'avg-ckpt'}"]
+    cfg = str(connect_run / "c.yaml")
+    assert main(["train", "--config", cfg, "--remote", connect_url, *averaged]) == 0
+    metrics = json.loads((connect_run / "avg" / "metrics.json").read_text())
     assert metrics["mode"] == "average" and len(metrics["rounds"]) == 2
-    train_rows = summary["stages"][0]["counts"]["rows_by_split"]["train"]
-    assert train_rows - 2 <= metrics["rounds"][-1]["samples"] <= train_rows  # whole batches
+    train_rows = json.loads((connect_run / "shards" / "manifest.json").read_text())["splits"]
+    assert train_rows["train"]["rows"] - 2 <= metrics["rounds"][-1]["samples"]  # whole batches
 
 
 def test_rank_logs_reach_the_client_and_a_failure_names_the_rank(
@@ -134,13 +150,24 @@ def test_unreachable_client_rendezvous_by_allgather_and_failure_in_the_error(
 
 
 @pytest.mark.slow
-def test_remote_local_runs_the_cli_pipeline(
-    raw_data: Path, tmp_path: Path, subprocess_env: dict[str, str]
+def test_remote_local_trains_through_the_cli(
+    connect_run: Path, tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
-    cfg = pipeline_config(tmp_path, raw_data)
+    # remote("local[2]"): pyspark starts a Connect server in the CLI's process; a DDP run on
+    # the shard set the Connect run built (its ETL is tested above).
     cli = Path(sys.executable).parent / "spark-train"
+    outputs = ["--set", f"train.output={tmp_path / 'model'}"]
+    outputs += ["--set", f"train.checkpoint.dir={tmp_path / 'ckpt'}"]
     proc = subprocess.run(
-        [str(cli), "run", "--config", str(cfg), "--remote", "local[2]"],
+        [
+            str(cli),
+            "train",
+            "--config",
+            str(connect_run / "c.yaml"),
+            "--remote",
+            "local[2]",
+            *outputs,
+        ],
         env=subprocess_env,
         capture_output=True,
         text=True,
@@ -148,6 +175,5 @@ def test_remote_local_runs_the_cli_pipeline(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test metrics" in proc.stdout
-    summary = json.loads((tmp_path / "run-summary.json").read_text())
-    assert summary["spark"]["remote"] == "local[2]"
+    assert "trained 1 epoch(s)" in proc.stdout and "on 2 workers" in proc.stdout
+    assert (tmp_path / "model" / "model.safetensors").exists()
