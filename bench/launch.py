@@ -57,8 +57,10 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def bare(_: Any) -> Any:
-    """A barrier task that does nothing (for the bare-job rows)."""
+def bare(rows: Any) -> Any:
+    """A barrier task that reads its input and returns nothing (for the bare-job rows)."""
+    for _ in rows:  # read to the end: a worker that leaves input unread is not reused
+        pass
     yield from ()
 
 

@@ -356,9 +356,11 @@ def _barrier_job(
         barrier = rdd.barrier().mapPartitions(lambda _: [task()])
         return barrier.collect
 
-    def arrow(_: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def arrow(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
 
+        for _ in batches:  # read the input to its end, or Spark does not reuse the worker
+            pass
         yield pa.RecordBatch.from_pydict(
             {"payload": [task()]}, schema=pa.schema([("payload", pa.binary())])
         )
