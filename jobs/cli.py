@@ -47,6 +47,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set etl.num_shards=16 (repeatable)",
     )
+    p.add_argument(
+        "--remote",
+        metavar="URL",
+        help="Spark Connect server (sc://HOST:PORT, or local[N]); same as --set spark.remote=URL",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -255,6 +260,8 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
         under_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if args.command == "demo" and args.config is None:
         args.config = str(DEMO_CONFIG)
+    if args.remote is not None:
+        args.overrides.append(f"spark.remote={json.dumps(args.remote)}")
     try:
         cfg = load_config(args.config, args.overrides)
         log_effective_config(log, cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from pipeline.config import Config, ConfigError
 
@@ -37,21 +37,55 @@ T = TypeVar("T")
 
 
 def spark_session(cfg: Config, *, under_submit: bool) -> SparkSession:
-    """The SparkSession for a command; under spark-submit the master comes from spark-submit."""
+    """The SparkSession for a command; under spark-submit the master comes from spark-submit.
+
+    With ``spark.remote`` (``--remote``) a Spark Connect session: there is no local
+    SparkContext, and the server's log level is the server's own.
+    """
     from pyspark.sql import SparkSession  # lazy: see the module docstring
 
+    remote = cfg.spark.remote
+    if remote is not None and under_submit:
+        raise ConfigError(
+            "spark.remote",
+            "is not used under spark-submit, which starts a classic driver: run spark-train "
+            "itself with --remote, or drop spark.remote",
+        )
+    if remote is not None and remote.startswith("sc://"):
+        return _connect_session(remote, cfg)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
-    if not under_submit:
+    if remote is not None:  # local[N]: pyspark starts a local Connect server, with this Python
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = builder.remote(remote)
+    elif not under_submit:
         builder = builder.master(cfg.spark.master)
         if cfg.spark.master.startswith("local"):
             # Local Python workers must run this interpreter (the venv), not `python3` on PATH.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    conf = {"spark.ui.showConsoleProgress": "false", **dict(cfg.spark.conf)}
+    conf = dict(cfg.spark.conf)
+    if remote is None:
+        conf["spark.ui.showConsoleProgress"] = "false"
     for k, v in conf.items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("SPARK_TRAIN_SPARK_LOG_LEVEL", "WARN"))
+    if remote is None:
+        spark.sparkContext.setLogLevel(os.environ.get("SPARK_TRAIN_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def _connect_session(url: str, cfg: Config) -> SparkSession:
+    """A session on the Connect server at ``url``, built with the Connect builder itself.
+
+    (pyspark's generic builder refuses a remote session in a process that also holds a
+    classic one; the environment flag is what its builder sets, for ``pyspark.sql.functions``.)
+    """
+    from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+    os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+    builder = ConnectSession.builder.remote(url)
+    for k, v in cfg.spark.conf.items():
+        builder = builder.config(k, v)
+    return cast("SparkSession", builder.getOrCreate())
 
 
 def with_input_errors(fn: Callable[[], T]) -> T:

@@ -99,11 +99,11 @@ def _run_stages(
     _check_train_section(cfg)
     summary.doc["outputs"] = {"shard_set": etl.output, "bundle": train.output}
     spark = spark_session(cfg, under_submit=under_submit)
-    sc = spark.sparkContext
-    summary.doc["spark"] = {
+    summary.doc["spark"] = {  # the runtime conf answers on classic and Connect sessions
         "version": spark.version,
-        "master": sc.master,
-        "app_id": sc.applicationId,
+        "master": spark.conf.get("spark.master", None),
+        "app_id": spark.conf.get("spark.app.id", None),
+        "remote": cfg.spark.remote,
     }
     _etl_stage(summary, spark, etl, force="etl" in args.force)
     _train_stage(summary, spark, train, force="train" in args.force)

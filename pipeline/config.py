@@ -7,6 +7,7 @@ they are checked exactly like the file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from pipeline.core.configbase import ConfigError, apply_overrides, build, check,
 __all__ = ["Config", "ConfigError", "SparkConfig", "load_config", "parse_config"]
 
 SECTIONS = ("spark", "etl", "train")
+_REMOTE = re.compile(
+    r"sc://(\[[0-9A-Fa-f:.]+\]|[\w.-]+)(:\d{1,5})?(/(;[^;=]+=[^;]*)*)?|local(\[(\d+|\*)\])?"
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -31,9 +35,19 @@ class SparkConfig:
     """Application name."""
     conf: Mapping[str, str] = field(default_factory=dict)
     """Extra Spark settings, e.g. ``spark.executor.memory: 4g``."""
+    remote: str | None = None
+    """Spark Connect server to use instead of ``master``: ``sc://host:port`` (optionally
+    ``/;token=…;use_ssl=true``) or ``local[N]`` (a local Connect server started by pyspark);
+    ``spark.conf`` then sets the Connect session's settings. Also ``--remote`` on the command line."""
 
     def __post_init__(self) -> None:
         check(bool(self.master.strip()), "spark.master", "must not be empty")
+        if self.remote is not None:
+            check(
+                _REMOTE.fullmatch(self.remote) is not None,
+                "spark.remote",
+                f"must be sc://HOST[:PORT][/;key=value…] or local[N], got {self.remote!r}",
+            )
         for k, v in self.conf.items():
             check(isinstance(v, str), f"spark.conf.{k}", "values must be strings (quote numbers)")
 

@@ -14,6 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from pipeline import __version__
 from pipeline.core import storage
+from pipeline.core.connect import is_connect
 from pipeline.data.formats import DEFAULT_FORMAT
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
 
@@ -34,6 +35,8 @@ def input_listing(spark: SparkSession, df: DataFrame) -> list[tuple[str, int, in
     Works for any URI Spark can read (local, HDFS, S3A…); one ``listStatus`` per directory.
     """
     files = sorted(df.inputFiles())
+    if is_connect(spark):  # no JVM gateway: stat the files through pyarrow.fs
+        return _arrow_listing(files)
     jvm = spark.sparkContext._jvm
     assert jvm is not None, "fingerprinting runs on the driver"
     conf = spark.sparkContext._jsc.hadoopConfiguration()
@@ -55,6 +58,20 @@ def input_listing(spark: SparkSession, df: DataFrame) -> list[tuple[str, int, in
         raise RuntimeError(
             f"could not stat every input file for the fingerprint ({len(out)} of {len(files)})"
         )
+    return sorted(out)
+
+
+def _arrow_listing(files: list[str]) -> list[tuple[str, int, int]]:
+    """``(path, size, mtime_ms)`` of ``files`` (Spark URIs) through pyarrow.fs."""
+    out = []
+    for uri in files:
+        if uri.startswith("file:/") and not uri.startswith("file://"):
+            uri = "file://" + uri[len("file:") :]
+        fs, path = storage.resolve(uri)
+        info = fs.get_file_info(path)
+        if info.size is None or info.mtime_ns is None:
+            raise RuntimeError(f"could not stat input file {uri} for the fingerprint")
+        out.append((path, int(info.size), int(info.mtime_ns // 1_000_000)))
     return sorted(out)
 
 

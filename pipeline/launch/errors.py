@@ -200,12 +200,12 @@ def all_failed(failures: Sequence[DistributedError]) -> DistributedError:
 
 
 def timeout_error(
-    timeout_s: float | None, attempt: int, group: str, display: ProgressDisplay
+    timeout_s: float | None, attempt: int, tag: str, display: ProgressDisplay
 ) -> DistributedTimeoutError:
     progress = f"; last progress: {dict(display.last)}" if display.last else ""
     message = (
         f"run_distributed timed out: timeout_s={timeout_s:g} passed during attempt "
-        f"{attempt}; the barrier job (group {group}) was cancelled{progress}"
+        f"{attempt}; the barrier job (tag {tag}) was cancelled{progress}"
     )
     return DistributedTimeoutError(
         message, rank=None, exc_type="TimeoutError", exc_message=message, attempt=attempt

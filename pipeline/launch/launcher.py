@@ -17,6 +17,12 @@ driver's log as ``[rank N] …``), bounds the job by ``timeout_s``, reports the 
 cause of a failure (:class:`DistributedError`), and relaunches the whole job up to
 ``max_attempts`` times.
 
+On a Spark Connect session the "driver" is the client: the job is
+``mapInArrow(barrier=True)`` over ``spark.range(n)``, tagged and interrupted with
+``SparkSession.addTag`` / ``interruptTag``; when the executors cannot reach the client, the
+ranks rendezvous through ``allGather`` and each failure report reaches the client inside
+Spark's error (:func:`pipeline.runtime.rankrun.report_failure`).
+
 This is the only ``pipeline`` module that imports pyspark, and it does so lazily; the task
 side lives in the Spark-free :mod:`pipeline.runtime.rankrun`.
 """
@@ -29,10 +35,11 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.connect import is_connect
 from pipeline.launch.errors import (
     SECONDARY,
     DistributedError,
@@ -46,16 +53,18 @@ from pipeline.launch.errors import (
 )
 from pipeline.launch.session import (
     BarrierSlots,
+    active_session,
     barrier_slots,
     check_slots,
+    log_server_address,
     require_driver,
-    spark_context,
 )
 from pipeline.runtime import logchannel, rankrun
 from pipeline.runtime.progress import ProgressDisplay
 
 if TYPE_CHECKING:
-    from pyspark import BarrierTaskContext, SparkContext
+    import pyarrow as pa
+    from pyspark import BarrierTaskContext
     from pyspark.sql import SparkSession
 
 __all__ = [
@@ -127,8 +136,8 @@ def run_distributed(
     _check_counts(num_workers, max_attempts, timeout_s)
     if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
         raise ValueError(f"heartbeat_timeout_s must be > 0 or None, got {heartbeat_timeout_s!r}")
-    sc = spark_context(spark)
-    check_slots(sc, num_workers)
+    session = active_session(spark)
+    check_slots(session, num_workers)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     limits = _Limits(deadline=deadline, timeout_s=timeout_s, heartbeat_s=heartbeat_timeout_s)
     display = ProgressDisplay(enabled=show_progress)
@@ -136,9 +145,9 @@ def run_distributed(
     try:
         for attempt in range(max_attempts):
             if attempt:  # a lost executor may still be coming back: wait for it, or fail fast
-                check_slots(sc, num_workers, failures)
+                check_slots(session, num_workers, failures)
             try:
-                return _run_attempt(sc, spec, num_workers, attempt, limits, display)
+                return _run_attempt(session, spec, num_workers, attempt, limits, display)
             except DistributedTimeoutError as err:
                 raise with_history(err, failures) from None
             except DistributedError as err:
@@ -290,7 +299,7 @@ class _Collector:
 
 
 def _run_attempt(
-    sc: SparkContext,
+    spark: SparkSession,
     spec: rankrun.RankSpec,
     num_workers: int,
     attempt: int,
@@ -301,15 +310,13 @@ def _run_attempt(
 
     token = secrets.token_hex(16)
     collector = _Collector(display, num_workers)
-    conf = sc.getConf()
-    host = conf.get("spark.driver.host") or "127.0.0.1"
-    bind = conf.get("spark.driver.bindAddress") or host
-    group = f"spark-train-{token[:12]}"
+    bind, host = log_server_address(spark)
+    tag = f"spark-train-{token[:12]}"
     with logchannel.ChannelServer(bind, token, collector.on_message, advertise=host) as server:
-        task = _barrier_task(spec, attempt, token, server.address)
-        rdd = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(task)
-        log.info("launching %d ranks (attempt %d, job group %s)", num_workers, attempt, group)
-        rows, error, timed_out, silent = _collect(sc, rdd, group, limits, collector)
+        task = _rank_task(spec, attempt, token, server.address)
+        log.info("launching %d ranks (attempt %d, tag %s)", num_workers, attempt, tag)
+        job = _barrier_job(spark, task, num_workers)
+        rows, error, timed_out, silent = _collect(spark, job, tag, limits, collector)
         ranked = (
             None
             if rows is None
@@ -322,12 +329,46 @@ def _run_attempt(
                 "some ranks' last log messages did not arrive within %.0f s", _FINISH_WAIT_S
             )
     if timed_out:
-        raise timeout_error(limits.timeout_s, attempt, group, display)
+        raise timeout_error(limits.timeout_s, attempt, tag, display)
     if silent:
         raise _silence_error(silent, limits.heartbeat_s, attempt, collector)
     if ranked is None:
+        for rank, report in rankrun.failure_reports(str(error)):  # ranks not heard directly
+            collector.on_message(rank, report)
         raise _attempt_error(collector, error, attempt)
     return [value for _, _, value in ranked]
+
+
+def _barrier_job(
+    spark: SparkSession, task: Callable[[], bytes], num_workers: int
+) -> Callable[[], list[bytes]]:
+    """The barrier job of one attempt, as a function that runs it: one rank per task.
+
+    Connect: ``spark.range(n)`` in ``n`` partitions ``.mapInArrow(..., barrier=True)``.
+    Classic: an RDD barrier stage. Both return every rank's pickled ``(rank, connected,
+    value)``. Classic keeps the RDD because a cancelled ``mapInArrow`` barrier job there does
+    not end (measured with Spark 4.3 on ``local[2]``: its ``collect`` had not returned 60 s
+    after ``cancelJobsWithTag`` or ``cancelAllJobs``; the RDD stage's returned in ~1.5 s), and
+    ``timeout_s`` and the heartbeat check rely on cancelling.
+    """
+    if not is_connect(spark):
+        rdd = spark.sparkContext.parallelize(range(num_workers), num_workers)
+        barrier = rdd.barrier().mapPartitions(lambda _: [task()])
+        return barrier.collect
+
+    def arrow(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        for _ in batches:  # read the input to its end, or Spark does not reuse the worker
+            pass
+        yield pa.RecordBatch.from_pydict(
+            {"payload": [task()]}, schema=pa.schema([("payload", pa.binary())])
+        )
+
+    df = spark.range(0, num_workers, 1, num_workers).mapInArrow(
+        arrow, "payload binary", barrier=True
+    )
+    return lambda: [bytes(row[0]) for row in df.collect()]
 
 
 @dataclass(frozen=True)
@@ -341,22 +382,31 @@ class _Limits:
 
 
 def _collect(
-    sc: SparkContext, rdd: Any, group: str, limits: _Limits, collector: _Collector
+    spark: SparkSession,
+    run: Callable[[], list[bytes]],
+    tag: str,
+    limits: _Limits,
+    collector: _Collector,
 ) -> tuple[list[bytes] | None, BaseException | None, bool, list[int]]:
-    """Run the job from a thread; cancel its group at the deadline or when a rank falls silent.
+    """Run the job from a thread; interrupt its tag at the deadline or when a rank falls silent.
 
-    Returns ``(rows, error, timed_out, silent ranks)``.
+    See :func:`_job_tags` for how the job is tagged and interrupted. Returns ``(rows, error,
+    timed_out, silent ranks)``.
     """
     box: dict[str, Any] = {}
 
+    add, remove, interrupt = _job_tags(spark)
+
     def job() -> None:
-        sc.setJobGroup(group, "spark-train run_distributed", interruptOnCancel=True)
+        add(tag)
         try:
-            box["rows"] = rdd.collect()
+            box["rows"] = run()
         except BaseException as err:
             box["error"] = err
+        finally:
+            remove(tag)
 
-    thread = threading.Thread(target=job, name=group, daemon=True)
+    thread = threading.Thread(target=job, name=tag, daemon=True)
     thread.start()
     timed_out, deadline = False, limits.deadline
     silent: list[int] = []
@@ -369,19 +419,41 @@ def _collect(
                 silent = [] if limits.heartbeat_s is None else collector.silent(limits.heartbeat_s)
     finally:
         if thread.is_alive():
-            sc.cancelJobGroup(group)
+            interrupt(tag)
             thread.join(_CANCEL_WAIT_S)
             if thread.is_alive():
                 log.warning(
-                    "job group %s still running %.0f s after cancelling it", group, _CANCEL_WAIT_S
+                    "job tag %s still running %.0f s after interrupting it", tag, _CANCEL_WAIT_S
                 )
     return box.get("rows"), box.get("error"), timed_out, silent
 
 
-def _barrier_task(
+def _job_tags(
+    spark: SparkSession,
+) -> tuple[Callable[[str], None], Callable[[str], None], Callable[[str], object]]:
+    """``(add, remove, interrupt)`` for a job tag: the calling thread's jobs get the tag.
+
+    Connect: ``SparkSession.addTag`` / ``interruptTag`` (the server interrupts the session's
+    executions with that tag, from any client thread). Classic: the thread's job group,
+    cancelled with interrupt-on-cancel (a classic session's ``interruptTag`` only reaches the
+    tags of the thread that calls it).
+    """
+    if is_connect(spark):
+        return spark.addTag, spark.removeTag, spark.interruptTag
+    sc = spark.sparkContext
+
+    def add(tag: str) -> None:
+        sc.setJobGroup(tag, "spark-train run_distributed", interruptOnCancel=True)
+
+    return add, lambda _: None, sc.cancelJobGroup
+
+
+def _rank_task(
     spec: rankrun.RankSpec, attempt: int, token: str, log_addr: str
-) -> Callable[[Iterable[int]], Iterable[bytes]]:
-    def task(_: Iterable[int]) -> Iterator[bytes]:
+) -> Callable[[], bytes]:
+    """What each barrier task runs: rendezvous, then the rank; its pickled result."""
+
+    def task() -> bytes:
         from pyspark import BarrierTaskContext, cloudpickle
 
         ctx = BarrierTaskContext.get()
@@ -391,7 +463,7 @@ def _barrier_task(
         try:
             env = _rendezvous(ctx, client, attempt, token, log_addr)
             result = rankrun.run_rank(spec, env, cpus=ctx.cpus())
-            payload = cloudpickle.dumps((rank, client is not None, result))
+            return bytes(cloudpickle.dumps((rank, client is not None, result)))
         except BaseException as exc:
             rankrun.report_failure(rank, exc)  # the driver keeps the first report per rank
             raise
@@ -399,7 +471,6 @@ def _barrier_task(
             logchannel.install_client(None)
             if client is not None:
                 client.close()
-        yield payload
 
     return task
 

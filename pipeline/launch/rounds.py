@@ -16,17 +16,18 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from pipeline.core import storage
 from pipeline.core.configbase import to_dict
+from pipeline.core.connect import is_connect
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import ShardSet
 from pipeline.launch.barrier import TrainResult, fit_barrier
 from pipeline.launch.errors import DistributedError, all_failed, from_spark_error, rank_error
-from pipeline.launch.session import require_driver, spark_context
+from pipeline.launch.session import active_session, require_driver
 from pipeline.runtime import rankrun
 from pipeline.runtime.timeouts import watchdog
 from pipeline.train import bundle, engine
@@ -53,9 +54,13 @@ from pipeline.train.modes.average import (
 from pipeline.train.preflight import check_training_data, resolve_task
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark import Broadcast, SparkContext
+    from pyspark.sql import SparkSession
 
 __all__ = ["fit_average"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ _CPU = torch.device("cpu")
 
 # -- the Spark job of a round ------------------------------------------------------------------
 def _round_task(
-    spec: RoundSpec, payload: Broadcast[bytes], workers: int
+    spec: RoundSpec, payload: Broadcast[bytes] | _Inline, workers: int
 ) -> Callable[[int, Iterable[int]], Iterator[Contribution]]:
     def task(index: int, _: Iterable[int]) -> Iterator[Contribution]:
         if index >= workers:  # padding: see reduce_layout
@@ -127,6 +132,85 @@ def _run_job(
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inline:
+    """The round's payload carried in the task's closure (Spark Connect has no broadcasts)."""
+
+    value: bytes
+
+
+_PLAN_LIMIT = "spark.connect.grpc.maxInboundMessageSize"
+_PLAN_LIMIT_DEFAULT = 128 * 1024 * 1024
+
+
+def _run_job_connect(
+    spark: SparkSession, spec: RoundSpec, payload: bytes, workers: int
+) -> Contribution:
+    """One attempt at a round over Spark Connect: ``mapInArrow`` tasks, summed on the client.
+
+    The payload travels in the task's closure (Spark broadcasts the stage's task binary to the
+    executors); the workers' results come back as rows and are added in ``treeReduce``'s
+    pairing (:func:`_tree_sum`), so a round is reproducible as on a classic session.
+    """
+    from pyspark import cloudpickle
+
+    partitions, _ = reduce_layout(workers)
+    task = _round_task(spec, _Inline(payload), workers)
+
+    def arrow_task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        from pyspark import cloudpickle
+
+        for batch in batches:
+            for index in batch.column(0).to_pylist():
+                for result in task(int(index), iter(())):
+                    yield pa.RecordBatch.from_pydict(
+                        {"index": [int(index)], "result": [cloudpickle.dumps(result)]},
+                        schema=pa.schema([("index", pa.int64()), ("result", pa.binary())]),
+                    )
+
+    rows = (
+        spark.range(0, partitions, 1, partitions)
+        .mapInArrow(arrow_task, "index long, result binary")
+        .collect()
+    )
+    found = {int(r[0]): cloudpickle.loads(bytes(r[1])) for r in rows}
+    total = _tree_sum([found.get(i) for i in range(partitions)], combine)
+    assert total is not None and total.workers == workers, f"{workers} workers expected"
+    return total
+
+
+def _tree_sum(values: list[T | None], add: Callable[[T, T], T]) -> T | None:
+    """Sum as ``treeReduce`` does with :func:`reduce_layout`'s partitions.
+
+    Pairs ``i`` with ``i + n/2`` until 4 remain, then adds in order (None: padding).
+    """
+
+    def both(a: T | None, b: T | None) -> T | None:
+        return b if a is None else a if b is None else add(a, b)
+
+    while len(values) > 4:
+        half = len(values) // 2
+        values = [both(values[i], values[i + half]) for i in range(half)]
+    total: T | None = None
+    for value in values:
+        total = both(total, value)
+    return total
+
+
+def _check_plan_size(spark: SparkSession, payload: bytes) -> None:
+    """Refuse a payload that cannot travel inside a Connect plan, before the round starts."""
+    raw = str(spark.conf.get(_PLAN_LIMIT, str(_PLAN_LIMIT_DEFAULT)) or "")
+    limit = int(raw) if raw.isdigit() else _PLAN_LIMIT_DEFAULT
+    if len(payload) > limit * 0.9:
+        raise ValueError(
+            f"train.mode 'average' over Spark Connect sends the weights inside each round's "
+            f"plan, and this model's {len(payload) / 2**20:.0f} MiB exceed {_PLAN_LIMIT} "
+            f"({limit / 2**20:.0f} MiB): raise it on the Connect server, use train.mode ddp "
+            "or fsdp, or a classic session"
+        )
+
+
 # -- the driver ---------------------------------------------------------------------------------
 def fit_average(
     cfg: TrainConfig,
@@ -146,7 +230,7 @@ def fit_average(
     require_driver("fit_average")
     if cfg.mode != "average":
         raise ValueError(f"fit_average trains train.mode 'average', got {cfg.mode!r}")
-    driver = _Driver(cfg, spark, spark_context(spark), dict(env or {}), show_progress)
+    driver = _Driver(cfg, active_session(spark), dict(env or {}), show_progress)
     try:
         return driver.run()
     finally:
@@ -159,15 +243,15 @@ class _Driver:
     def __init__(
         self,
         cfg: TrainConfig,
-        spark: Any,
-        sc: SparkContext,
+        spark: SparkSession,
         env: dict[str, str],
         show_progress: bool | None,
     ) -> None:
         self.shards = ShardSet.open(cfg.dataset)
         check_training_data(cfg, self.shards)
         cfg = resolve_task(cfg, self.shards)
-        self.cfg, self.avg, self.spark, self.sc = cfg, cfg.averaging, spark, sc
+        self.cfg, self.avg, self.spark = cfg, cfg.averaging, spark
+        self.connect = is_connect(spark)
         self.env, self.show_progress = env, show_progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same initial model as a DDP run's
@@ -283,11 +367,15 @@ class _Driver:
     def _round(self, r: int) -> dict[str, Any]:
         started = time.perf_counter()
         payload = pack({**prefixed(self.weights, MODEL_PREFIX), **self.optimizer})
-        handle = self.sc.broadcast(payload)
-        try:
-            total, attempts = self._run_round(r, handle)
-        finally:
-            handle.destroy()
+        if self.connect:
+            _check_plan_size(self.spark, payload)
+            total, attempts = self._run_round(r, payload)
+        else:
+            handle = self.spark.sparkContext.broadcast(payload)
+            try:
+                total, attempts = self._run_round(r, handle)
+            finally:
+                handle.destroy()
         new = average(total)
         self.weights = section(new, MODEL_PREFIX)
         if self.avg.optimizer_state == "average":
@@ -314,7 +402,7 @@ class _Driver:
         log.info("round %d/%d: %s", r + 1, self.avg.rounds, record)
         return record
 
-    def _run_round(self, r: int, payload: Broadcast[bytes]) -> tuple[Contribution, int]:
+    def _run_round(self, r: int, payload: Broadcast[bytes] | bytes) -> tuple[Contribution, int]:
         """Run the round's job, rerunning it up to ``train.max_attempts`` times."""
         failures: list[DistributedError] = []
         for attempt in range(self.cfg.max_attempts):
@@ -326,7 +414,11 @@ class _Driver:
                 env=self.env,
             )
             try:
-                return _run_job(self.sc, spec, payload, self.cfg.num_workers), attempt + 1
+                if isinstance(payload, bytes):
+                    total = _run_job_connect(self.spark, spec, payload, self.cfg.num_workers)
+                else:
+                    total = _run_job(self.spark.sparkContext, spec, payload, self.cfg.num_workers)
+                return total, attempt + 1
             except Exception as err:
                 failure = _task_error(err, attempt)
                 failures.append(failure)

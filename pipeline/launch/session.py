@@ -1,4 +1,11 @@
-"""The driver's view of the Spark session: driver-only guard, SparkContext, barrier slots.
+"""The driver's view of the Spark session: driver-only guard, barrier slots, log address.
+
+Works with classic and Spark Connect sessions. A classic session counts barrier slots with the
+scheduler's own figure (through the JVM gateway); a Connect session has no gateway, so its
+slots are derived from the configuration (``spark.master``, ``spark.executor.instances`` ×
+``spark.executor.cores`` / ``spark.task.cpus``) and the check is skipped, with a log line,
+when the configuration does not say (``local[*]`` on the server, dynamic allocation, unset
+cores): Spark's own barrier check then applies.
 
 Imports pyspark lazily (inside the functions), so importing it costs nothing.
 """
@@ -8,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.core.connect import is_connect
 from pipeline.launch.errors import DistributedError, all_failed
 
 if TYPE_CHECKING:
@@ -21,11 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BarrierSlots",
+    "active_session",
     "barrier_slots",
     "check_slots",
     "cluster_slots",
+    "conf_slots",
+    "log_server_address",
     "require_driver",
-    "spark_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,18 +54,36 @@ def require_driver(name: str) -> None:
         )
 
 
-def spark_context(spark: SparkSession | None) -> SparkContext:
+def active_session(spark: SparkSession | None) -> SparkSession:
+    """``spark``, or the active session (classic or Connect), or a new classic one."""
     from pyspark.sql import SparkSession
 
-    if spark is None:
-        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    if spark is not None:
+        return spark
+    return SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+
+
+def log_server_address(spark: SparkSession) -> tuple[str, str]:
+    """``(bind, advertise)`` addresses for the driver's log server.
+
+    Classic: ``spark.driver.bindAddress`` / ``spark.driver.host``. Connect: the client runs
+    outside the cluster, so it advertises the address of its own interface that routes to the
+    Connect server (what the executors most likely reach too); when they cannot, the ranks
+    rendezvous through ``allGather`` and their logs stay in the executors' logs.
+    """
+    if not is_connect(spark):
+        conf = spark.sparkContext.getConf()
+        host = conf.get("spark.driver.host") or "127.0.0.1"
+        return conf.get("spark.driver.bindAddress") or host, host
+    server = str(spark.client.host).strip("[]")
     try:
-        return spark.sparkContext
-    except Exception as err:  # Spark Connect sessions have no SparkContext
-        raise ValueError(
-            "run_distributed needs a classic SparkSession with a SparkContext (barrier mode "
-            f"is not available over Spark Connect): {err}"
-        ) from err
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((server, 9))  # no packet is sent: this only picks the route
+            host = str(probe.getsockname()[0])
+    except OSError as err:
+        log.warning("no route to the Connect server %s (%s); log server on 127.0.0.1", server, err)
+        host = "127.0.0.1"
+    return host, host
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,15 +135,48 @@ _LOCAL = re.compile(r"local(\[(\d+|\*)(,\s*\d+)?\])?")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,.*\]")
 
 
-def barrier_slots(spark: SparkSession | None = None) -> BarrierSlots:
+def barrier_slots(spark: SparkSession | None = None) -> BarrierSlots | None:
     """The cluster's barrier slots now (driver only): executors × cores / ``spark.task.cpus``.
 
-    Uses the scheduler's own count (``SparkContext.maxNumConcurrentTasks``, which also
-    accounts for task GPU amounts), falling back to the configuration when that private
-    API is unavailable.
+    Classic sessions use the scheduler's own count (``SparkContext.maxNumConcurrentTasks``,
+    which also accounts for task GPU amounts), falling back to the configuration when that
+    private API is unavailable. Connect sessions derive it from the configuration alone and
+    return None when it does not say (see the module docstring).
     """
     require_driver("barrier_slots")
-    return cluster_slots(spark_context(spark))
+    session = active_session(spark)
+    if is_connect(session):
+        return conf_slots(session)
+    return cluster_slots(session.sparkContext)
+
+
+def conf_slots(spark: SparkSession) -> BarrierSlots | None:
+    """Barrier slots from the session's configuration (Spark Connect), or None when unknown."""
+    conf = spark.conf
+    master = str(conf.get("spark.master", "") or "")
+    task_cpus = int(conf.get("spark.task.cpus", "1") or 1)
+    if local := _LOCAL.fullmatch(master):
+        cores = local.group(2) or "1"
+        if cores == "*":  # the server's core count, which the client cannot see
+            return None
+        executors, executor_cores = 1, cores
+    else:
+        if (conf.get("spark.dynamicAllocation.enabled", "false") or "").lower() == "true":
+            return None
+        cluster = _LOCAL_CLUSTER.fullmatch(master)
+        instances = cluster.group(1) if cluster else conf.get("spark.executor.instances", None)
+        executor_cores = conf.get("spark.executor.cores", None) or "unset"
+        if not instances or not executor_cores.isdigit():
+            return None
+        executors = int(instances)
+    return BarrierSlots(
+        slots=executors * int(executor_cores) // task_cpus,
+        master=master,
+        executors=executors,
+        expected_executors=executors,
+        executor_cores=executor_cores,
+        task_cpus=task_cpus,
+    )
 
 
 def cluster_slots(sc: SparkContext) -> BarrierSlots:
@@ -151,14 +213,38 @@ def cluster_slots(sc: SparkContext) -> BarrierSlots:
 
 
 def check_slots(
-    sc: SparkContext, num_workers: int, failures: Sequence[DistributedError] = ()
+    spark: SparkSession, num_workers: int, failures: Sequence[DistributedError] = ()
 ) -> None:
     """Fail fast instead of Spark's minutes of retrying the barrier slot check.
 
     While expected executors are still registering, wait for them up to
     ``spark.scheduler.maxRegisteredResourcesWaitingTime``; otherwise decide at once. Before
     a relaunch, ``failures`` are the earlier attempts' errors, chained to the ValueError.
+    A Connect session is checked against its configuration, or not at all (logged) when the
+    configuration does not tell the slots.
     """
+    if is_connect(spark):
+        found = conf_slots(spark)
+        if found is None:
+            log.info(
+                "Spark Connect: the barrier slots cannot be derived from the configuration "
+                "(spark.master, spark.executor.instances/cores, dynamic allocation); not "
+                "checking them, Spark's own barrier check applies"
+            )
+            return
+    else:
+        found = _registered_slots(spark.sparkContext, num_workers)
+    if found.slots < num_workers:
+        relaunch = f"cannot relaunch after {len(failures)} failed attempt(s): " if failures else ""
+        raise ValueError(
+            f"{relaunch}num_workers={num_workers} needs {num_workers} concurrent barrier tasks "
+            f"but the cluster has {found.explain()}. Lower num_workers, or give the job more "
+            "slots: " + _slot_advice(found, num_workers)
+        ) from (all_failed(failures) if failures else None)
+
+
+def _registered_slots(sc: SparkContext, num_workers: int) -> BarrierSlots:
+    """The classic count, after waiting for expected executors that are still registering."""
     found = cluster_slots(sc)
     if found.slots < num_workers and found.registering:
         wait_s = (
@@ -177,13 +263,7 @@ def check_slots(
         while found.slots < num_workers and found.registering and time.monotonic() < deadline:
             time.sleep(_SLOT_POLL_S)  # executors register asynchronously; Spark has no wait API
             found = cluster_slots(sc)
-    if found.slots < num_workers:
-        relaunch = f"cannot relaunch after {len(failures)} failed attempt(s): " if failures else ""
-        raise ValueError(
-            f"{relaunch}num_workers={num_workers} needs {num_workers} concurrent barrier tasks "
-            f"but the cluster has {found.explain()}. Lower num_workers, or give the job more "
-            "slots: " + _slot_advice(found, num_workers)
-        ) from (all_failed(failures) if failures else None)
+    return found
 
 
 def _slot_advice(found: BarrierSlots, num_workers: int) -> str:

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ __all__ = [
     "RankInfo",
     "RankSpec",
     "ScriptError",
+    "failure_reports",
     "free_port",
     "physical_gpus",
     "rank_environment",
@@ -223,25 +225,55 @@ def run_rank(spec: RankSpec, env: Mapping[str, str], *, cpus: int) -> Any:
 
 
 def report_failure(rank: int, exc: BaseException, output: Sequence[str] = ()) -> None:
-    """Send the driver ``exc`` with the last lines of ``output`` and of its traceback."""
-    client = logchannel.active_client()
-    if client is None:
+    """Report ``exc`` with the last lines of ``output`` and of its traceback, once per exception.
+
+    The report goes to the driver through the log channel when a client is installed, and
+    also rides in ``exc`` itself as a one-line note, so the Spark error the driver (or a
+    Spark Connect client the executors cannot reach) receives still names the rank and
+    carries its last lines (:func:`failure_reports` reads it back).
+    """
+    if any(str(note).startswith(_REPORT_PREFIX) for note in getattr(exc, "__notes__", ())):
         return
     if isinstance(exc, ScriptError):
         lines = [*output, str(exc)]
     else:
         lines = [*output, *"".join(_user_traceback(exc)).splitlines()]
     kind = type(exc)
-    client.send(
-        {
-            "t": "failure",
-            "rank": rank,
-            "type": kind.__qualname__,
-            "module": kind.__module__,
-            "message": str(exc),
-            "tail": lines[-TAIL_LINES:],
-        }
-    )
+    report = {
+        "t": "failure",
+        "rank": rank,
+        "type": kind.__qualname__,
+        "module": kind.__module__,
+        "message": str(exc),
+        "tail": lines[-TAIL_LINES:],
+    }
+    exc.add_note(f"{_REPORT_PREFIX}{json.dumps(report, ensure_ascii=True)}")
+    client = logchannel.active_client()
+    if client is not None:
+        client.send(report)
+
+
+_REPORT_PREFIX = "[spark-train failure report] "
+_REPORT_RE = re.compile(re.escape(_REPORT_PREFIX) + r"(\{.*\})\s*$", re.MULTILINE)
+
+
+def failure_reports(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """The ``(rank, report)`` pairs :func:`report_failure` left in an error's text, in order."""
+    found = []
+    for match in _REPORT_RE.finditer(text):
+        report = _parse_report(match.group(1))
+        if report is not None:  # None: cut short in transit; Spark's own text is still there
+            found.append((int(report["rank"]), report))
+    return found
+
+
+def _parse_report(text: str) -> dict[str, Any] | None:
+    try:
+        report = json.loads(text)
+    except ValueError:
+        return None
+    ok = isinstance(report, dict) and isinstance(report.get("rank"), int)
+    return report if ok else None
 
 
 def _user_traceback(exc: BaseException) -> list[str]:

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, check
+from pipeline.core.connect import is_connect
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
 from pipeline.serve.predict import (
     CLASS_INDEX,
@@ -120,8 +121,9 @@ class ScoreResult:
     rows: int
     errors: dict[str, int]
     """Rows with a ``score_error`` (null prediction), by reason."""
-    model_loads: int
-    """Times a Python worker loaded the model (at most one per worker and bundle version)."""
+    model_loads: int | None
+    """Times a Python worker loaded the model (at most one per worker and bundle version);
+    None on a Spark Connect session, which has no accumulators to count them."""
     seconds: float
 
     @property
@@ -139,7 +141,10 @@ class ScoreResult:
             lines.append(
                 f"  {SCORE_ERROR}: " + ", ".join(f"{r}={n}" for r, n in self.errors.items())
             )
-        lines.append(f"  model loaded {self.model_loads} time(s) in Python workers")
+        if self.model_loads is None:
+            lines.append("  model loads not counted (Spark Connect has no accumulators)")
+        else:
+            lines.append(f"  model loaded {self.model_loads} time(s) in Python workers")
         return "\n".join(lines)
 
 
@@ -206,7 +211,8 @@ def score(
     / URIs when declared string); the key and label may be absent. Its columns come
     back unchanged, plus :data:`OUTPUT_COLUMNS` (``probability`` for classification only).
     ``batch_size`` rows go through the network at once; ``load_counter`` (e.g.
-    ``spark.sparkContext.accumulator(0)``) counts model loads in the workers.
+    ``spark.sparkContext.accumulator(0)``; classic sessions only) counts model loads in the
+    workers.
     Raises :class:`~pipeline.train.bundle.BundleError` for a missing or incomplete bundle and
     :class:`~preprocessing.read.SchemaMismatchError` naming absent feature columns.
     """
@@ -411,7 +417,7 @@ def score_table(
     # An image folder's rows are (path, folder, bytes): the bytes are not copied to the output.
     images = set(cfg.images) if cfg.input.format == "image_folder" else set()
     keep = [c for c in raw.df.columns if c != CORRUPT and c not in images]
-    counter = spark.sparkContext.accumulator(0)
+    counter = None if is_connect(spark) else spark.sparkContext.accumulator(0)
     scored = _score_raw(spark, raw, opened, keep, batch_size, counter)
     _write_parquet(scored, output)
     counts = spark.read.parquet(output).groupBy(SCORE_ERROR).count().collect()
@@ -420,7 +426,7 @@ def score_table(
         output=output,
         rows=sum(int(r["count"]) for r in counts),
         errors=dict(sorted(errors.items())),
-        model_loads=int(counter.value),
+        model_loads=None if counter is None else int(counter.value),
         seconds=round(time.monotonic() - started, 3),
     )
 

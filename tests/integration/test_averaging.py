@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.configbase import to_dict
+from pipeline.launch import rounds
 from pipeline.launch.fit import TrainResult, fit
 from pipeline.launch.launcher import DistributedError
 from pipeline.runtime.faults import FAULT_ENV, InjectedFault
@@ -178,6 +179,9 @@ def test_reduce_is_a_binary_tree_whatever_the_worker_count(spark: Any) -> None:
             lambda i, _, w=workers: [str(i)] if i < w else []
         )
         assert rdd.treeReduce(add, depth=depth) == shape
+        # Over Spark Connect the client sums the workers' rows in the same tree.
+        values = [str(i) if i < workers else None for i in range(partitions)]
+        assert rounds._tree_sum(values, add) == shape
 
 
 @pytest.mark.slow
