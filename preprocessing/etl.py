@@ -186,7 +186,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     with timer("read_header_fingerprint"):
         raw = read_raw(spark, cfg)
         cfg_dict = to_dict(cfg)
-        fp = mf.fingerprint(spark, raw.df, cfg_dict)
+        fp = mf.fingerprint(raw, cfg, cfg_dict)
         existing = mf.read_existing(cfg.output)
     if (
         not force
