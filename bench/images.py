@@ -48,17 +48,38 @@ TILE = 256
 CLASSES = 10
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 NOTES = (
-    "Where the ETL's time goes (measured separately on the 20,000-file folder, warm session): "
-    "`read_raw` 25 s and `manifest.input_listing` (the fingerprint) 43 s, i.e. most of "
-    "`read_header_fingerprint`, before any pixel is decoded; `inputFiles()` alone took 9 s. "
-    "Both walk the listing with several Py4J calls per file (`Path(f)`, `getParent`, "
-    "`toUri().getPath()`, then `getPath`/`getLen`/`getModificationTime` per `listStatus` "
-    "entry): 2,000 × `Path(f).toUri().getPath()` took 5.6 s, about 0.9 ms per JVM round trip "
-    "on this loaded machine, so the cost grows with the file count, not the bytes. The "
-    "decode pass (`read_validate_count`) alone is slower than the whole Pillow loop too. "
-    "Reading (path, length, modificationTime) as one `binaryFile` DataFrame without the "
-    "content column, or listing with pyarrow.fs, would remove the per-file round trips (not "
-    "changed here: product code)."
+    "What changed since the first run (0.20×; `read_header_fingerprint` 62.7 s, "
+    "`read_validate_count` 67.9 s, `write_shards` 23.9 s): (1) the input listing and the "
+    "fingerprint are one `pyarrow.fs` recursive listing on the driver instead of several Py4J "
+    "calls per file (`preprocessing/read/listing.py`; also what Spark Connect needs); (2) the "
+    "`image_folder` rows come from that listing and the decoder reads each file itself, "
+    "instead of Spark's `binaryFile` source, which cost about 2 ms per file in the JVM and "
+    "sent every file's bytes to the Python worker and back (on 4,000 tiles, summing the "
+    "`binaryFile` lengths alone took 9 s, the path rows 1.2 s); (3) the decoder writes a "
+    "batch's pixels into one buffer that becomes the Arrow column without a copy and computes "
+    "the channel sums for a whole batch at once (they were 0.3 ms per image), and the encoded "
+    "bytes of good rows no longer travel back to the JVM. Each image is decoded once (the "
+    "validated rows, pixels included, are cached for the statistics and the shard write). "
+    "The resize policy is unchanged (full decode, `ImageOps.fit`, bilinear), so the Pillow "
+    "baseline is the same loop as before. Where the time still goes: the decode pass is "
+    "Pillow-bound — py-spy on the two Python workers during it: 58% of samples in Pillow's "
+    "JPEG decode and resize, 4% waiting for the JVM — and the two workers share the 2 cores "
+    "with the JVM's per-row work (Arrow → rows, the cache, the tally) and, here, with other "
+    "jobs (load average 5–8), which takes more from a 2-process pipeline than from a "
+    "1-process loop; `write_shards` moves every 12 KB row through "
+    "Spark's shuffle and sort and Arrow once more, and Parquet's dictionary encoding of the "
+    "`fixed_size_list<uint8>` column costs about 0.4 ms per image (measured on one 2,000-row "
+    "shard; without the dictionary the file doubles, uint8 being stored as int32)."
+)
+READER_NOTES = (
+    "What changed since the first run (0.57× shuffled, 0.65× in order): the reader "
+    "concatenated a whole shuffle window (here the whole split: the 1 GiB "
+    "`shuffle_buffer_bytes` holds 87,000 rows of 12 KB) and then permuted it as a whole "
+    "before the first batch, two copies of every row that cost as much as decoding the "
+    "Parquet; each batch is now copied once, straight from the decoded row groups "
+    "(`np.take`, or a slice in order). Timed inside the reader, nearly all of a shuffled "
+    "epoch is now spent waiting for the row groups to be read: a shuffled window needs every one of its row groups before "
+    "its first batch, so reading cannot overlap batching, while in order it streams."
 )
 
 
@@ -272,7 +293,8 @@ def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load
         f"{n:,} JPEG files{note} of about 256×256 (quality 90; tiles cut at random offsets, "
         "flipped at random, from scikit-learn's `load_sample_images()` photos) in 10 class "
         "folders → uint8 [64, 64, 3], `resize: crop`, bilinear. **ETL**: `run_etl` on "
-        "`local[2]` (`image_folder` via `binaryFile`, validation + quarantine, split, per-channel "
+        "`local[2]` (`image_folder`: driver listing, files read and decoded in the executors, "
+        "validation + quarantine, split, per-channel "
         "statistics, 8 balanced shards per split, manifest), one SparkSession warmed by a "
         "200-image ETL before the clock. **Pillow**: one Python process, for each file `open → "
         "convert('RGB') → ImageOps.fit((64, 64), BILINEAR)`, then one `np.save` of the stacked "
@@ -323,6 +345,8 @@ def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load
             f"{rr[key]:.2f}× | {met} |"
         )
     lines += [
+        "",
+        READER_NOTES,
         "",
         "### c. Bytes on disk per image",
         "",

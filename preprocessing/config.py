@@ -65,10 +65,12 @@ class InputConfig:
     """File/dir/glob URI (local, hdfs://, s3a://…) or, with ``format: table``, a table name."""
     format: Literal["csv", "json", "parquet", "table", "image_folder"] = "csv"
     """Input format; ``table`` reads a catalog (Hive) table; ``image_folder`` reads a tree of
-    image files ``<path>/<class>/<file>`` with Spark's ``binaryFile`` source (any Hadoop URI;
-    ``options`` go to that source, e.g. ``pathGlobFilter: "*.png"``): ``etl.key`` gets the
-    file's URI, ``etl.label`` the name of its parent folder and the one ``etl.images`` column
-    the file's bytes (declare them ``string``, the label's type, and ``binary``)."""
+    image files ``<path>/<class>/<file>`` (local, ``hdfs://``, ``s3a://``, ``gs://``; listed
+    with ``pyarrow.fs``, names starting with ``.`` or ``_`` skipped, the one option
+    ``pathGlobFilter: "*.png"`` filters file names): ``etl.key`` gets the file's URI,
+    ``etl.label`` the name of its parent folder and the one ``etl.images`` column the image,
+    read and decoded in the executors (declare them ``string``, the label's type, and
+    ``binary``)."""
     header: bool = True
     """CSV only: the first line of every file is a header."""
     options: Mapping[str, str] = field(default_factory=dict)
@@ -80,6 +82,13 @@ class InputConfig:
             check(isinstance(v, str), f"etl.input.options.{k}", "values must be strings")
         reserved = {"mode", "columnNameOfCorruptRecord"} & set(self.options)
         check(not reserved, "etl.input.options", f"{sorted(reserved)} are set by the ETL itself")
+        if self.format == "image_folder":
+            other = sorted(set(self.options) - {"pathGlobFilter"})
+            check(
+                not other,
+                "etl.input.options",
+                f"{other}: an image_folder input takes only pathGlobFilter",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -199,7 +199,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
         cfg_dict = to_dict(cfg)
         digests = tokenizer_digests(cfg)  # a provided tokenizer.json is an input too
         fp_config = {**cfg_dict, "_tokenizers": digests} if digests else cfg_dict
-        fp = mf.fingerprint(spark, raw.df, fp_config)
+        fp = mf.fingerprint(raw, cfg, fp_config)
         existing = mf.read_existing(cfg.output)
     if (
         not force

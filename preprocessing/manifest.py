@@ -10,15 +10,25 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pyspark
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipeline import __version__
 from pipeline.core import storage
-from pipeline.core.connect import is_connect
 from pipeline.data.formats import DEFAULT_FORMAT
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
+from preprocessing.config import EtlConfig
+from preprocessing.read import CORRUPT, SOURCE, RawInput
+from preprocessing.read.listing import list_input_files
 
-__all__ = ["cleanup_generations", "commit_manifest", "fingerprint", "read_existing"]
+__all__ = [
+    "cleanup_generations",
+    "commit_manifest",
+    "content_digest",
+    "fingerprint",
+    "read_existing",
+]
 
 log = logging.getLogger(__name__)
 # Top-level entries of a shard set that hold per-generation data.
@@ -29,60 +39,52 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_listing(spark: SparkSession, df: DataFrame) -> list[tuple[str, int, int]]:
-    """``(path, size, mtime_ms)`` of every input file, through the Hadoop FileSystem API.
+def content_digest(df: DataFrame) -> tuple[str, int]:
+    """An order-independent digest of every row of ``df`` and its row count, in one Spark pass.
 
-    Works for any URI Spark can read (local, HDFS, S3A…); one ``listStatus`` per directory.
+    Per row, two independent hashes of all columns (``xxhash64`` and Murmur3 ``hash``; map
+    columns as JSON, which Spark's hashes refuse) are summed as exact decimals: equal for the
+    same multiset of rows in any order or partitioning, different when a value, a row or a
+    duplicate changes. The schema is part of the digest.
     """
-    files = sorted(df.inputFiles())
-    if is_connect(spark):  # no JVM gateway: stat the files through pyarrow.fs
-        return _arrow_listing(files)
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None, "fingerprinting runs on the driver"
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    hpath = jvm.org.apache.hadoop.fs.Path
-    # inputFiles() and listStatus() spell URIs differently (file:///x vs file:/x): compare
-    # the path component, per parent directory.
-    by_dir: dict[str, set[str]] = {}
-    for f in files:
-        p = hpath(f)
-        by_dir.setdefault(p.getParent().toString(), set()).add(p.toUri().getPath())
-    out = []
-    for parent, wanted in by_dir.items():
-        path = hpath(parent)
-        for st in path.getFileSystem(conf).listStatus(path):
-            name = st.getPath().toUri().getPath()
-            if name in wanted:
-                out.append((name, int(st.getLen()), int(st.getModificationTime())))
-    if len(out) != len(files):
-        raise RuntimeError(
-            f"could not stat every input file for the fingerprint ({len(out)} of {len(files)})"
-        )
-    return sorted(out)
+    cols = [
+        F.to_json(F.col(f.name)) if isinstance(f.dataType, T.MapType) else F.col(f.name)
+        for f in df.schema.fields
+    ]
+    total = "decimal(38,0)"
+    row = df.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.xxhash64(*cols).cast(total)).alias("x"),
+        F.sum(F.hash(*cols).cast(total)).alias("m"),
+    ).first()
+    assert row is not None
+    n = int(row["n"])
+    return _digest([df.schema.simpleString(), n, str(row["x"]), str(row["m"])]), n
 
 
-def _arrow_listing(files: list[str]) -> list[tuple[str, int, int]]:
-    """``(path, size, mtime_ms)`` of ``files`` (Spark URIs) through pyarrow.fs."""
-    out = []
-    for uri in files:
-        if uri.startswith("file:/") and not uri.startswith("file://"):
-            uri = "file://" + uri[len("file:") :]
-        fs, path = storage.resolve(uri)
-        info = fs.get_file_info(path)
-        if info.size is None or info.mtime_ns is None:
-            raise RuntimeError(f"could not stat input file {uri} for the fingerprint")
-        out.append((path, int(info.size), int(info.mtime_ns // 1_000_000)))
-    return sorted(out)
+def fingerprint(raw: RawInput, cfg: EtlConfig, etl_config: dict[str, Any]) -> dict[str, str]:
+    """What makes a build up to date: the input and the config.
 
-
-def fingerprint(spark: SparkSession, df: DataFrame, etl_config: dict[str, Any]) -> dict[str, str]:
-    """What makes a build up to date: the input files (path, size, mtime) and the config."""
-    listing = input_listing(spark, df)
-    fp_input = _digest(listing)
+    File inputs (csv, json, parquet, image_folder) are fingerprinted by their listing —
+    path, size and modification time of every file (:mod:`preprocessing.read.listing`, on
+    the driver, no JVM call) — without reading them. A ``table`` input (a catalog table, or a
+    view over files, in-memory data or a query) has no listing that tells whether its rows
+    changed, so it is fingerprinted by content (:func:`content_digest`: one aggregation over
+    the table on every run, cheaper than the ETL it may skip; a replaced temp view is rebuilt).
+    """
+    if cfg.input.format == "table":
+        fp_input, n = content_digest(raw.df.drop(SOURCE, CORRUPT))
+        count = {"input_kind": "content", "input_rows": str(n)}
+    else:
+        files = raw.files
+        if files is None:
+            files = tuple(list_input_files(cfg.input.path, cfg.input.options))
+        fp_input = _digest([(f.path, f.size, f.mtime_ms) for f in files])
+        count = {"input_kind": "files", "input_files": str(len(files))}
     fp_config = _digest(etl_config)
     return {
         "input": fp_input,
-        "input_files": str(len(listing)),
+        **count,
         "config": fp_config,
         "combined": _digest([fp_input, fp_config, FORMAT_VERSION]),
     }

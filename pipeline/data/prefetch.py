@@ -197,16 +197,12 @@ class Producer:
         window = first_row // size
         while left > 0:
             lo, hi = window * size, min((window + 1) * size, r.rows_per_rank)
-            cols, labels = self._window(starts, ends, lo, hi)
-            rows = self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
-            # np.take copies whole rows; it is ~10x faster than fancy indexing here.
-            cols = {k: np.take(v, rows, axis=0) for k, v in cols.items()}
-            labels = np.take(labels, rows)
+            rows = lo + self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
+            held: dict[int, tuple[Arrays, np.ndarray]] = {}  # this window's pieces
             for i in range(0, len(rows), batch):
-                inputs = {
-                    k: torch.from_numpy(self._cut(k, v[i : i + batch])) for k, v in cols.items()
-                }
-                self._put(Batch(inputs, torch.from_numpy(labels[i : i + batch])))
+                cols, labels = self._gather(rows[i : i + batch], starts, ends, held)
+                inputs = {k: torch.from_numpy(self._cut(k, v)) for k, v in cols.items()}
+                self._put(Batch(inputs, torch.from_numpy(labels)))
                 left -= 1
                 if left == 0:
                     return
@@ -221,30 +217,50 @@ class Producer:
         length = int(used[-1]) + 1 if used.size else 1
         return x if length == x.shape[1] else np.ascontiguousarray(x[:, :length])
 
+    def _gather(
+        self,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        held: dict[int, tuple[Arrays, np.ndarray]],
+    ) -> tuple[Arrays, np.ndarray]:
+        """Inputs and labels of stream ``rows`` (piece j holds ``[starts[j], ends[j])``), copied.
+
+        Rows are copied once, straight from the decoded pieces into the batch (``np.take``
+        of whole rows; a slice when unshuffled): no copy of the window is made.
+        """
+        which = np.searchsorted(ends, rows, side="right")
+        pieces = np.unique(which)
+        for j in pieces.tolist():
+            if j not in held:
+                if self._stop.is_set():
+                    raise _Stopped
+                held[j] = self._piece(j)
+        if len(pieces) == 1:
+            j = int(pieces[0])
+            cols, labels = held[j]
+            local = rows - starts[j]
+            if not self._reader.shuffle:  # consecutive rows
+                part = slice(int(local[0]), int(local[-1]) + 1)
+                return {k: v[part].copy() for k, v in cols.items()}, labels[part].copy()
+            return {k: np.take(v, local, axis=0) for k, v in cols.items()}, np.take(labels, local)
+        first_cols, first_labels = held[int(pieces[0])]
+        out = {k: np.empty((len(rows), *v.shape[1:]), v.dtype) for k, v in first_cols.items()}
+        out_labels = np.empty(len(rows), first_labels.dtype)
+        for j in pieces.tolist():
+            at = np.flatnonzero(which == j)
+            local = rows[at] - starts[j]
+            cols, labels = held[j]
+            for k, v in cols.items():
+                out[k][at] = np.take(v, local, axis=0)
+            out_labels[at] = np.take(labels, local)
+        return out, out_labels
+
     def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
         r = self._reader
         if not r.shuffle:
             return np.arange(n)
         return rng(r.seed, epoch, WINDOW_ORDER, r.rank, window).permutation(n)
-
-    def _window(
-        self, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int
-    ) -> tuple[Arrays, np.ndarray]:
-        """Inputs and labels of stream rows ``[lo, hi)``; piece j is ``[starts[j], ends[j])``."""
-        parts: list[Arrays] = []
-        labels = []
-        j = int(np.searchsorted(ends, lo, side="right"))
-        while j < len(ends) and starts[j] < hi:
-            if self._stop.is_set():
-                raise _Stopped
-            cols, lab = self._piece(j)
-            a, b = max(lo, starts[j]) - starts[j], min(hi, ends[j]) - starts[j]
-            parts.append({k: v[a:b] for k, v in cols.items()})
-            labels.append(lab[a:b])
-            j += 1
-        if len(parts) == 1:
-            return parts[0], labels[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(labels)
 
     def _piece(self, j: int) -> tuple[Arrays, np.ndarray]:
         """Rows of piece ``j``; the last one is kept, as a piece may span two windows."""

@@ -52,9 +52,9 @@ are checked when its row group is decoded. The two formats of the same data give
 batches.
 
 Memory: one window (``S`` rows, at most ``shuffle_buffer_bytes`` of inputs unless one batch
-is larger; its permuted copy as much again), up to three decoded row groups (the one being
-batched and two decoded ahead by a small thread pool) and ``prefetch_batches`` queued
-batches.
+is larger) as the decoded row-group pieces it overlaps — a batch's rows are copied straight
+from them, the window is never concatenated or permuted as a whole —, two more row groups
+decoded ahead by a small thread pool, and ``prefetch_batches`` queued batches.
 
 Resume
 ------

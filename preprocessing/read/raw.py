@@ -25,6 +25,7 @@ from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
 from preprocessing.read.images import read_image_folder
+from preprocessing.read.listing import InputFile, list_input_files
 from preprocessing.read.schema_policy import check_stored_types, require_columns
 
 __all__ = ["CORRUPT", "SOURCE", "RawInput", "read_raw"]
@@ -40,6 +41,7 @@ class RawInput:
     df: DataFrame
     text: bool  # every declared column arrived as a string
     trimmed: bool = False  # the parser already trimmed values (blank == null)
+    files: tuple[InputFile, ...] | None = None  # the input's listing, when the read needed it
 
 
 def read_raw(
@@ -57,7 +59,9 @@ def read_raw(
     if not for_scoring:
         need = list(cfg.schema)
     if inp.format == "image_folder":
-        return RawInput(read_image_folder(spark, cfg, SOURCE, CORRUPT), text=False)
+        files = tuple(list_input_files(inp.path, inp.options))
+        df = read_image_folder(spark, cfg, files, SOURCE, CORRUPT)
+        return RawInput(df, text=False, files=files)
     if inp.format in ("csv", "json"):
         if inp.format == "csv" and inp.header:
             columns = _csv_header(spark, cfg, need, source)

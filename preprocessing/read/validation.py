@@ -64,6 +64,7 @@ REASON_COLUMN = "_reason_column"
 RAW_PREFIX = "_raw_"
 _TYPED = "_typed_"
 _CODE = "_reason_code"
+_KEEP_RAW = "_keep_raw"
 
 
 def _blank(c: Column, trimmed: bool = False) -> Column:
@@ -125,15 +126,26 @@ def validate_features(
 def _coded(
     raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool
 ) -> tuple[DataFrame, list[tuple[Column, str, str]]]:
-    """``raw.df`` + ``_typed_<c>`` for ``columns`` + ``_reason_code`` (index of the first failed check)."""
+    """``raw.df`` + ``_typed_<c>`` for ``columns`` + ``_reason_code`` (index of the first failed check).
+
+    Image columns are decoded from their raw column when it holds bytes (no typed copy travels
+    to the Python workers); for the ETL (``targets``) the bytes of rows that pass every check
+    come back null, as only quarantined rows keep them.
+    """
     df = raw.df
+    images = {c: c if cfg.dtype(c) == "binary" else _TYPED + c for c in cfg.images if c in columns}
+    typed = [c for c in columns if images.get(c) != c]
     df = df.select(
-        "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in columns]
+        "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in typed]
     )
-    images = {c: _TYPED + c for c in cfg.images if c in columns}
-    if images:
-        df = decode_images(df, cfg, images)
     checks = _checks(raw, cfg, columns, targets=targets)
+    if images:
+        keep = None
+        if targets:
+            early = [F.when(cond, F.lit(True)) for cond, _, c in checks if c not in images]
+            df = df.withColumn(_KEEP_RAW, F.coalesce(*early, F.lit(False)))
+            keep = _KEEP_RAW
+        df = decode_images(df, cfg, images, keep)
     code = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(checks)])
     return df.withColumn(_CODE, code), checks
 
@@ -226,7 +238,9 @@ def _tensor_checks(
             text = isinstance(raw.df.schema[c].dataType, T.StringType)
             out += array_checks(cfg, c, F.col(c), F.col(_TYPED + c), text=text)
         elif c in cfg.images:
-            out.append((F.col(_TYPED + c).isNull(), "image_missing", c))
+            # no pixels and no reason: the decoder got a null (or blank path)
+            missing = F.col(image_pixels(c)).isNull() & F.col(image_error(c)).isNull()
+            out.append((missing, "image_missing", c))
             out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
         elif c in cfg.texts:
             out += _text_checks(cfg, c, F.col(_TYPED + c))

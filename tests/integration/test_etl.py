@@ -266,3 +266,26 @@ def test_csv_columns_match_by_header_name(spark: Any, tmp_path: Path) -> None:
     (tmp_path / "bad" / "d.csv").write_text("id,f0,city,label\n1,0.5,lyon,1\n")
     with pytest.raises(SchemaMismatchError, match=r"no column\(s\) \['f1'\]"):
         run_etl(spark, _cfg(tmp_path / "bad", tmp_path / "out2"))
+
+
+def test_replaced_temp_view_is_rebuilt(spark: Any, tmp_path: Path) -> None:
+    """A view over in-memory rows has no files: it is fingerprinted by its content."""
+    rng = random.Random(3)
+    rows = [(i, rng.gauss(0, 1), rng.gauss(0, 1), "lyon", i % 2) for i in range(60)]
+    schema = "id long, f0 double, f1 double, city string, label int"
+    spark.createDataFrame(rows, schema).createOrReplaceTempView("etl_fp_view")
+    cfg = _cfg(tmp_path, tmp_path / "out", input={"path": "etl_fp_view", "format": "table"})
+    first = run_etl(spark, cfg)
+    assert run_etl(spark, cfg).status == "up_to_date"
+    # the same rows in another order and partitioning are the same input
+    spark.createDataFrame(rows[::-1], schema).repartition(3).createOrReplaceTempView("etl_fp_view")
+    assert run_etl(spark, cfg).status == "up_to_date"
+    # new data, same row count and keys: rebuilt from the new rows
+    shifted = [(i, f0 + 1.0, f1, city, label) for i, f0, f1, city, label in rows]
+    spark.createDataFrame(shifted, schema).createOrReplaceTempView("etl_fp_view")
+    changed = run_etl(spark, cfg)
+    assert changed.status == "built"
+    assert changed.manifest["fingerprint"]["input"] != first.manifest["fingerprint"]["input"]
+    assert changed.manifest["reconciliation"]["rows_in"] == 60
+    assert changed.manifest["feature_stats"] != first.manifest["feature_stats"]
+    assert changed.manifest["fingerprint"]["input_kind"] == "content"

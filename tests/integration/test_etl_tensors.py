@@ -218,6 +218,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
             "schema": {**base["schema"], "features": "string"},
             "images": {"features": {"size": [8, 8]}},
         },
+        "etl.input.options": {
+            "input": {"path": "x", "format": "image_folder", "options": {"recursive": "x"}},
+            "schema": {"id": "string", "y": "int", "img": "binary"},
+        },
     }
     for key, change in cases.items():
         with pytest.raises(ConfigError) as err:
