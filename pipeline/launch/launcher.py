@@ -86,6 +86,9 @@ _WATCH_S = 1.0
 _RENDEZVOUS_WAIT_S = 30.0
 """How long the driver waits for every rank to join its rendezvous before all fall back to
 ``BarrierTaskContext.allGather``."""
+_SECONDARY_DELAY_S = 5.0
+"""Without the log channel, how long a rank whose failure looks like a peer's consequence
+waits before failing its task (Spark's error then names the peer that failed first)."""
 _RENDEZVOUS_ANSWER_S = 90.0
 """How long a rank waits for the driver's rendezvous answer (more than the driver waits)."""
 
@@ -466,6 +469,10 @@ def _rank_task(
             return bytes(cloudpickle.dumps((rank, client is not None, result)))
         except BaseException as exc:
             rankrun.report_failure(rank, exc)  # the driver keeps the first report per rank
+            if client is None and SECONDARY.search(f"{type(exc).__name__} {exc}"):
+                # Only Spark's error reaches the driver, and it carries one task's failure:
+                # a rank that failed because a peer died lets the peer's failure come first.
+                time.sleep(_SECONDARY_DELAY_S)
             raise
         finally:
             logchannel.install_client(None)
