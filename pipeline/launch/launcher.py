@@ -35,11 +35,10 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.connect import is_connect
 from pipeline.launch.errors import (
     SECONDARY,
     DistributedError,
@@ -54,8 +53,10 @@ from pipeline.launch.errors import (
 from pipeline.launch.session import (
     BarrierSlots,
     active_session,
+    barrier_job,
     barrier_slots,
     check_slots,
+    job_tags,
     log_server_address,
     require_driver,
 )
@@ -63,7 +64,6 @@ from pipeline.runtime import logchannel, rankrun
 from pipeline.runtime.progress import ProgressDisplay
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from pyspark import BarrierTaskContext
     from pyspark.sql import SparkSession
 
@@ -86,6 +86,9 @@ _WATCH_S = 1.0
 _RENDEZVOUS_WAIT_S = 30.0
 """How long the driver waits for every rank to join its rendezvous before all fall back to
 ``BarrierTaskContext.allGather``."""
+_SECONDARY_DELAY_S = 5.0
+"""Without the log channel, how long a rank whose failure looks like a peer's consequence
+waits before failing its task (Spark's error then names the peer that failed first)."""
 _RENDEZVOUS_ANSWER_S = 90.0
 """How long a rank waits for the driver's rendezvous answer (more than the driver waits)."""
 
@@ -315,7 +318,7 @@ def _run_attempt(
     with logchannel.ChannelServer(bind, token, collector.on_message, advertise=host) as server:
         task = _rank_task(spec, attempt, token, server.address)
         log.info("launching %d ranks (attempt %d, tag %s)", num_workers, attempt, tag)
-        job = _barrier_job(spark, task, num_workers)
+        job = barrier_job(spark, task, num_workers)
         rows, error, timed_out, silent = _collect(spark, job, tag, limits, collector)
         ranked = (
             None
@@ -337,38 +340,6 @@ def _run_attempt(
             collector.on_message(rank, report)
         raise _attempt_error(collector, error, attempt)
     return [value for _, _, value in ranked]
-
-
-def _barrier_job(
-    spark: SparkSession, task: Callable[[], bytes], num_workers: int
-) -> Callable[[], list[bytes]]:
-    """The barrier job of one attempt, as a function that runs it: one rank per task.
-
-    Connect: ``spark.range(n)`` in ``n`` partitions ``.mapInArrow(..., barrier=True)``.
-    Classic: an RDD barrier stage. Both return every rank's pickled ``(rank, connected,
-    value)``. Classic keeps the RDD because a cancelled ``mapInArrow`` barrier job there does
-    not end (measured with Spark 4.3 on ``local[2]``: its ``collect`` had not returned 60 s
-    after ``cancelJobsWithTag`` or ``cancelAllJobs``; the RDD stage's returned in ~1.5 s), and
-    ``timeout_s`` and the heartbeat check rely on cancelling.
-    """
-    if not is_connect(spark):
-        rdd = spark.sparkContext.parallelize(range(num_workers), num_workers)
-        barrier = rdd.barrier().mapPartitions(lambda _: [task()])
-        return barrier.collect
-
-    def arrow(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import pyarrow as pa
-
-        for _ in batches:  # read the input to its end, or Spark does not reuse the worker
-            pass
-        yield pa.RecordBatch.from_pydict(
-            {"payload": [task()]}, schema=pa.schema([("payload", pa.binary())])
-        )
-
-    df = spark.range(0, num_workers, 1, num_workers).mapInArrow(
-        arrow, "payload binary", barrier=True
-    )
-    return lambda: [bytes(row[0]) for row in df.collect()]
 
 
 @dataclass(frozen=True)
@@ -395,7 +366,7 @@ def _collect(
     """
     box: dict[str, Any] = {}
 
-    add, remove, interrupt = _job_tags(spark)
+    add, remove, interrupt = job_tags(spark)
 
     def job() -> None:
         add(tag)
@@ -428,26 +399,6 @@ def _collect(
     return box.get("rows"), box.get("error"), timed_out, silent
 
 
-def _job_tags(
-    spark: SparkSession,
-) -> tuple[Callable[[str], None], Callable[[str], None], Callable[[str], object]]:
-    """``(add, remove, interrupt)`` for a job tag: the calling thread's jobs get the tag.
-
-    Connect: ``SparkSession.addTag`` / ``interruptTag`` (the server interrupts the session's
-    executions with that tag, from any client thread). Classic: the thread's job group,
-    cancelled with interrupt-on-cancel (a classic session's ``interruptTag`` only reaches the
-    tags of the thread that calls it).
-    """
-    if is_connect(spark):
-        return spark.addTag, spark.removeTag, spark.interruptTag
-    sc = spark.sparkContext
-
-    def add(tag: str) -> None:
-        sc.setJobGroup(tag, "spark-train run_distributed", interruptOnCancel=True)
-
-    return add, lambda _: None, sc.cancelJobGroup
-
-
 def _rank_task(
     spec: rankrun.RankSpec, attempt: int, token: str, log_addr: str
 ) -> Callable[[], bytes]:
@@ -466,6 +417,10 @@ def _rank_task(
             return bytes(cloudpickle.dumps((rank, client is not None, result)))
         except BaseException as exc:
             rankrun.report_failure(rank, exc)  # the driver keeps the first report per rank
+            if client is None and SECONDARY.search(f"{type(exc).__name__} {exc}"):
+                # Only Spark's error reaches the driver, and it carries one task's failure:
+                # a rank that failed because a peer died lets the peer's failure come first.
+                time.sleep(_SECONDARY_DELAY_S)
             raise
         finally:
             logchannel.install_client(None)
