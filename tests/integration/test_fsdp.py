@@ -163,7 +163,7 @@ def test_fsdp_bundle_loads_in_a_plain_process_and_predicts_as_in_training(
     try:
         total = torch.zeros(3, dtype=torch.float64)
         for rank in range(cfg.num_workers):
-            sums = EvalSums(cfg.task)
+            sums = EvalSums("classification")
             with ShardReader(
                 shards, "val", rank=rank, world_size=cfg.num_workers,
                 batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False,
@@ -173,7 +173,7 @@ def test_fsdp_bundle_loads_in_a_plain_process_and_predicts_as_in_training(
             total += sums.values
     finally:
         torch.set_num_threads(threads)
-    recomputed = EvalSums(cfg.task)
+    recomputed = EvalSums("classification")
     recomputed.values = total
     final = summary["epochs"][-1]
     assert recomputed.result(prefix="val_") == {
