@@ -19,7 +19,7 @@ from pipeline.core import storage
 from pipeline.data.formats import DEFAULT_FORMAT
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig
-from preprocessing.read import CORRUPT, SOURCE, RawInput
+from preprocessing.read import RawInput
 from preprocessing.read.listing import list_input_files
 
 __all__ = [
@@ -73,7 +73,9 @@ def fingerprint(raw: RawInput, cfg: EtlConfig, etl_config: dict[str, Any]) -> di
     the table on every run, cheaper than the ETL it may skip; a replaced temp view is rebuilt).
     """
     if cfg.input.format == "table":
-        fp_input, n = content_digest(raw.df.drop(SOURCE, CORRUPT))
+        # the declared columns only: an undeclared one neither matters nor need be hashable
+        declared = [c for c in cfg.schema if c in raw.df.columns]
+        fp_input, n = content_digest(raw.df.select(*declared))
         count = {"input_kind": "content", "input_rows": str(n)}
     else:
         files = raw.files

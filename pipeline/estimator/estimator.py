@@ -69,7 +69,7 @@ class TorchEstimator(Estimator[TorchModel]):
     """Declare columns, model and training in Python; ``fit(df)`` returns a :class:`TorchModel`.
 
     Keyword arguments ``label``, ``key``, ``numeric``, ``categorical``, ``onehot``,
-    ``arrays``, ``images`` and ``schema`` are the ``etl`` keys of the same names
+    ``arrays``, ``images``, ``texts`` and ``schema`` are the ``etl`` keys of the same names
     (:class:`~preprocessing.config.EtlConfig`); ``etl`` takes the rest of that section
     (``split``, ``missing``, ``num_shards``, …) and ``train`` the ``train`` section
     (:class:`~pipeline.train.config.TrainConfig`: ``model``, ``epochs``, ``num_workers``, …),
@@ -109,6 +109,7 @@ class TorchEstimator(Estimator[TorchModel]):
         onehot: Sequence[str] | None = None,
         arrays: Mapping[str, Any] | None = None,
         images: Mapping[str, Any] | None = None,
+        texts: Mapping[str, Any] | None = None,
         schema: Mapping[str, str] | None = None,
         etl: Mapping[str, Any] | None = None,
         train: Mapping[str, Any] | TrainConfig | None = None,
@@ -118,7 +119,7 @@ class TorchEstimator(Estimator[TorchModel]):
         given = dict(
             zip(
                 COLUMN_KEYS,
-                (label, key, numeric, categorical, onehot, arrays, images, schema),
+                (label, key, numeric, categorical, onehot, arrays, images, texts, schema),
                 strict=True,
             )
         )

@@ -24,7 +24,17 @@ if TYPE_CHECKING:
 
 __all__ = ["COLUMN_KEYS", "etl_section", "merge_columns", "train_section"]
 
-COLUMN_KEYS = ("label", "key", "numeric", "categorical", "onehot", "arrays", "images", "schema")
+COLUMN_KEYS = (
+    "label",
+    "key",
+    "numeric",
+    "categorical",
+    "onehot",
+    "arrays",
+    "images",
+    "texts",
+    "schema",
+)
 """The ``etl`` keys that declare columns (also keyword arguments of the estimator)."""
 _ETL_OWN = ("input", "output")
 _TRAIN_OWN = ("dataset", "output")
@@ -62,7 +72,7 @@ def _declared(section: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in ("key", "label"):
         out.setdefault(str(section[key]), f"etl.{key}")
-    for key in ("numeric", "categorical", "arrays", "images"):
+    for key in ("numeric", "categorical", "arrays", "images", "texts"):
         value = section.get(key) or ()
         if not isinstance(value, (list, tuple, Mapping)):
             raise ConfigError(f"etl.{key}", f"must be a list of column names, got {value!r}")

@@ -23,6 +23,7 @@ master, which are processes on the driver's machine; with a cluster master it is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ class TorchDistributor:
                 f"local master; spark.master is {master!r}: pass local_mode=False to run them "
                 "on the executors"
             )
-        if use_gpu and int(self.spark.conf.get(_GPU_KEY, "0") or "0") < 1:
+        if use_gpu and float(self.spark.conf.get(_GPU_KEY, "0") or "0") <= 0:  # 0.5: shared
             raise RuntimeError(f"'{_GPU_KEY}' was unset, so gpu usage is unavailable.")
 
     def run(self, train_object: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Any:
@@ -100,10 +101,15 @@ class TorchDistributor:
         rank fails (in every attempt).
         """
         script = isinstance(train_object, str)
+        target: Callable[..., Any] | str = train_object
         if script:
             args = tuple(str(a) for a in args)
+        elif kwargs and not isinstance(train_object, str):
+            # the function's own keywords, never run_distributed's (env, spark, timeout_s, ...)
+            target = functools.partial(train_object, **kwargs)
+            kwargs = {}
         self.results = run_distributed(
-            train_object,
+            target,
             *args,
             num_workers=self.num_processes,
             spark=self.spark,

@@ -23,6 +23,7 @@ from pipeline.data.shardset import ShardSet, ShardSetError
 from pipeline.launch.barrier import TrainResult, fit_barrier
 from pipeline.launch.pyenv import check_executor_python
 from pipeline.launch.rounds import fit_average
+from pipeline.launch.session import active_session
 from pipeline.launch.tracking import tracked
 from pipeline.train.bundle import CONFIG, SPEC, model_spec
 from pipeline.train.config import TrainConfig
@@ -51,19 +52,11 @@ def fit(
         mode = get_mode(cfg.mode)
         shards = check_training_inputs(cfg, mode)  # refuse unusable inputs before launching
         cfg = resolve_task(cfg, shards)
-        check_executor_python(spark if spark is not None else _active_session())
+        spark = active_session(spark)
+        check_executor_python(spark)
         result = _launch(mode, cfg, spark, env=env, show_progress=show_progress)
         runlog.done(result.epochs, {"steps": result.steps, "attempt": result.attempt})
     return result
-
-
-def _active_session() -> Any:
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    if session is None:
-        raise RuntimeError("no active SparkSession: pass spark= or create one first")
-    return session
 
 
 def _launch(

@@ -94,7 +94,8 @@ def _round_task(
         except Exception as exc:
             # Spark's error carries the traceback but not the partition: name it here.
             kind = type(exc)
-            exc.add_note(f"[{_NOTE} {index} raised {kind.__module__}:{kind.__qualname__}]")
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"[{_NOTE} {index} raised {kind.__module__}:{kind.__qualname__}]")
             raise
         yield result
 

@@ -247,10 +247,11 @@ def report_failure(rank: int, exc: BaseException, output: Sequence[str] = ()) ->
         "message": str(exc),
         "tail": lines[-TAIL_LINES:],
     }
-    exc.add_note(f"{_REPORT_PREFIX}{json.dumps(report, ensure_ascii=True)}")
     client = logchannel.active_client()
     if client is not None:
         client.send(report)
+    if hasattr(exc, "add_note"):  # Python >= 3.11: the report also travels in the error text
+        exc.add_note(f"{_REPORT_PREFIX}{json.dumps(report, ensure_ascii=True)}")
 
 
 _REPORT_PREFIX = "[spark-train failure report] "

@@ -23,6 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipeline.core.configbase import ConfigError
 from preprocessing.config import EtlConfig
 from preprocessing.read.images import read_image_folder
 from preprocessing.read.listing import InputFile, list_input_files
@@ -59,7 +60,11 @@ def read_raw(
     if not for_scoring:
         need = list(cfg.schema)
     if inp.format == "image_folder":
-        files = tuple(list_input_files(inp.path, inp.options))
+        try:
+            files = tuple(list_input_files(inp.path, inp.options))
+        except FileNotFoundError as e:  # a config mistake (exit 2), as Spark's PATH_NOT_FOUND
+            key = source if source.startswith("--") else f"{source}.path"
+            raise ConfigError(key, str(e)) from e
         df = read_image_folder(spark, cfg, files, SOURCE, CORRUPT)
         return RawInput(df, text=False, files=files)
     if inp.format in ("csv", "json"):

@@ -238,7 +238,7 @@ def _tensor_checks(
             text = isinstance(raw.df.schema[c].dataType, T.StringType)
             out += array_checks(cfg, c, F.col(c), F.col(_TYPED + c), text=text)
         elif c in cfg.images:
-            # no pixels and no reason: the decoder got a null (or blank path)
+            # no pixels and no reason: the decoder got a null (a blank path is unreadable)
             missing = F.col(image_pixels(c)).isNull() & F.col(image_error(c)).isNull()
             out.append((missing, "image_missing", c))
             out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]

@@ -17,12 +17,13 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "data" / "allreduce_script.py
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(180)]
 
 
-def allreduce(offset: float, *, scale: float = 1.0) -> tuple[int, float]:
+def allreduce(offset: float, *, scale: float = 1.0, timeout_s: float = 0.0) -> tuple[int, float]:
+    """``timeout_s`` is the function's own keyword (it must not reach run_distributed)."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="env://")
-    value = torch.tensor([(dist.get_rank() + offset) * scale])
+    value = torch.tensor([(dist.get_rank() + offset) * scale + timeout_s])
     dist.all_reduce(value)
     rank = dist.get_rank()
     dist.destroy_process_group()
@@ -33,8 +34,8 @@ def test_function_returns_rank_0s_value_and_keeps_every_ranks(spark: Any) -> Non
     distributor = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False)
     assert distributor.results is None
     # ranks hold 10 and 11 (times 2): the all_reduce sums them on both
-    assert distributor.run(allreduce, 10.0, scale=2.0) == (0, 42.0)
-    assert distributor.results == [(0, 42.0), (1, 42.0)]
+    assert distributor.run(allreduce, 10.0, scale=2.0, timeout_s=0.5) == (0, 43.0)
+    assert distributor.results == [(0, 43.0), (1, 43.0)]
 
 
 def test_script_returns_none_and_a_failing_rank_is_named(spark: Any) -> None:

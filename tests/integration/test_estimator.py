@@ -149,3 +149,14 @@ def test_settings_the_estimator_owns_and_bad_train_keys_fail_at_construction(
     other = est.copy({est.train: {"epochs": 1}, est.workDir: str(tmp_path)})
     assert other.getTrain() == {"epochs": 1} and other.getWorkDir() == str(tmp_path)
     assert est.getTrain()["epochs"] == 3 and "workDir" in est.explainParams()
+
+
+def test_text_columns_are_declared_like_the_other_kinds(spark: Any, tmp_path: Path) -> None:
+    """``texts=`` (or ``etl={"texts": ...}``) types the column from the DataFrame."""
+    df = spark.createDataFrame(
+        [(1, "a fine day", 0), (2, "rain", 1)], "id long, review string, y int"
+    )
+    for kwargs in ({"texts": {"review": {"max_length": 8}}}, {"etl": {"texts": {"review": {}}}}):
+        estimator = TorchEstimator(label="y", key="id", work_dir=str(tmp_path), **kwargs)
+        etl_cfg, _ = estimator.configs(df)
+        assert list(etl_cfg.texts) == ["review"] and etl_cfg.schema["review"] == "string"

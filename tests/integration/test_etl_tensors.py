@@ -227,3 +227,11 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             EtlConfig.from_mapping({**base, **change})
         assert err.value.key == key, (key, str(err.value))
+
+
+def test_a_missing_image_folder_is_a_config_error(spark: Any, tmp_path: Path) -> None:
+    """The listing is pyarrow.fs now, not Spark's binaryFile: still exit 2 naming the key."""
+    cfg = folder_config(tmp_path / "no-such-folder", tmp_path / "out", size=[8, 8])
+    with pytest.raises(ConfigError, match="does not exist") as e:
+        run_etl(spark, cfg)
+    assert e.value.key == "etl.input.path"
