@@ -53,7 +53,10 @@ def _configured(spark: Any) -> str:
 
 
 def _probe_udf() -> Any:
-    """A UDF whose function pickles by value (it is local), importing only the standard library."""
+    """A UDF whose function pickles by value (it is local), importing only the standard library.
+
+    ``NEEDED``, a tuple it refers to, travels with it in the pickle.
+    """
     from pyspark.sql.functions import udf
 
     def probe() -> str:
@@ -61,8 +64,7 @@ def _probe_udf() -> Any:
         import json
         import sys
 
-        names = ("pipeline", "torch", "numpy", "pyarrow")
-        missing = [n for n in names if importlib.util.find_spec(n) is None]
+        missing = [n for n in NEEDED if importlib.util.find_spec(n) is None]
         version = ".".join(map(str, sys.version_info[:3]))
         return json.dumps({"executable": sys.executable, "version": version, "missing": missing})
 
