@@ -1,13 +1,19 @@
-"""The feature pipeline: every kind's stages → ``VectorAssembler`` → ``StandardScaler``.
+"""The feature pipeline: every kind's fitted stages, then one SQL stage that standardizes.
 
-Fitted on the train split only (the scaler with the train mean/std). The fitted
-``PipelineModel`` is saved with the shard set and reused verbatim by scoring, so training and
-serving apply the same transform. A new kind of feature column is one more module holding a
-:class:`~preprocessing.features.kind.FeatureKind`, added to :data:`KINDS`.
+Fitted on the train split only (each slot standardized with its train mean / std, as Spark
+ML's ``StandardScaler`` does: ``(x - mean) * (1 / std)``, and 0 where ``std`` is 0). The
+saved model is a Spark ML ``PipelineModel``: the kinds' transformers followed by a
+``SQLTransformer`` whose statement computes the ``features`` array (``array<float>``)
+from the slots' expressions — plain SQL, so that it runs in generated code and loads on any
+Spark, Spark Connect included. It is saved with the shard set and reused verbatim by
+scoring, so training and serving apply the same transform. A new kind of feature column is
+one more module holding a :class:`~preprocessing.features.kind.FeatureKind`, added to
+:data:`KINDS`.
 
 A config without numeric or categorical columns (arrays / images only) has no ``features``
 vector: its model is an empty ``PipelineModel`` (saved all the same, so every shard set has
-one) and :func:`apply_features` leaves a DataFrame unchanged with it.
+one) and :func:`apply_features` leaves a DataFrame unchanged with it. Models saved by
+earlier versions (``Imputer`` … ``VectorAssembler`` → ``StandardScaler``) still apply.
 """
 
 from __future__ import annotations
@@ -15,23 +21,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.feature import StandardScaler, StandardScalerModel, VectorAssembler
+from pyspark.ml import PipelineModel
+from pyspark.ml.feature import SQLTransformer
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 
 from pipeline.data.shardset import FEATURES_COLUMN
 from preprocessing.config import EtlConfig
-from preprocessing.features.kind import FeatureKind
+from preprocessing.features.kind import FeatureKind, Slot
 from preprocessing.features.tabular import TABULAR
+from preprocessing.sqltext import quote, sql_double
 
 __all__ = ["KINDS", "FittedFeatures", "apply_features", "fit_features"]
 
 KINDS: tuple[FeatureKind, ...] = (TABULAR,)
 """The feature kinds, in the order their slots appear in the feature vector."""
 
-_VEC = "_vec"
-_SCALED = "_scaled"
+_LEGACY = ("_vec", "_scaled")  # the assembled and scaled vectors of earlier models
+_LEGACY_PREFIXES = ("_imp_", "_ohe_")
 
 
 @dataclass(frozen=True)
@@ -50,36 +57,25 @@ class FittedFeatures:
 
 def fit_features(train: DataFrame, cfg: EtlConfig) -> FittedFeatures:
     """Fit the feature pipeline on the train split (validated, good rows only)."""
-    if not cfg.has_tabular:
+    fitted = [f for f in (kind.fit(train, cfg) for kind in KINDS) if f is not None]
+    if not fitted:
         return FittedFeatures(model=PipelineModel(stages=[]), names=[], stats={"dim": 0})
-    per_kind = [kind.stages(cfg) for kind in KINDS]
-    assembled = [col for kind in KINDS for col in kind.outputs(cfg)]
-    stages = [stage for kind_stages in per_kind for stage in kind_stages]
-    stages.append(VectorAssembler(inputCols=assembled, outputCol=_VEC, handleInvalid="error"))
-    stages.append(StandardScaler(inputCol=_VEC, outputCol=_SCALED, withMean=True, withStd=True))
-    model = Pipeline(stages=stages).fit(train)
-    names, stats = _describe(model, cfg, [len(s) for s in per_kind])
-    return FittedFeatures(model=model, names=names, stats=stats)
+    slots = [slot for f in fitted for slot in f.slots]
+    stages = [stage for f in fitted for stage in f.stages]
+    stages.append(SQLTransformer(statement=_statement(slots)))
+    stats: dict[str, Any] = {"dim": len(slots)}
+    for f in fitted:
+        stats.update(f.stats)
+    return FittedFeatures(PipelineModel(stages=stages), [s.name for s in slots], stats)
 
 
-def _describe(
-    model: PipelineModel, cfg: EtlConfig, stage_counts: list[int]
-) -> tuple[list[str], dict[str, Any]]:
-    """Feature names and ``feature_stats`` of a fitted pipeline (``stage_counts``: per kind)."""
-    scaler = model.stages[-1]
-    assert isinstance(scaler, StandardScalerModel), "the feature pipeline ends with the scaler"
-    mean, std = scaler.mean.toArray().tolist(), scaler.std.toArray().tolist()
-    names: list[str] = []
-    kind_stats: dict[str, Any] = {}
-    first = 0
-    for kind, count in zip(KINDS, stage_counts, strict=True):
-        fitted = model.stages[first : first + count]
-        first += count
-        kind_names, stats = kind.describe(fitted, cfg, mean[len(names) :], std[len(names) :])
-        names += kind_names
-        kind_stats.update(stats)
-    assert len(mean) == len(names), f"feature names ({len(names)}) != vector size ({len(mean)})"
-    return names, {"dim": len(names), **kind_stats}
+def _statement(slots: list[Slot]) -> str:
+    """``SELECT *, array(<standardized slots>) AS features FROM __THIS__``."""
+    values = []
+    for s in slots:
+        scale = 1.0 / s.std if s.std != 0 else 0.0
+        values.append(f"CAST(({s.sql} - {sql_double(s.mean)}) * {sql_double(scale)} AS FLOAT)")
+    return f"SELECT *, array({', '.join(values)}) AS {quote(FEATURES_COLUMN)} FROM __THIS__"
 
 
 def apply_features(model: PipelineModel, df: DataFrame) -> DataFrame:
@@ -90,7 +86,8 @@ def apply_features(model: PipelineModel, df: DataFrame) -> DataFrame:
     if not model.stages:
         return df
     out = model.transform(df)
-    out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_SCALED], "float32"))
-    prefixes = tuple(p for kind in KINDS for p in kind.intermediate_prefixes)
-    tmp = [c for c in out.columns if c.startswith(prefixes) or c in (_VEC, _SCALED)]
+    if _LEGACY[1] in out.columns:
+        out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_LEGACY[1]], "float32"))
+    prefixes = (*(p for kind in KINDS for p in kind.intermediate_prefixes), *_LEGACY_PREFIXES)
+    tmp = [c for c in out.columns if c.startswith(prefixes) or c in _LEGACY]
     return out.drop(*tmp)

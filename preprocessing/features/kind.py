@@ -3,9 +3,10 @@
 Two contracts, one module per kind in :mod:`preprocessing.features`:
 
 * a :class:`FeatureKind` (tabular) fills slots of the ``features`` vector, listed in
-  :data:`preprocessing.features.assemble.KINDS`: its Spark ML stages turn its columns into
-  numeric or vector columns, which the assembler concatenates (kinds in ``KINDS`` order) and
-  standardizes with the train mean / std;
+  :data:`preprocessing.features.assemble.KINDS`: fitted on the train split, it gives the
+  Spark ML transformers its slots need and, per slot, a SQL expression with the train mean /
+  std of its value; the assembler standardizes and concatenates the slots (kinds in
+  ``KINDS`` order);
 * a :class:`TensorKind` (array, image) makes each of its columns a tensor column of its own,
   listed in :data:`preprocessing.features.tensors.TENSOR_KINDS`: it says the column's
   :class:`~pipeline.data.columns.ColumnSpec` and how its ``normalize`` is fitted — aggregate
@@ -15,37 +16,54 @@ Two contracts, one module per kind in :mod:`preprocessing.features`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import Column
+from pyspark.sql import Column, DataFrame
 
 from pipeline.data.columns import ColumnSpec
 from preprocessing.config import EtlConfig
 
-__all__ = ["Describe", "FeatureKind", "TensorKind"]
+__all__ = ["FeatureKind", "FittedKind", "Slot", "TensorKind"]
 
-Describe = Callable[
-    [Sequence[Any], EtlConfig, Sequence[float], Sequence[float]], tuple[list[str], dict[str, Any]]
-]
-"""``(fitted stages, cfg, mean, std) -> (names, stats)``: see :attr:`FeatureKind.describe`."""
+
+@dataclass(frozen=True)
+class Slot:
+    """One slot of the ``features`` vector.
+
+    ``sql`` is its value before standardizing: a Spark SQL expression of type double over the
+    kind's columns (and the columns its fitted stages add); ``mean`` / ``std`` are that
+    value's train mean and sample standard deviation (``n - 1``), which standardize it.
+    """
+
+    name: str
+    sql: str
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class FittedKind:
+    """A feature kind fitted on the train split."""
+
+    stages: list[Any]
+    """Fitted Spark ML transformers that run before the slots are computed (e.g. the
+    ``StringIndexerModel`` whose indices the categorical slots read)."""
+    slots: list[Slot]
+    """The slots this kind fills, in vector order."""
+    stats: dict[str, Any]
+    """Its entries of the manifest's ``feature_stats``."""
 
 
 @dataclass(frozen=True)
 class FeatureKind:
-    """How the columns of one kind are fitted, named and described."""
+    """How the columns of one kind are fitted into slots of the ``features`` vector."""
 
     name: str
-    stages: Callable[[EtlConfig], list[Any]]
-    """The Spark ML stages (estimators or transformers) for the config's columns of this
-    kind, in order; none when the config has no such column."""
-    outputs: Callable[[EtlConfig], list[str]]
-    """The columns those stages produce that go into the feature vector, in vector order."""
-    describe: Describe
-    """From this kind's fitted stages and the train ``mean`` / ``std`` of the vector starting
-    at its first slot: one name per slot it fills, and its entries of the manifest's
-    ``feature_stats``."""
+    fit: Callable[[DataFrame, EtlConfig], FittedKind | None]
+    """Fit on the good train rows (as validation typed them); None when the config has no
+    column of this kind."""
     intermediate_prefixes: tuple[str, ...]
     """Prefixes of the intermediate columns its stages add (dropped after the transform)."""
 

@@ -1,117 +1,167 @@
 """Tabular features: numeric and categorical columns, fitted on the train split only.
 
-Numeric columns → ``Imputer`` (train median/mean); categorical columns → frequency-ranked
-``StringIndexer`` (``handleInvalid='keep'``: null and unseen levels map to one extra index)
-and, for ``etl.onehot`` columns, ``OneHotEncoder``. The vector holds the numeric columns
-first, then each categorical column (its index, or its one-hot block), in declared order.
+Numeric columns are imputed with the train median (or mean) of their values; categorical
+columns become their frequency rank (``StringIndexerModel``, ``handleInvalid='keep'``: null
+and unseen levels map to one extra index; one model per column) and, for ``etl.onehot`` columns, one slot per
+level plus the unknown slot. The vector holds the numeric columns first, then each
+categorical column (its index, or its one-hot block), in declared order.
+
+The result equals what Spark ML's ``Imputer`` / ``StringIndexer`` / ``OneHotEncoder`` /
+``VectorAssembler`` / ``StandardScaler`` pipeline fits (the same medians, labels, means and
+standard deviations up to rounding), from two passes over the train rows instead of one per
+estimator:
+
+* one aggregation: per numeric column its count, mean and sample variance of the values
+  present and the imputation value — the median is ``percentile_approx(c, 0.5, 1000)``,
+  which is what ``Imputer`` computes (``approxQuantile`` with its default relative error
+  0.001: the value's rank is within 0.1 % of the row count of the true median's);
+* one count of every categorical level (a ``posexplode`` and a ``groupBy``); labels ordered
+  as ``StringIndexer`` orders them: by count, descending, ties by label in code-point order
+  (Spark compares the UTF-8 bytes).
+
+The moments of an imputed column follow from those of its values and the number of rows
+imputed (the pooled-variance identity); those of an index or one-hot slot follow exactly
+from the level counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from fractions import Fraction
 from typing import Any
 
-from pyspark.ml.feature import (
-    Imputer,
-    ImputerModel,
-    OneHotEncoder,
-    StringIndexer,
-    StringIndexerModel,
-)
+from pyspark.ml.feature import StringIndexerModel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from preprocessing.config import EtlConfig
-from preprocessing.features.kind import FeatureKind
+from preprocessing.features.kind import FeatureKind, FittedKind, Slot
+from preprocessing.sqltext import quote, sql_double
 
-__all__ = ["TABULAR", "UNKNOWN_LEVEL"]
+__all__ = ["MEDIAN_ACCURACY", "TABULAR", "UNKNOWN_LEVEL"]
 
 UNKNOWN_LEVEL = "__unknown__"
 """Name of the one-hot slot that null and unseen levels map to."""
 
-
-def _imp(c: str) -> str:
-    return f"_imp_{c}"
+MEDIAN_ACCURACY = 1000
+"""``percentile_approx`` accuracy of the median: 1 / ``Imputer``'s default relative error."""
 
 
 def _idx(c: str) -> str:
     return f"_idx_{c}"
 
 
-def _ohe(c: str) -> str:
-    return f"_ohe_{c}"
-
-
-def _stages(cfg: EtlConfig) -> list[Any]:
-    stages: list[Any] = []
-    if cfg.numeric:
-        stages.append(
-            Imputer(
-                inputCols=list(cfg.numeric),
-                outputCols=[_imp(c) for c in cfg.numeric],
-                strategy=cfg.impute_strategy,
-            )
+def _numeric_stats(
+    train: DataFrame, cfg: EtlConfig
+) -> tuple[int, dict[str, tuple[int, float, float, float]]]:
+    """Train row count and, per numeric column: (values, mean, M2, imputation value)."""
+    aggs = [F.count(F.lit(1)).alias("n")]
+    for i, c in enumerate(cfg.numeric):
+        x = F.col(c)
+        fill = (
+            F.percentile_approx(x, 0.5, MEDIAN_ACCURACY)
+            if cfg.impute_strategy == "median"
+            else F.avg(x)
         )
-    if cfg.categorical:
-        stages.append(
-            StringIndexer(
-                inputCols=list(cfg.categorical),
-                outputCols=[_idx(c) for c in cfg.categorical],
-                handleInvalid="keep",
-                stringOrderType="frequencyDesc",
-            )
+        aggs += [
+            F.count(x).alias(f"k{i}"),
+            F.avg(x).alias(f"m{i}"),
+            F.var_samp(x).alias(f"v{i}"),
+            fill.alias(f"f{i}"),
+        ]
+    row = train.agg(*aggs).collect()[0]
+    out = {}
+    for i, c in enumerate(cfg.numeric):
+        k = int(row[f"k{i}"])
+        if k == 0:
+            raise ValueError(f"numeric column {c!r} has no value in the train split to fit on")
+        var = row[f"v{i}"]
+        m2 = float(var) * (k - 1) if k > 1 and var is not None else 0.0
+        out[c] = (k, float(row[f"m{i}"]), m2, float(row[f"f{i}"]))
+    return int(row["n"]), out
+
+
+def _level_counts(train: DataFrame, columns: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Rows per non-null level of each column, in one job."""
+    counts: dict[str, dict[str, int]] = {c: {} for c in columns}
+    if not columns:
+        return counts
+    pairs = train.select(
+        F.posexplode(F.array(*[F.col(c).cast("string") for c in columns])).alias("i", "level")
+    ).where(F.col("level").isNotNull())
+    for r in pairs.groupBy("i", "level").count().collect():
+        counts[columns[int(r["i"])]][r["level"]] = int(r["count"])
+    return counts
+
+
+def _frequency_order(counts: dict[str, int]) -> list[str]:
+    """Labels as ``StringIndexer(stringOrderType='frequencyDesc')`` orders them."""
+    return sorted(counts, key=lambda lv: (-counts[lv], lv))
+
+
+def _moments(values: dict[int, int], n: int) -> tuple[float, float]:
+    """Exact mean and sample std of a slot taking value ``v`` on ``values[v]`` of ``n`` rows."""
+    s = sum(v * k for v, k in values.items())
+    q = sum(v * v * k for v, k in values.items())
+    var = Fraction(n * q - s * s, n * (n - 1)) if n > 1 else Fraction(0)
+    return float(Fraction(s, n)), math.sqrt(var)
+
+
+def _numeric_slot(c: str, n: int, stats: tuple[int, float, float, float]) -> Slot:
+    k, mean_k, m2_k, fill = stats
+    mean = (k * mean_k + (n - k) * fill) / n
+    m2 = m2_k + (fill - mean_k) ** 2 * k * (n - k) / n
+    std = math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
+    value = f"coalesce(nanvl({quote(c)}, CAST(NULL AS DOUBLE)), {sql_double(fill)})"
+    return Slot(c, value, mean, std)
+
+
+def _categorical_slots(
+    c: str, labels: list[str], counts: dict[str, int], n: int, onehot: bool
+) -> list[Slot]:
+    per_index = [counts[lv] for lv in labels]
+    per_index.append(n - sum(per_index))  # null in train: the extra index
+    index = quote(_idx(c))
+    if not onehot:
+        mean, std = _moments(dict(enumerate(per_index)), n)
+        return [Slot(c, index, mean, std)]
+    slots = []
+    for j, (name, k) in enumerate(zip([*labels, UNKNOWN_LEVEL], per_index, strict=True)):
+        mean, std = _moments({1: k, 0: n - k}, n)
+        slots.append(Slot(f"{c}={name}", f"IF({index} = {j}, 1.0D, 0.0D)", mean, std))
+    return slots
+
+
+def _fit(train: DataFrame, cfg: EtlConfig) -> FittedKind | None:
+    if not cfg.has_tabular:
+        return None
+    n, numeric = _numeric_stats(train, cfg)
+    counts = _level_counts(train, cfg.categorical)
+    labels = {c: _frequency_order(counts[c]) for c in cfg.categorical}
+    # One model per column: from_arrays_of_labels pads ragged label arrays with nulls (a
+    # null label then takes nulls away from the extra index), so each column gets its own.
+    stages: list[Any] = [
+        StringIndexerModel.from_labels(
+            labels[c], inputCol=c, outputCol=_idx(c), handleInvalid="keep"
         )
-    if cfg.onehot:
-        stages.append(
-            OneHotEncoder(
-                inputCols=[_idx(c) for c in cfg.onehot],
-                outputCols=[_ohe(c) for c in cfg.onehot],
-                dropLast=False,
-            )
-        )
-    return stages
-
-
-def _outputs(cfg: EtlConfig) -> list[str]:
-    cols = [_imp(c) for c in cfg.numeric]
-    cols += [_ohe(c) if c in cfg.onehot else _idx(c) for c in cfg.categorical]
-    return cols
-
-
-def _describe(
-    stages: Sequence[Any], cfg: EtlConfig, mean: Sequence[float], std: Sequence[float]
-) -> tuple[list[str], dict[str, Any]]:
-    levels: dict[str, list[str]] = {}
-    surrogates: dict[str, float] = {}
-    for stage in stages:
-        if isinstance(stage, StringIndexerModel):
-            levels = {c: list(lv) for c, lv in zip(cfg.categorical, stage.labelsArray, strict=True)}
-        elif isinstance(stage, ImputerModel):
-            row = stage.surrogateDF.collect()[0].asDict()
-            surrogates = {c: float(row[c]) for c in cfg.numeric}
-    names = list(cfg.numeric)
+        for c in cfg.categorical
+    ]
+    slots = [_numeric_slot(c, n, numeric[c]) for c in cfg.numeric]
     for c in cfg.categorical:
-        if c in cfg.onehot:
-            names += [f"{c}={lv}" for lv in levels[c]] + [f"{c}={UNKNOWN_LEVEL}"]
-        else:
-            names.append(c)
+        slots += _categorical_slots(c, labels[c], counts[c], n, c in cfg.onehot)
     stats: dict[str, Any] = {
         "impute_strategy": cfg.impute_strategy,
         "numeric": {
-            c: {"train_mean": mean[i], "train_std": std[i], "impute_value": surrogates.get(c)}
-            for i, c in enumerate(cfg.numeric)
+            c: {"train_mean": s.mean, "train_std": s.std, "impute_value": numeric[c][3]}
+            for c, s in zip(cfg.numeric, slots, strict=False)
         },
         "categorical": {
-            c: {"levels": len(levels[c]), "top": levels[c][:5], "onehot": c in cfg.onehot}
+            c: {"levels": len(labels[c]), "top": labels[c][:5], "onehot": c in cfg.onehot}
             for c in cfg.categorical
         },
     }
-    return names, stats
+    return FittedKind(stages=stages, slots=slots, stats=stats)
 
 
-TABULAR = FeatureKind(
-    name="tabular",
-    stages=_stages,
-    outputs=_outputs,
-    describe=_describe,
-    intermediate_prefixes=("_imp_", "_idx_", "_ohe_"),
-)
+TABULAR = FeatureKind(name="tabular", fit=_fit, intermediate_prefixes=("_idx_",))
 """The numeric + categorical kind (:data:`~preprocessing.features.assemble.KINDS`)."""
