@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,26 @@ def raw_data(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return raw
 
 
+@pytest.fixture(scope="module")
+def trained(
+    spark: Any, raw_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """One ``spark-train run`` (ETL → 3 epochs → test metrics) for the module: its config and
+    what it printed. The tests only read its shard set and bundle, or rerun it unchanged."""
+    cfg = _config(tmp_path_factory.mktemp("run"), raw_data)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "--config", str(cfg)]) == 0
+    return cfg, printed.getvalue()
+
+
 def test_run_trains_evaluates_and_skips_up_to_date_stages(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+    trained: tuple[Path, str], capsys: Any
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
-    assert main(["run", "--config", str(cfg)]) == 0
-    out = capsys.readouterr().out
+    cfg, out = trained
+    work = cfg.parent
     assert "built" in out and "trained 3 epoch(s)" in out and "test metrics" in out
-    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    metrics = json.loads((work / "model" / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 3
 
     assert main(["run", "--config", str(cfg)]) == 0
@@ -59,19 +73,17 @@ def test_run_trains_evaluates_and_skips_up_to_date_stages(
     assert ev["split"] == "val" and ev["rows"] > 500
     assert ev["accuracy"] > 0.6, ev  # make-data's label is learnable; chance is ~0.5
 
-    assert main(["inspect", str(tmp_path / "model"), "--json"]) == 0
+    assert main(["inspect", str(work / "model"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "bundle"
-    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    assert main(["inspect", str(work / "ckpt"), "--json"]) == 0
     ck = json.loads(capsys.readouterr().out)
     assert ck["kind"] == "checkpoints" and ck["latest_valid"] == max(ck["steps"])
 
 
 def test_evaluate_refuses_a_mismatched_shard_set(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+    trained: tuple[Path, str], tmp_path: Path, capsys: Any
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
-    assert main(["run", "--config", str(cfg), "--set", "train.epochs=1"]) == 0
-    capsys.readouterr()
+    cfg = trained[0]
     other = tmp_path / "other.yaml"
     data = yaml.safe_load(cfg.read_text())
     data["etl"]["onehot"] = []  # different features → different vector
@@ -80,7 +92,7 @@ def test_evaluate_refuses_a_mismatched_shard_set(
     assert main(["etl", "--config", str(other)]) == 0
     capsys.readouterr()
     rc = main(
-        ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "shards2")]
+        ["evaluate", "--model", str(cfg.parent / "model"), "--dataset", str(tmp_path / "shards2")]
     )
     assert rc == 1
     assert "trained on" in capsys.readouterr().err
