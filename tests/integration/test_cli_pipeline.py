@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from jobs.cli import main
 from tests.configs import pipeline_config
 from tests.conftest import spark_submit
+from tests.shards import make_shardset
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -83,19 +83,20 @@ def test_run_trains_evaluates_and_skips_up_to_date_stages(
 def test_evaluate_refuses_a_mismatched_shard_set(
     trained: tuple[Path, str], tmp_path: Path, capsys: Any
 ) -> None:
-    cfg = trained[0]
-    other = tmp_path / "other.yaml"
-    data = yaml.safe_load(cfg.read_text())
-    data["etl"]["onehot"] = []  # different features → different vector
-    data["etl"]["output"] = str(tmp_path / "shards2")
-    other.write_text(yaml.safe_dump(data))
-    assert main(["etl", "--config", str(other)]) == 0
-    capsys.readouterr()
-    rc = main(
-        ["evaluate", "--model", str(cfg.parent / "model"), "--dataset", str(tmp_path / "shards2")]
+    """A shard set whose feature vector is not the model's (as one built with another etl
+    config, e.g. without one-hot columns, has) is refused, naming the column and both shapes."""
+    work = trained[0].parent
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    width = len(manifest["feature_names"])
+    other = make_shardset(
+        tmp_path / "other", rows_per_shard={"train": [16], "test": [16]}, dim=width - 3
     )
+    rc = main(["evaluate", "--model", str(work / "model"), "--dataset", other])
     assert rc == 1
-    assert "trained on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained on" in err and other in err, err
+    assert f"column 'features' is float32 [{width - 3}]" in err, err
+    assert f"the model was trained on float32 [{width}]" in err, err
 
 
 def test_spark_submit_reports_a_config_error_like_the_cli(raw_data: Path, tmp_path: Path) -> None:
