@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from jobs.cli import main
 from tests.configs import pipeline_config
 from tests.conftest import spark_submit
+from tests.shards import make_shardset
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -36,14 +38,26 @@ def raw_data(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return raw
 
 
+@pytest.fixture(scope="module")
+def trained(
+    spark: Any, raw_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """One ``spark-train run`` (ETL → 3 epochs → test metrics) for the module: its config and
+    what it printed. The tests only read its shard set and bundle, or rerun it unchanged."""
+    cfg = _config(tmp_path_factory.mktemp("run"), raw_data)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "--config", str(cfg)]) == 0
+    return cfg, printed.getvalue()
+
+
 def test_run_trains_evaluates_and_skips_up_to_date_stages(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+    trained: tuple[Path, str], capsys: Any
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
-    assert main(["run", "--config", str(cfg)]) == 0
-    out = capsys.readouterr().out
+    cfg, out = trained
+    work = cfg.parent
     assert "built" in out and "trained 3 epoch(s)" in out and "test metrics" in out
-    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    metrics = json.loads((work / "model" / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 3
 
     assert main(["run", "--config", str(cfg)]) == 0
@@ -59,31 +73,30 @@ def test_run_trains_evaluates_and_skips_up_to_date_stages(
     assert ev["split"] == "val" and ev["rows"] > 500
     assert ev["accuracy"] > 0.6, ev  # make-data's label is learnable; chance is ~0.5
 
-    assert main(["inspect", str(tmp_path / "model"), "--json"]) == 0
+    assert main(["inspect", str(work / "model"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "bundle"
-    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    assert main(["inspect", str(work / "ckpt"), "--json"]) == 0
     ck = json.loads(capsys.readouterr().out)
     assert ck["kind"] == "checkpoints" and ck["latest_valid"] == max(ck["steps"])
 
 
 def test_evaluate_refuses_a_mismatched_shard_set(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: Any
+    trained: tuple[Path, str], tmp_path: Path, capsys: Any
 ) -> None:
-    cfg = _config(tmp_path, raw_data)
-    assert main(["run", "--config", str(cfg), "--set", "train.epochs=1"]) == 0
-    capsys.readouterr()
-    other = tmp_path / "other.yaml"
-    data = yaml.safe_load(cfg.read_text())
-    data["etl"]["onehot"] = []  # different features → different vector
-    data["etl"]["output"] = str(tmp_path / "shards2")
-    other.write_text(yaml.safe_dump(data))
-    assert main(["etl", "--config", str(other)]) == 0
-    capsys.readouterr()
-    rc = main(
-        ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "shards2")]
+    """A shard set whose feature vector is not the model's (as one built with another etl
+    config, e.g. without one-hot columns, has) is refused, naming the column and both shapes."""
+    work = trained[0].parent
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    width = len(manifest["feature_names"])
+    other = make_shardset(
+        tmp_path / "other", rows_per_shard={"train": [16], "test": [16]}, dim=width - 3
     )
+    rc = main(["evaluate", "--model", str(work / "model"), "--dataset", other])
     assert rc == 1
-    assert "trained on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained on" in err and other in err, err
+    assert f"column 'features' is float32 [{width - 3}]" in err, err
+    assert f"the model was trained on float32 [{width}]" in err, err
 
 
 def test_spark_submit_reports_a_config_error_like_the_cli(raw_data: Path, tmp_path: Path) -> None:

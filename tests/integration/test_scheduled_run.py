@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from jobs.cli import main
 from pipeline.data.shardset import ShardSet
@@ -23,6 +24,25 @@ def raw_data(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = tmp_path_factory.mktemp("raw") / "data"
     make_data(spark, 3000, str(raw), seed=5)
     return raw
+
+
+@pytest.fixture(scope="module")
+def shard_set(spark: Any, raw_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ETL of ``raw_data`` for the tests about later stages (they find it up to date).
+
+    Building it is test_stages_skip_when_up_to_date_and_force_reruns_them's business.
+    """
+    cfg = pipeline_config(tmp_path_factory.mktemp("etl"), raw_data)
+    assert main(["etl", "--config", str(cfg)]) == 0
+    return cfg.parent / "shards"
+
+
+def _on(shards: Path, cfg: Path) -> Path:
+    """``cfg`` with its ETL output and its training's dataset moved to ``shards``."""
+    data = yaml.safe_load(cfg.read_text())
+    data["etl"]["output"] = data["train"]["dataset"] = str(shards)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
 
 
 def _stages(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -86,21 +106,25 @@ def test_stages_skip_when_up_to_date_and_force_reruns_them(
 
 
 def test_a_failing_stage_still_writes_the_summary(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    raw_data: Path, shard_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = pipeline_config(tmp_path, raw_data, max_attempts=1)
-    assert main(["etl", "--config", str(cfg)]) == 0
+    cfg = _on(shard_set, pipeline_config(tmp_path, raw_data, max_attempts=1))
     # Corrupt a shard without changing its size: the ETL still finds the shard set up to
-    # date (it compares sizes), and training's sha256 check must catch it.
-    shards = ShardSet.open(str(tmp_path / "shards"))
+    # date (it compares sizes), and training's sha256 check must catch it. The shard set is
+    # the module's: the byte is flipped back afterwards.
+    shards = ShardSet.open(str(shard_set))
     victim = Path(shards.shard_path(shards.split("train").shards[0]))
-    data = bytearray(victim.read_bytes())
+    whole = victim.read_bytes()
+    data = bytearray(whole)
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     capsys.readouterr()
 
     summary = tmp_path / "failed.json"
-    assert main(["run", "--config", str(cfg), "--summary", str(summary)]) == 1
+    try:
+        assert main(["run", "--config", str(cfg), "--summary", str(summary)]) == 1
+    finally:
+        victim.write_bytes(whole)
     err = capsys.readouterr().err
     doc = json.loads(summary.read_text())
     assert (doc["status"], doc["exit_status"]) == ("failed", 1)
@@ -134,12 +158,16 @@ def test_a_config_error_inside_run_exits_2_with_a_summary(
 
 @pytest.mark.slow
 def test_resume_lets_a_rerun_continue_a_failed_training(
-    spark: Any, raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spark: Any,
+    raw_data: Path,
+    shard_set: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A scheduler's retry: the failed run left checkpoints, ``run --resume`` continues them."""
     from pipeline.runtime.faults import FAULT_ENV
 
-    cfg = pipeline_config(tmp_path, raw_data, max_attempts=1, epochs=2)
+    cfg = _on(shard_set, pipeline_config(tmp_path, raw_data, max_attempts=1, epochs=2))
     summary = tmp_path / "s.json"
     argv = ["run", "--config", str(cfg), "--summary", str(summary)]
     # Python workers get the SparkContext's environment (a new worker daemon for a new one).

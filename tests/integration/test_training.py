@@ -2,6 +2,9 @@
 
 Two launchers run the same loop: plain ``torchrun -m pipeline.worker`` in a subprocess
 (no Spark) and :func:`pipeline.launch.fit.fit` on the session's ``local[2]`` Spark.
+Separate executor JVMs (local-cluster) train the same weights as ``local[2]``: that is
+asserted by ``tests/reliability/test_process_faults.py``, whose local-cluster run (an
+executor killed, the run resumed) must end bitwise equal to the ``local[2]`` baseline.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from pipeline.train.bundle import load_bundle
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.models import mlp
-from tests.conftest import spark_submit
 from tests.shards import make_shardset, read_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -351,20 +353,3 @@ def test_comm_hooks_and_bf16_train(
     # The variant really changed the arithmetic: the weights are close to, not equal to, fp32's.
     ours, fp32 = _weights(cfg), _weights(base)
     assert any(not torch.equal(ours[k], fp32[k]) for k in ours)
-
-
-@pytest.mark.spark
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_two_executor_jvms_train_the_same_weights(
-    spark_baseline: tuple[TrainConfig, TrainResult], shards: str, tmp_path: Path
-) -> None:
-    """spark-submit jobs/train.py on local-cluster[2,1,1024]: one rank per executor JVM."""
-    cfg = _cfg(tmp_path, shards)
-    conf = tmp_path / "c.yaml"
-    conf.write_text(yaml.safe_dump({"train": to_dict(cfg)}))
-    proc = spark_submit("local-cluster[2,1,1024]", "train", "--config", str(conf))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert f"trained {cfg.epochs} epoch(s)" in proc.stdout
-    # separate executor JVMs, same seed and threads: the same weights as local[2]
-    _assert_same_weights(_weights(cfg), _weights(spark_baseline[0]))
