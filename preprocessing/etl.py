@@ -45,10 +45,10 @@ from preprocessing.features import (
 from preprocessing.features.text import tokenizer_digests
 from preprocessing.read import (
     CORRUPT,
-    RAW_PREFIX,
     REASON,
     REASON_COLUMN,
     SOURCE,
+    quarantined_columns,
     read_raw,
     validate,
 )
@@ -117,7 +117,13 @@ class _Tally:
 # The validation projection is wide (a check per column). HotSpot does not JIT-compile
 # methods over 8000 bytecodes, so Spark's default 64 KB limit on generated methods leaves
 # that stage interpreted; measured on 1 M make-data rows: 14.5 s → 9.0 s for validation.
-_ETL_SQL_CONF = {"spark.sql.codegen.hugeMethodLimit": "8000"}
+# The cached rows are mostly doubles, which the columnar cache stores as they are anyway;
+# not compressing the rest took building the cache from 15.0 s to 12.7 s (26.6 → 23.0 CPU s)
+# on 1 M make-data rows, for a cache ~10 % larger.
+_ETL_SQL_CONF = {
+    "spark.sql.codegen.hugeMethodLimit": "8000",
+    "spark.sql.inMemoryColumnarStorage.compressed": "false",
+}
 
 
 @contextmanager
@@ -383,15 +389,15 @@ def _encode_label(cfg: EtlConfig, classes: list[Any] | None) -> Any:
 
 def _write_quarantine(df: DataFrame, cfg: EtlConfig, path: str) -> None:
     """Rejected rows: declared columns as read (image bytes as binary), reason, source."""
-    cols = [F.col(RAW_PREFIX + c).alias(c) for c in cfg.schema]
+    kept = quarantined_columns(cfg)
     (
         df.filter(F.col(REASON).isNotNull())
         .select(
-            *cols,
+            *[kept[c].alias(c) for c in cfg.schema],
             F.col(REASON).alias("reason"),
             F.col(REASON_COLUMN).alias("reason_column"),
-            F.col(CORRUPT).alias("raw_record"),
-            F.col(SOURCE).alias("source_file"),
+            kept[CORRUPT].alias("raw_record"),
+            kept[SOURCE].alias("source_file"),
             F.col(SPLIT).alias("split"),
         )
         .write.mode("overwrite")

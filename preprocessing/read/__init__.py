@@ -9,21 +9,21 @@ gives each row its quarantine reason. The ETL and scoring use the names exported
 from preprocessing.read.raw import CORRUPT, SOURCE, RawInput, read_raw
 from preprocessing.read.schema_policy import SchemaMismatchError, require_columns
 from preprocessing.read.validation import (
-    RAW_PREFIX,
     REASON,
     REASON_COLUMN,
+    quarantined_columns,
     validate,
     validate_features,
 )
 
 __all__ = [
     "CORRUPT",
-    "RAW_PREFIX",
     "REASON",
     "REASON_COLUMN",
     "SOURCE",
     "RawInput",
     "SchemaMismatchError",
+    "quarantined_columns",
     "read_raw",
     "require_columns",
     "validate",

@@ -58,11 +58,19 @@ from preprocessing.read.raw import CORRUPT, SOURCE, RawInput
 from preprocessing.read.schema_policy import exact_cast
 from preprocessing.sqltext import quote, sql_double
 
-__all__ = ["RAW_PREFIX", "REASON", "REASON_COLUMN", "validate", "validate_features"]
+__all__ = [
+    "QUARANTINED",
+    "REASON",
+    "REASON_COLUMN",
+    "quarantined_columns",
+    "validate",
+    "validate_features",
+]
 
 REASON = "_reason"
 REASON_COLUMN = "_reason_column"
 RAW_PREFIX = "_raw_"
+QUARANTINED = "_quarantined"
 _TYPED = "_typed_"
 _CODE = "_reason_code"
 _KEEP_RAW = "_keep_raw"
@@ -81,11 +89,13 @@ def _blank_sql(column: str, trimmed: bool) -> str:
 
 
 def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
-    """Typed declared columns + ``_reason`` / ``_reason_column`` + raw strings for quarantine.
+    """Typed declared columns + ``_reason`` / ``_reason_column`` + what quarantine keeps.
 
     Output columns: every declared column with its declared type, ``_reason``,
-    ``_reason_column``, ``_source_file``, ``_corrupt_record`` and ``_raw_<col>`` (the value as
-    read, as a string, kept only on quarantined rows).
+    ``_reason_column`` and ``_quarantined``: null on good rows; on quarantined rows a struct
+    of ``_raw_<col>`` (each declared value as read, as a string; image bytes as binary),
+    ``_source_file`` and ``_corrupt_record``. One struct instead of a column per value keeps
+    the cached rows narrow (the ETL caches this DataFrame).
 
     Built as stacked projections so that each ``try_cast`` and the whole check chain are
     evaluated once per row: columns are cast once, the checks yield one integer code (the
@@ -93,22 +103,27 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     Spark keeps the projections apart because their outputs are referenced many times.
     """
     df, checks = _coded(raw, cfg, list(cfg.schema), targets=True)
-    quarantined = f"{quote(_CODE)} IS NOT NULL"
-    raw_cols = [
-        F.expr(
-            f"CASE WHEN {quarantined} THEN "
-            + (quote(c) if cfg.dtype(c) == "binary" else f"CAST({quote(c)} AS STRING)")
-            + " END"
-        ).alias(RAW_PREFIX + c)
-        for c in cfg.schema
-    ]
+    fields = [
+        f"'{RAW_PREFIX}{i}', " + (quote(c) if cfg.dtype(c) == "binary" else f"CAST({quote(c)} AS STRING)")
+        for i, c in enumerate(cfg.schema)
+    ]  # fmt: skip
+    fields += [f"'{SOURCE}', {quote(SOURCE)}", f"'{CORRUPT}', {quote(CORRUPT)}"]
+    kept = f"CASE WHEN {quote(_CODE)} IS NOT NULL THEN named_struct({', '.join(fields)}) END"
     return df.select(
         *_clean(cfg, list(cfg.schema)),
         *_reasons(checks),
-        F.expr(f"CASE WHEN {quarantined} THEN {quote(SOURCE)} END").alias(SOURCE),
-        F.col(CORRUPT),
-        *raw_cols,
+        F.expr(kept).alias(QUARANTINED),
     )
+
+
+def quarantined_columns(cfg: EtlConfig) -> dict[str, Column]:
+    """What :func:`validate` kept of a quarantined row.
+
+    ``{declared column: raw value}``, then ``_source_file`` and ``_corrupt_record``.
+    """
+    kept = F.col(QUARANTINED)
+    out = {c: kept.getField(f"{RAW_PREFIX}{i}") for i, c in enumerate(cfg.schema)}
+    return {**out, SOURCE: kept.getField(SOURCE), CORRUPT: kept.getField(CORRUPT)}
 
 
 def validate_features(
