@@ -13,7 +13,7 @@ job is timed (session start-up excluded):
   no balance, no manifest;
 * ``etl``: ``run_etl`` with the demo config.
 
-    python bench/etl.py [--rows 1000000,5000000] [--reps 3]
+    python bench/etl.py [--rows 1000000,5000000] [--reps 3 | --reps 3,1]
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
     """Run the benchmark and update bench/RESULTS.md."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1000000,5000000")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", default="3", help="rounds, one value or one per --rows size")
     ap.add_argument("--child", choices=KINDS)
     ap.add_argument("--raw")
     ap.add_argument("--out")
@@ -153,6 +153,12 @@ def main() -> None:
         return
     work = HERE / "_work"
     rows_list = [int(r) for r in args.rows.split(",")]
+    reps_list = [int(r) for r in args.reps.split(",")]
+    reps = dict(
+        zip(
+            rows_list, reps_list * len(rows_list) if len(reps_list) == 1 else reps_list, strict=True
+        )
+    )
     datasets = {rows: _ensure_data(rows, work) for rows in rows_list}
     table = [
         "| rows | plain (s) | hand-written Spark ML (s) | ETL (s) | ETL / hand-written | "
@@ -164,7 +170,7 @@ def main() -> None:
         secs: dict[str, list[float]] = {k: [] for k in KINDS}
         ratios: dict[str, list[float]] = {"handwritten": [], "plain": []}
         phases: dict[str, list[float]] = {}
-        for rep in range(args.reps):
+        for rep in range(reps[rows]):
             order = KINDS if rep % 2 == 0 else KINDS[::-1]
             got = {}
             for kind in order:
@@ -198,7 +204,9 @@ def main() -> None:
             "VectorAssembler / StandardScaler fitted on train, vector_to_array, repartition(8), "
             "write.parquet per split, PipelineModel saved) and vs a bare `read.csv(schema) → "
             "write.parquet`, on the same `make-data` files; local[2], a fresh process per run, "
-            f"the three alternating, {args.reps} rounds, ratios the median of per-round ratios. "
+            "the three alternating, rounds per size: "
+            + ", ".join(f"{n:,} rows {r}" for n, r in reps.items())
+            + "; ratios the median of per-round ratios. "
             "Targets: ETL / hand-written ≤ 1.0×, ETL / bare copy toward ≤ 3×.",
             "",
             *table,
