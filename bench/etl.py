@@ -197,8 +197,9 @@ def main() -> None:
         phase_names = list(phases)
     body = "\n".join(
         [
-            "ETL (`run_etl`, demo config: validation + quarantine, split, Spark ML features "
-            "fitted on train, 8 balanced shards per split, manifest) vs the hand-written Spark ML "
+            "ETL (`run_etl`, demo config: validation + quarantine, split, features fitted on "
+            "train and saved as a Spark ML `PipelineModel`, 8 balanced shards per split, "
+            "manifest) vs the hand-written Spark ML "
             "job (`bench/etl.py: handwritten`: read.csv with the schema, drop rows without key "
             "or label, randomSplit, Pipeline of Imputer median / StringIndexer / OneHotEncoder / "
             "VectorAssembler / StandardScaler fitted on train, vector_to_array, repartition(8), "

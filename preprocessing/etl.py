@@ -3,10 +3,11 @@
 Passes over the data: one read that is validated (images decoded), split and cached; one
 aggregation that counts everything the manifest and the balance plan need (rows by split,
 reason, column, input partition and — for classification — label); the quarantine write;
-the Spark ML fits and one aggregation for the array / image statistics on the cached train
-split (and, per text column without a given tokenizer, one bounded sample gathered to train
-it); one shuffle that writes the shards, tokenizing text columns in its map stage. The manifest is committed
-last; old generations are deleted only after the commit.
+on the cached train split, the tabular statistics (one aggregation and one count of the
+categorical levels), one aggregation for the array / image statistics and, per text column
+without a given tokenizer, one bounded sample gathered to train it; one shuffle that writes
+the shards, tokenizing text columns in its map stage. The manifest is committed last; old
+generations are deleted only after the commit.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class _Tally:
 # that stage interpreted; measured on 1 M make-data rows: 14.5 s → 9.0 s for validation.
 # The cached rows are mostly doubles, which the columnar cache stores as they are anyway;
 # not compressing the rest took building the cache from 15.0 s to 12.7 s (26.6 → 23.0 CPU s)
-# on 1 M make-data rows, for a cache ~10 % larger.
+# on 1 M make-data rows, for a cache 7 % larger (156 MB instead of 146 MB).
 _ETL_SQL_CONF = {
     "spark.sql.codegen.hugeMethodLimit": "8000",
     "spark.sql.inMemoryColumnarStorage.compressed": "false",
