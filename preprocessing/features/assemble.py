@@ -37,7 +37,9 @@ __all__ = ["KINDS", "FittedFeatures", "apply_features", "fit_features"]
 KINDS: tuple[FeatureKind, ...] = (TABULAR,)
 """The feature kinds, in the order their slots appear in the feature vector."""
 
-_LEGACY = ("_vec", "_scaled")  # the assembled and scaled vectors of earlier models
+# What models saved by earlier versions add: the assembled and the scaled vector, and the
+# imputed / one-hot intermediates.
+_LEGACY_VECTOR, _LEGACY_SCALED = "_vec", "_scaled"
 _LEGACY_PREFIXES = ("_imp_", "_ohe_")
 
 
@@ -86,8 +88,10 @@ def apply_features(model: PipelineModel, df: DataFrame) -> DataFrame:
     if not model.stages:
         return df
     out = model.transform(df)
-    if _LEGACY[1] in out.columns:
-        out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_LEGACY[1]], "float32"))
+    if _LEGACY_SCALED in out.columns:
+        out = out.withColumn(FEATURES_COLUMN, vector_to_array(out[_LEGACY_SCALED], "float32"))
     prefixes = (*(p for kind in KINDS for p in kind.intermediate_prefixes), *_LEGACY_PREFIXES)
-    tmp = [c for c in out.columns if c.startswith(prefixes) or c in _LEGACY]
+    tmp = [
+        c for c in out.columns if c.startswith(prefixes) or c in (_LEGACY_VECTOR, _LEGACY_SCALED)
+    ]
     return out.drop(*tmp)

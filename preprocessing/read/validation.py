@@ -76,16 +76,15 @@ _CODE = "_reason_code"
 _KEEP_RAW = "_keep_raw"
 
 
-def _blank(c: Column, trimmed: bool = False) -> Column:
-    if trimmed:
-        return c.isNull() | (c.cast("string") == "")
-    return c.isNull() | (F.trim(c.cast("string")) == "")
-
-
 def _blank_sql(column: str, trimmed: bool) -> str:
-    """:func:`_blank` of a column, as SQL text."""
+    """SQL text: the column is null or empty (after trimming, unless the parser ``trimmed``)."""
     value = f"CAST({quote(column)} AS STRING)"
     return f"({quote(column)} IS NULL OR {value if trimmed else f'trim({value})'} = '')"
+
+
+def _finite_sql(x: str) -> str:
+    """SQL text: the double expression ``x`` is neither NaN nor ±inf (false for null)."""
+    return f"(NOT isnan({x}) AND abs({x}) != {sql_double(float('inf'))})"
 
 
 def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
@@ -229,7 +228,7 @@ def _checks(
         return F.col(_TYPED + c)
 
     def blank(c: str) -> Column:
-        return _blank(F.col(c), raw.trimmed)
+        return F.expr(_blank_sql(c, raw.trimmed))
 
     checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
     if raw.text:
@@ -250,7 +249,7 @@ def _checks(
     ]  # fmt: skip
     for c in cfg.numeric:
         x = f"CAST({quote(_TYPED + c)} AS DOUBLE)"
-        finite = f"(NOT isnan({x}) AND abs({x}) != {sql_double(float('inf'))})"
+        finite = _finite_sql(x)
         too_large = f"{finite} AND abs({x}) > {sql_double(cfg.max_abs_value)}"
         checks.append((F.expr(too_large), "value_out_of_range", c))
         if cfg.missing == "quarantine":
@@ -297,7 +296,7 @@ def _typed(df: DataFrame, column: str, dtype: str, trimmed: bool) -> Column:
     if dtype == "binary":
         return c
     if dtype == "string":
-        return F.when(~_blank(c, trimmed), c.cast("string"))
+        return F.when(~F.expr(_blank_sql(column, trimmed)), c.cast("string"))
     if dtype == "boolean":
         return F.lower(F.trim(c.cast("string"))).try_cast("boolean")
     if isinstance(df.schema[column].dataType, T.StringType) and not trimmed:
@@ -308,9 +307,7 @@ def _typed(df: DataFrame, column: str, dtype: str, trimmed: bool) -> Column:
 def _finite_or_null(column: str) -> Column:
     """The column as a double, NaN / ±inf made null (missing, to be imputed)."""
     x = f"CAST({quote(column)} AS DOUBLE)"
-    return F.expr(
-        f"CASE WHEN NOT isnan({x}) AND abs({x}) != {sql_double(float('inf'))} THEN {x} END"
-    )
+    return F.expr(f"CASE WHEN {_finite_sql(x)} THEN {x} END")
 
 
 def _label_invalid(label: Column, cfg: EtlConfig) -> Column:
