@@ -38,16 +38,19 @@ import yaml
 from torch import nn
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version, written_by
 from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.core.version import __version__
 from pipeline.data.shardset import ShardSet
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import model_inputs, model_shape
 from pipeline.train.inputs import ModelInputs
-from pipeline.train.models import build_model
+from pipeline.train.models import build_model, cnn, resolve_builder
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
+    "BundleTooNew",
     "LoadedBundle",
     "features_source",
     "load_bundle",
@@ -70,6 +73,10 @@ FEATURES = "features"
 
 class BundleError(RuntimeError):
     """A bundle is missing, incomplete or does not match its spec."""
+
+
+class BundleTooNew(BundleError, NewerFormatError):
+    """``model.json`` was written by a newer spark-train (a higher ``format_version``)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,7 @@ def model_spec(
         },
         "etl": manifest.get("config"),
         "torch_version": torch.__version__,
+        "spark_train": __version__,
     }
 
 
@@ -214,18 +222,44 @@ def require_bundle(uri: str, key: str = "--model") -> None:
 
 
 def read_spec(uri: str) -> dict[str, Any]:
-    """The bundle's ``model.json``; :class:`BundleError` when it is missing or of another version."""
+    """The bundle's ``model.json``; :class:`BundleError` when it is missing or unreadable.
+
+    Every ``format_version`` up to :data:`BUNDLE_FORMAT_VERSION` is read; a newer one raises
+    :class:`BundleTooNew` naming the spark-train that wrote it.
+    """
     fs, root = storage.resolve(uri)
     spec_path = storage.join(root, SPEC)
     if not storage.exists(fs, spec_path):
         raise BundleError(f"{uri} is not a model bundle: {SPEC} is missing")
-    spec: dict[str, Any] = json.loads(storage.read_bytes(fs, spec_path))
-    if spec.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{storage.join(uri, SPEC)}: format_version {spec.get('format_version')!r} is not "
-            f"supported (this build reads version {BUNDLE_FORMAT_VERSION})"
-        )
+    try:
+        spec: dict[str, Any] = json.loads(storage.read_bytes(fs, spec_path))
+    except ValueError as e:
+        raise BundleError(f"{storage.join(uri, SPEC)} is not valid JSON: {e}") from e
+    if not isinstance(spec, dict):
+        raise BundleError(f"{storage.join(uri, SPEC)} is not a JSON object")
+    check_format_version(
+        spec.get("format_version"),
+        BUNDLE_FORMAT_VERSION,
+        where=storage.join(uri, SPEC),
+        writer=written_by(spec.get("spark_train")),
+        newer=BundleTooNew,
+        invalid=BundleError,
+    )
     return spec
+
+
+def spec_builder(spec: dict[str, Any]) -> str:
+    """The builder to rebuild a bundle's model with: ``model.json``'s, read as its release meant.
+
+    A bundle of the built-in ``cnn`` without ``inputs`` in its spec was written before the
+    ``cnn`` changed architecture (the same change began recording ``inputs``): it is built
+    with :func:`~pipeline.train.models.cnn_v1`, the architecture it was trained as.
+    """
+    builder = str(spec["builder"])
+    if spec.get("inputs") is None and resolve_builder(builder) is cnn:
+        log.info("%s is a bundle of the 0.1.0 cnn: built with cnn_v1", builder)
+        return "pipeline.train.models:cnn_v1"
+    return builder
 
 
 def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle:
@@ -244,7 +278,7 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
             raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
         inputs, vocab = recorded.spec(), recorded.vocab()
     model = build_model(
-        spec["builder"],
+        spec_builder(spec),
         input_shape=tuple(spec["input_shape"]),
         num_outputs=int(spec["num_outputs"]),
         args=spec.get("args") or {},
