@@ -19,7 +19,7 @@ predictions on ``sample.csv`` in ``fixture.json``. The directories are copied to
 
 Run from the repository root, with the Makefile's environment::
 
-    . .venv/java.env && .venv/bin/python tests/compat/build_fixtures.py [COMMIT ...]
+    make compat-fixtures [RELEASES="668cac7 2d5aabd"]
 
 The worktrees are removed afterwards. Old code is never edited; it runs as it was.
 """
