@@ -57,6 +57,7 @@ __all__ = [
     "model_spec",
     "read_spec",
     "require_bundle",
+    "spec_builders",
     "write_bundle",
     "write_trained",
 ]
@@ -248,18 +249,23 @@ def read_spec(uri: str) -> dict[str, Any]:
     return spec
 
 
-def spec_builder(spec: dict[str, Any]) -> str:
-    """The builder to rebuild a bundle's model with: ``model.json``'s, read as its release meant.
+def spec_builders(spec: dict[str, Any]) -> list[str]:
+    """The builders that may rebuild a bundle's model, in order: ``model.json``'s, as meant.
 
     A bundle of the built-in ``cnn`` without ``inputs`` in its spec was written before the
-    ``cnn`` changed architecture (the same change began recording ``inputs``): it is built
-    with :func:`~pipeline.train.models.cnn_v1`, the architecture it was trained as.
+    ``cnn`` changed architecture (the same change began recording ``inputs``), so it is
+    built with :func:`~pipeline.train.models.cnn_v1`, the architecture it was trained as —
+    unless its weights say otherwise (they fit the current ``cnn``), then with ``cnn``.
     """
     builder = str(spec["builder"])
     if spec.get("inputs") is None and resolve_builder(builder) is cnn:
-        log.info("%s is a bundle of the 0.1.0 cnn: built with cnn_v1", builder)
-        return "pipeline.train.models:cnn_v1"
-    return builder
+        return ["pipeline.train.models:cnn_v1", builder]
+    return [builder]
+
+
+def _fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == weights.keys() and all(own[k].shape == weights[k].shape for k in own)
 
 
 def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle:
@@ -277,14 +283,6 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
         except ValueError as e:
             raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
         inputs, vocab = recorded.spec(), recorded.vocab()
-    model = build_model(
-        spec_builder(spec),
-        input_shape=tuple(spec["input_shape"]),
-        num_outputs=int(spec["num_outputs"]),
-        args=spec.get("args") or {},
-        inputs=inputs,
-        vocab=vocab,
-    )
     data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise BundleError(
@@ -297,6 +295,20 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
             f"{storage.join(uri, WEIGHTS)} is not a safetensors file ({e}); bundles load "
             "weights from safetensors only, never by unpickling"
         ) from e
+    builders = spec_builders(spec)
+    for builder in builders:
+        model = build_model(
+            builder,
+            input_shape=tuple(spec["input_shape"]),
+            num_outputs=int(spec["num_outputs"]),
+            args=spec.get("args") or {},
+            inputs=inputs,
+            vocab=vocab,
+        )
+        if len(builders) == 1 or _fits(model, weights):
+            break
+    if builder != builders[-1]:
+        log.info("%s: a bundle of the 0.1.0 cnn, built with %s", uri, builder)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
