@@ -17,6 +17,7 @@ from typing import Any, Final
 import pyarrow.fs as pafs
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version, written_by
 from pipeline.data.columns import ColumnSpec, columns_from_manifest
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ShardInfo",
     "ShardSet",
     "ShardSetError",
+    "ShardSetTooNew",
     "SplitInfo",
 ]
 
@@ -46,6 +48,10 @@ FULL_VERIFY_LIMIT_BYTES = 1 << 30
 
 class ShardSetError(RuntimeError):
     """A shard set is missing, uncommitted, or does not match its manifest."""
+
+
+class ShardSetTooNew(ShardSetError, NewerFormatError):
+    """The manifest was written by a newer spark-train (a higher ``format_version``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +80,15 @@ class ShardSet:
         self.uri = uri
         self.fs, self.root = storage.resolve(uri)
         self.manifest = manifest
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ShardSetError(
-                f"{storage.join(uri, MANIFEST_NAME)}: format_version {version!r} is not "
-                f"supported (this build reads version {FORMAT_VERSION})"
-            )
+        # Every version up to FORMAT_VERSION is read; a newer one says who wrote it.
+        self.format_version = check_format_version(
+            manifest.get("format_version"),
+            FORMAT_VERSION,
+            where=storage.join(uri, MANIFEST_NAME),
+            writer=written_by(manifest.get("created_by")),
+            newer=ShardSetTooNew,
+            invalid=ShardSetError,
+        )
         self.splits: dict[str, SplitInfo] = {
             name: SplitInfo(
                 name=name,
