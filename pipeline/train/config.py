@@ -20,6 +20,8 @@ from pipeline.train.registry import mode_names
 __all__ = [
     "AveragingConfig",
     "CheckpointConfig",
+    "FreezeConfig",
+    "InitConfig",
     "LRScheduleConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -75,8 +77,26 @@ class OptimizerConfig:
     momentum: float | None = None
     """SGD momentum (``sgd`` only; default 0)."""
 
+    lr_multipliers: Mapping[str, float] = field(default_factory=_frozen_mapping)
+    """Per-parameter learning rates (discriminative fine-tuning): ``{pattern: factor}``, a
+    parameter whose name matches a glob pattern (``fnmatch``: ``layer4.*``, ``*.bias``)
+    trains at ``lr`` × factor (the first matching pattern, in the order written, wins; others
+    at ``lr``); the schedule scales every group alike. A pattern that matches no parameter is
+    an error."""
+
     def __post_init__(self) -> None:
         check(self.lr > 0, "train.optimizer.lr", f"must be > 0, got {self.lr}")
+        for pattern, factor in self.lr_multipliers.items():
+            check(
+                bool(pattern.strip()),
+                "train.optimizer.lr_multipliers",
+                "has an empty pattern",
+            )
+            check(
+                factor > 0,
+                f"train.optimizer.lr_multipliers.{pattern}",
+                f"must be > 0, got {factor} (freeze parameters with train.freeze.patterns)",
+            )
         check(
             self.weight_decay >= 0,
             "train.optimizer.weight_decay",
@@ -164,6 +184,92 @@ class CheckpointConfig:
             f"must be >= 0, got {self.every_steps}",
         )
         check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Initial weights from a file or directory (``train.init``), instead of random ones."""
+
+    uri: str | None = None
+    """Where the initial weights are (any storage URI): a ``.safetensors`` file, a torch
+    state dict (``.pt`` / ``.pth`` / ``.bin``, loaded with ``weights_only=True``), a model
+    bundle of ours, or a Hugging Face model directory (``model.safetensors`` or
+    ``pytorch_model.bin``, sharded ones through their index). Null: random initialisation.
+    The driver checks it against the model before any rank starts; the bundle records it
+    and its sha256 (``model.json`` ``init``)."""
+
+    format: Literal["auto", "safetensors", "torch", "bundle", "huggingface"] = "auto"
+    """How to read ``uri``: ``auto`` decides by its name (``.safetensors``; ``.pt``,
+    ``.pth``, ``.bin``, ``.ckpt``; a directory with ``model.json`` is a bundle, one with
+    ``config.json`` a Hugging Face model)."""
+
+    rename: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    """``{regex: replacement}`` applied to every key of the file, in the order written
+    (``re.sub``; e.g. ``{"^backbone\\.": ""}``), before ``skip`` and before matching the
+    model's keys."""
+
+    skip: tuple[str, ...] = ()
+    """Glob patterns (``fnmatch``) of keys, after ``rename``, not to load: e.g. ``fc.*`` for
+    a head that gets another number of outputs."""
+
+    strict: bool = False
+    """``true``: every model key must be loaded and every key of the file used (after
+    ``skip``); ``false``: keys that are missing or unexpected are counted in the summary
+    line and the model keeps its initialisation for them. A shape mismatch that no ``skip``
+    covers is an error either way."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        check(
+            self.uri is None or bool(self.uri.strip()),
+            "train.init.uri",
+            "must be a URI or null",
+        )
+        for pattern in self.rename:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(
+                    f"train.init.rename.{pattern}", f"is not a regular expression: {e}"
+                ) from e
+        for i, pattern in enumerate(self.skip):
+            check(bool(pattern.strip()), f"train.init.skip[{i}]", "must not be empty")
+        if self.uri is None:
+            check(
+                not (self.rename or self.skip or self.strict),
+                "train.init.uri",
+                "is null, but train.init has rename / skip / strict: set the URI",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FreezeConfig:
+    """Parameters that do not train (``train.freeze``), e.g. a pretrained backbone."""
+
+    patterns: tuple[str, ...] = ()
+    """Glob patterns (``fnmatch``) of parameter names (as in the model's ``state_dict``,
+    e.g. ``conv1.*``, ``layer*``, ``bert.embeddings.*``): matching parameters get
+    ``requires_grad = False`` and are left out of the optimizer, so they end the run
+    bitwise as they started. A pattern that matches no parameter is an error. Buffers
+    (BatchNorm running statistics) are not parameters: they still update in training."""
+
+    epochs: int | None = None
+    """Keep them frozen for this many epochs, then train them too (null: the whole run).
+    ``ddp`` and ``fsdp`` only."""
+
+    def __post_init__(self) -> None:
+        for i, pattern in enumerate(self.patterns):
+            check(bool(pattern.strip()), f"train.freeze.patterns[{i}]", "must not be empty")
+        if self.epochs is not None:
+            check(
+                self.epochs >= 1, "train.freeze.epochs", f"must be >= 1 or null, got {self.epochs}"
+            )
+            check(
+                bool(self.patterns),
+                "train.freeze.epochs",
+                "is set but train.freeze.patterns is empty",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +390,12 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
+
+    init: InitConfig = field(default_factory=InitConfig)
+    """Initial weights (fine-tuning a pretrained model)."""
+
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """Frozen parameters."""
 
     num_workers: int = 2
     """Number of training processes (ranks)."""

@@ -133,7 +133,8 @@ class _Trainer:
         self.val_reader = self._reader("val", shuffle=False) if val and val.rows else None
         self.input_shape, self.num_outputs = engine.model_shape(cfg, self.shards)
         self.inputs = engine.model_inputs(cfg, self.shards)
-        self.module = mode.place(engine.new_model(cfg, self.shards), self.device)
+        model, self.init_record = engine.initial_model(cfg, self.shards)
+        self.module = mode.place(model, self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
         steps_per_epoch = math.ceil(self.train_reader.steps_per_epoch / cfg.grad_accum_steps)
         scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch)
@@ -413,6 +414,7 @@ class _Trainer:
                     "attempts": self.attempt + 1,
                     "resumed_from": self.resumed_from,
                 },
+                init=self.init_record,
             )
 
         return str(self.comm.on_rank0(write, f"write the bundle {self.cfg.output}", RuntimeError))

@@ -89,6 +89,10 @@ def check_train_config(cfg: TrainConfig, mode: Mode | None = None) -> Mode:
         raise ConfigError(
             "train.model.builder", str(e).removeprefix("train.model.builder: ")
         ) from e
+    if cfg.init.uri is not None:
+        from pipeline.train.finetune import open_source
+
+        open_source(cfg.init)  # the file is there, of a known format (tensors: check_model)
     return mode
 
 
@@ -190,14 +194,16 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     import torch
 
     from pipeline.data.prefetch import Batch
-    from pipeline.train import engine
+    from pipeline.train import engine, finetune
     from pipeline.train.models import BuilderError
 
     cfg = resolve_task(cfg, shards)
     try:
         inputs = engine.model_inputs(cfg, shards)
         with torch.device("meta"):
-            model = engine.new_model(cfg, shards)
+            model = engine.new_model(cfg, shards)  # train.freeze.patterns are checked here
+    except ConfigError:
+        raise
     except BuilderError as e:
         raise ConfigError(
             "train.model.builder", str(e).removeprefix("train.model.builder: ")
@@ -221,6 +227,9 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
             f"fails on a batch of the shard set's columns: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}",
         ) from e
+    finetune.param_groups(model, cfg.optimizer)  # train.optimizer.lr_multipliers match
+    if cfg.init.uri is not None:
+        finetune.check_init(cfg.init, model)  # the keys and shapes fit; logs the summary
     outputs = 1 if cfg.task == "regression" else len(shards.classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
