@@ -8,6 +8,7 @@ its own values in ``__post_init__`` and names the dotted key of a bad value
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -186,6 +187,14 @@ class CheckpointConfig:
         check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class InitConfig:
     """Initial weights from a file or directory (``train.init``), instead of random ones."""
@@ -219,20 +228,18 @@ class InitConfig:
     covers is an error either way."""
 
     def __post_init__(self) -> None:
-        import re
-
         check(
             self.uri is None or bool(self.uri.strip()),
             "train.init.uri",
             "must be a URI or null",
         )
         for pattern in self.rename:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(
-                    f"train.init.rename.{pattern}", f"is not a regular expression: {e}"
-                ) from e
+            problem = _regex_problem(pattern)
+            check(
+                problem is None,
+                f"train.init.rename.{pattern}",
+                f"is not a regular expression: {problem}",
+            )
         for i, pattern in enumerate(self.skip):
             check(bool(pattern.strip()), f"train.init.skip[{i}]", "must not be empty")
         if self.uri is None:
@@ -255,8 +262,8 @@ class FreezeConfig:
     (BatchNorm running statistics) are not parameters: they still update in training."""
 
     epochs: int | None = None
-    """Keep them frozen for this many epochs, then train them too (null: the whole run).
-    ``ddp`` and ``fsdp`` only."""
+    """Keep them frozen for this many epochs, then train them too, in parameter groups of
+    their own that follow the schedule (null: the whole run). ``train.mode: ddp`` only."""
 
     def __post_init__(self) -> None:
         for i, pattern in enumerate(self.patterns):
@@ -477,6 +484,19 @@ class TrainConfig:
         if self.grad_clip is not None:
             check(
                 self.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {self.grad_clip}"
+            )
+        if self.freeze.epochs is not None:
+            check(
+                self.mode == "ddp",
+                "train.freeze.epochs",
+                f"unfreezing during the run needs train.mode 'ddp' (got {self.mode!r}); freeze "
+                "for the whole run (null), or train the unfrozen model in a second run",
+            )
+            check(
+                self.freeze.epochs < self.epochs,
+                "train.freeze.epochs",
+                f"is {self.freeze.epochs} but the run has train.epochs={self.epochs}: nothing "
+                "would be unfrozen (null freezes for the whole run)",
             )
         # The chosen mode's own checks (fsdp and comm_hook, average and accumulation, ...)
         # run in the training preflight: a mode module imports torch, a config does not.

@@ -250,8 +250,11 @@ def _adapt(model: nn.Module, call: Callable[..., Any]) -> nn.Module:
 
 
 def portable_args(builder: str, args: dict[str, Any]) -> dict[str, Any]:
-    """``train.model.args`` as the bundle records them: an ``hf:`` model's ``model_dir``
-    becomes its ``config`` (the bundle does not depend on the directory)."""
+    """``train.model.args`` as the bundle records them.
+
+    An ``hf:`` model's ``model_dir`` becomes its ``config``: the bundle does not depend on
+    the directory.
+    """
     prefix, _, _ = builder.partition(":")
     if prefix != "hf" or "model_dir" not in args:
         return args

@@ -27,8 +27,8 @@ from torch import nn
 from pipeline.core.configbase import to_dict
 from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import ShardSet
-from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train import finetune
+from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import ModelInputs
 from pipeline.train.models import build_model

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import safetensors
 import safetensors.torch
 import torch
@@ -153,12 +154,10 @@ def open_source(cfg: InitConfig) -> InitSource:
     uri = cfg.uri.rstrip("/")
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
-    import pyarrow.fs as pafs
-
     if info.type == pafs.FileType.NotFound:
         raise ConfigError("train.init.uri", f"{uri} does not exist")
     if info.type == pafs.FileType.File:
-        fmt = cfg.format
+        fmt: str = cfg.format
         if fmt == "auto":
             fmt = "safetensors" if uri.endswith(".safetensors") else "torch"
         if fmt not in ("safetensors", "torch"):

@@ -18,7 +18,7 @@ def build_optimizer(
     params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` (over parameters, or parameter groups)."""
-    params = list(params)
+    params = list(params)  # type: ignore[assignment]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":

@@ -225,3 +225,32 @@ def test_tiny_bert_fine_tuned_on_review_text(spark: Any, tmp_path: Path) -> None
     assert all(r.score_error is None for r in rows)
     agree = np.mean([int(r.label) == int(r.prediction) for r in rows])
     assert agree > majority, agree
+
+
+def test_model_averaging_keeps_frozen_weights(spark: Any, tmp_path: Path) -> None:
+    """mode average: workers leave frozen parameters out of their optimizers, and the
+    float64 weighted average of equal values gives them back bit for bit."""
+    from pipeline.launch.fit import fit
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.models import mlp
+    from tests.shards import make_shardset
+
+    dataset = make_shardset(tmp_path / "set", rows_per_shard={"train": [150, 90], "val": [60]})
+    torch.manual_seed(5)
+    weights = mlp(input_shape=(8,), num_outputs=2, hidden=[16]).state_dict()
+    safetensors.torch.save_file(dict(weights), tmp_path / "w.safetensors")
+    cfg = TrainConfig.from_mapping({
+        "dataset": dataset, "mode": "average", "num_workers": 2, "batch_size": 32,
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [16]}},
+        "averaging": {"rounds": 2, "partition": "shards", "optimizer_state": "average"},
+        "init": {"uri": str(tmp_path / "w.safetensors"), "strict": True},
+        "freeze": {"patterns": ["1.weight"]},
+        "optimizer": {"lr": 0.02, "lr_multipliers": {"3.*": 3.0}},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 0, "keep": 1},
+        "output": str(tmp_path / "model"), "max_attempts": 1,
+    })  # fmt: skip
+    fit(cfg, spark)
+    trained = load_bundle(cfg.output).model.state_dict()
+    assert torch.equal(trained["1.weight"], weights["1.weight"])
+    for k in ("1.bias", "3.weight", "3.bias"):
+        assert not torch.equal(trained[k], weights[k]), k

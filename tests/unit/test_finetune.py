@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from pipeline.core.configbase import ConfigError
-from pipeline.train import engine, finetune
+from pipeline.train import engine
 from pipeline.train.bundle import load_bundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.models import mlp
@@ -226,14 +226,18 @@ def test_freeze_and_lr_groups(tmp_path: Path, shards: str) -> None:
     assert e.value.key == "train.optimizer.lr_multipliers.head.*"
 
 
-def test_frozen_weights_are_bitwise_unchanged_under_torchrun(tmp_path: Path, shards: str) -> None:
-    """ddp on 2 ranks: the frozen first layer ends as loaded, the rest trained."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_frozen_weights_are_bitwise_unchanged_under_torchrun(
+    tmp_path: Path, shards: str, mode: str
+) -> None:
+    """2 ranks: the frozen first layer ends as loaded, the rest trained."""
     weights = _pretrained()
     init = tmp_path / "w.safetensors"
     safetensors.torch.save_file(weights, init)
     cfg = _cfg(
         tmp_path, shards, init={"uri": str(init), "strict": True},
         freeze={"patterns": ["1.*"]}, optimizer={"lr": 0.01, "lr_multipliers": {"3.*": 2.0}},
+        mode=mode,
     )  # fmt: skip
     check_train_config(cfg)
     _summary(_torchrun(cfg, tmp_path, dict(os.environ, PYTHONPATH=str(REPO))))
@@ -251,3 +255,39 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_unfreeze_after_an_epoch_and_resume_exactly(tmp_path: Path, shards: str) -> None:
+    """freeze.epochs=1: frozen through epoch 0, trained in epoch 1; a crash after the
+    unfreeze resumes (optimizer groups and all) to the same bits."""
+    from pipeline.runtime.faults import FAULT_ENV
+    from pipeline.train.checkpoint import CheckpointManager
+
+    weights = _pretrained()
+    init = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(weights, init)
+
+    def cfg(name: str) -> TrainConfig:
+        return _cfg(
+            tmp_path / name, shards, init={"uri": str(init)},
+            freeze={"patterns": ["1.*"], "epochs": 1},
+            optimizer={"lr": 0.01, "lr_multipliers": {"1.*": 0.5}},
+            checkpoint={"dir": str(tmp_path / name / "ckpt"), "every_steps": 5, "keep": 3},
+        )  # fmt: skip
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _summary(_torchrun(cfg("a"), tmp_path / "a", env))
+    assert a["steps"] == 8
+    after_epoch_0 = CheckpointManager(str(tmp_path / "a" / "ckpt")).load(4)
+    assert after_epoch_0 is not None
+    assert torch.equal(after_epoch_0["model"]["1.weight"], weights["1.weight"])
+    final = load_bundle(cfg("a").output).model.state_dict()
+    assert not torch.equal(final["1.weight"], weights["1.weight"])  # trained in epoch 1
+    crash = {FAULT_ENV: "rank=1,step=7,attempt=0,kind=exit"}
+    b = _summary(_torchrun(cfg("b"), tmp_path / "b", {**env, **crash}, max_restarts=1))
+    assert b["attempt"] == 1 and b["resumed_from"] == 5
+    resumed = load_bundle(cfg("b").output).model.state_dict()
+    for k, v in final.items():
+        assert torch.equal(resumed[k], v), k
