@@ -25,7 +25,7 @@ Spark-free.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
 from pipeline.core.configbase import ConfigError
 from pipeline.core.outputs import check_disjoint, check_output_dir
@@ -215,10 +215,23 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
         for c in inputs.columns
     }
     x, _ = inputs.prepare(Batch(stored, torch.zeros(2)), torch.device("cpu"))
-    x = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
-    try:
+
+    def forward(on: str) -> Any:
+        moved = {k: v.to(on) for k, v in x.items()} if isinstance(x, dict) else x.to(on)
         with torch.no_grad():
-            out = model(x)
+            return model(moved)
+
+    try:
+        try:
+            out = forward("meta")
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+            # A forward that reads values (Tensor.item(): Hugging Face's attention masks)
+            # cannot run on meta: build the model on the CPU for this one batch.
+            with torch.random.fork_rng(devices=[]):
+                model = engine.new_model(cfg, shards)
+            out = forward("cpu")
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         shapes = {c.name: list(c.shape) for c in inputs.columns}
         raise ConfigError(

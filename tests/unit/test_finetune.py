@@ -291,3 +291,78 @@ def test_unfreeze_after_an_epoch_and_resume_exactly(tmp_path: Path, shards: str)
     resumed = load_bundle(cfg("b").output).model.state_dict()
     for k, v in final.items():
         assert torch.equal(resumed[k], v), k
+
+
+# -- builders of the ecosystem ---------------------------------------------------------------
+def test_ecosystem_builders_resolve_adapt_and_name_their_extra(monkeypatch: Any) -> None:
+    from pipeline.train import ecosystem
+    from pipeline.train.models import BuilderError, build_model, resolve_builder
+
+    for spec, words in [
+        ("torchvision:resnet1800", "no constructor"),
+        ("timm:no_such_net", "knows no model"),
+        ("hf:BertModel", "AutoModelFor"),
+        ("hf:", "names no model"),
+    ]:
+        with pytest.raises(BuilderError, match=words):
+            resolve_builder(spec)
+    # torchvision: a new head of num_outputs; channels checked against the input
+    model = build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_outputs=4)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert "fc.weight" in model.state_dict()  # the library's own names
+    with pytest.raises(BuilderError, match="3-channel images, the shard set's have 1"):
+        build_model("torchvision:resnet18", input_shape=(1, 32, 32), num_outputs=2)
+    with pytest.raises(BuilderError, match=r"train\.init"):
+        build_model(
+            "torchvision:resnet18",
+            input_shape=(3, 8, 8),
+            num_outputs=2,
+            args={"weights": "DEFAULT"},
+        )
+    with pytest.raises(BuilderError, match="images"):
+        build_model("torchvision:resnet18", input_shape=(16,), num_outputs=2)
+    # timm adapts the input channels itself
+    model = build_model("timm:resnet10t", input_shape=(1, 16, 16), num_outputs=3)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)
+    # a missing library is a config error naming the extra, before anything runs
+    real = ecosystem.importlib.import_module
+
+    def missing(name: str) -> Any:
+        if name == "transformers":
+            raise ImportError("No module named 'transformers'")
+        return real(name)
+
+    monkeypatch.setattr(ecosystem.importlib, "import_module", missing)
+    cfg = TrainConfig.from_mapping({"model": {"builder": "hf:AutoModelForSequenceClassification"}})
+    with pytest.raises(ConfigError) as e:
+        check_train_config(cfg)
+    assert e.value.key == "train.model.builder" and "spark-train[hf]" in str(e.value)
+
+
+def test_hf_text_adapter_feeds_ids_and_mask(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    from pipeline.train.models import BuilderError, build_model
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    args = {"model_dir": str(tmp_path), "hidden_dropout_prob": 0.0}
+    spec = {"review": ("int32", (12,))}
+    model = build_model("hf:AutoModelForSequenceClassification", input_shape=(12,), num_outputs=2,
+                        args=args, inputs=spec, vocab={"review": (40, 3)})  # fmt: skip
+    assert model.config.pad_token_id == 3 and model.config.num_labels == 2
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 3, 3, 3, 3, 3, 3, 3, 3, 3]], dtype=torch.int32)
+    # the adapter is the model called with input_ids and the mask of non-pad ids
+    direct = (
+        type(model)
+        .__mro__[1]
+        .forward(model, input_ids=ids.long(), attention_mask=(ids != 3).long())
+        .logits
+    )
+    assert torch.allclose(model(ids), direct)
+    for vocab, length, words in [((60, 0), 12, "vocab_size is 50"), ((40, 0), 20, "max_position")]:
+        with pytest.raises(BuilderError, match=words):
+            build_model("hf:AutoModelForSequenceClassification", input_shape=(length,), num_outputs=2,
+                        args=args, inputs={"review": ("int32", (length,))}, vocab={"review": vocab})  # fmt: skip
