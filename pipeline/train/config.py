@@ -42,7 +42,10 @@ class ModelConfig:
 
     builder: str = "pipeline.train.models:mlp"
     """``module:function`` returning an ``nn.Module``; called with ``input_shape``,
-    ``num_outputs`` (both taken from the shard set) and ``args``."""
+    ``num_outputs`` (both taken from the shard set) and ``args``. Or a model of the
+    ecosystem: ``torchvision:<constructor>``, ``timm:<model name>`` (extra ``vision``) or
+    ``hf:<AutoModelFor… class>`` with ``args.model_dir`` / ``args.config`` (extra ``hf``);
+    see README "Fine-tuning"."""
 
     args: Mapping[str, Any] = field(default_factory=_frozen_mapping)
     """Keyword arguments for the builder (e.g. ``{hidden: [256, 256], dropout: 0.1}``).
