@@ -378,4 +378,4 @@ def param_groups(
             continue
         factor = next((f for pat, f in patterns if fnmatch.fnmatchcase(name, pat)), 1.0)
         groups.setdefault(factor, []).append(p)
-    return [{"params": ps, "lr": cfg.lr * f, "lr_factor": f} for f, ps in groups.items()]
+    return [{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()]
