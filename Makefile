@@ -15,12 +15,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile .ci/java-env
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# The CPU build of torch lies on this disk; a GPU machine gets the default (CUDA) build
-	@# through pyproject's range instead.
+	@# Without a CUDA device: torch 2.14.1 with its torchvision 0.29.1, both from this disk
+	@# (the [vision] extra's ResNet tests need a torchvision built for the installed torch;
+	@# none exists for the CPU-only torch 2.13.0 wheel here: "torchvision::nms does not
+	@# exist"). A GPU machine gets the default (CUDA) builds through pyproject's ranges.
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "CUDA device present: torch comes from pyproject's range (CUDA build)"; \
 	else \
-	  $(BIN)/python -m pip install -q torch==2.13.0; \
+	  $(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1; \
 	fi
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	bash .ci/java-env $(BIN)/python > $(JAVA_ENV)

@@ -256,7 +256,7 @@ class _Driver:
         self.env, self.show_progress = env, show_progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same initial model as a DDP run's
-            self.model = engine.new_model(cfg, self.shards)
+            self.model, self.init_record = engine.initial_model(cfg, self.shards)
         self.inputs = engine.model_inputs(cfg, self.shards)
         self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.optimizer: dict[str, torch.Tensor] = {}  # global optimizer state to broadcast
@@ -489,7 +489,9 @@ class _Driver:
             "bytes_received": sum(int(r["bytes_received"]) for r in self.rounds),
             "averaging": to_dict(self.avg),
         }
-        uri = bundle.write_trained(cfg, self.shards, self.model, metrics=metrics)
+        uri = bundle.write_trained(
+            cfg, self.shards, self.model, metrics=metrics, init=self.init_record
+        )
         return TrainResult(
             epochs=[*self.history, *self.rounds],
             bundle=uri,

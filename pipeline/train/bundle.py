@@ -43,6 +43,7 @@ from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.core.version import __version__
 from pipeline.data.shardset import ShardSet
 from pipeline.train.config import TrainConfig
+from pipeline.train.ecosystem import portable_args
 from pipeline.train.engine import model_inputs, model_shape
 from pipeline.train.inputs import ModelInputs
 from pipeline.train.models import build_model, cnn, resolve_builder
@@ -111,6 +112,7 @@ def model_spec(
     ).hexdigest()
     args = to_dict(cfg.model.args)
     args.pop("input_shape", None)
+    args = portable_args(cfg.model.builder, args)
     return {
         "format_version": BUNDLE_FORMAT_VERSION,
         "builder": cfg.model.builder,
@@ -151,18 +153,27 @@ def features_source(shards: ShardSet) -> str | None:
 
 
 def write_trained(
-    cfg: TrainConfig, shards: ShardSet, model: nn.Module, *, metrics: dict[str, Any]
+    cfg: TrainConfig,
+    shards: ShardSet,
+    model: nn.Module,
+    *,
+    metrics: dict[str, Any],
+    init: dict[str, Any] | None = None,
 ) -> str:
     """Write the bundle of ``model`` trained by ``cfg`` on ``shards`` to ``train.output``.
 
-    What every mode writes at the end: the weights, ``model.json`` (:func:`model_spec`), the
-    metrics, the ``train`` section and a copy of the shard set's feature model.
+    What every mode writes at the end: the weights, ``model.json`` (:func:`model_spec`; with
+    ``init``, the source of the initial weights: uri, format, sha256), the metrics, the
+    ``train`` section and a copy of the shard set's feature model.
     """
     input_shape, num_outputs = model_shape(cfg, shards)
+    spec = model_spec(cfg, shards, input_shape=input_shape, num_outputs=num_outputs)
+    if init is not None:
+        spec["init"] = dict(init)
     return write_bundle(
         cfg.output,
         model=model,
-        spec=model_spec(cfg, shards, input_shape=input_shape, num_outputs=num_outputs),
+        spec=spec,
         metrics=metrics,
         config={"train": to_dict(cfg)},
         features_uri=features_source(shards),

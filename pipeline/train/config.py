@@ -8,6 +8,7 @@ its own values in ``__post_init__`` and names the dotted key of a bad value
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pipeline.train.registry import mode_names
 __all__ = [
     "AveragingConfig",
     "CheckpointConfig",
+    "FreezeConfig",
+    "InitConfig",
     "LRScheduleConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -40,7 +43,10 @@ class ModelConfig:
 
     builder: str = "pipeline.train.models:mlp"
     """``module:function`` returning an ``nn.Module``; called with ``input_shape``,
-    ``num_outputs`` (both taken from the shard set) and ``args``."""
+    ``num_outputs`` (both taken from the shard set) and ``args``. Or a model of the
+    ecosystem: ``torchvision:<constructor>``, ``timm:<model name>`` (extra ``vision``) or
+    ``hf:<AutoModelFor… class>`` with ``args.model_dir`` / ``args.config`` (extra ``hf``);
+    see README "Fine-tuning"."""
 
     args: Mapping[str, Any] = field(default_factory=_frozen_mapping)
     """Keyword arguments for the builder (e.g. ``{hidden: [256, 256], dropout: 0.1}``).
@@ -78,8 +84,26 @@ class OptimizerConfig:
     momentum: float | None = None
     """SGD momentum (``sgd`` only; default 0)."""
 
+    lr_multipliers: Mapping[str, float] = field(default_factory=_frozen_mapping)
+    """Per-parameter learning rates (discriminative fine-tuning): ``{pattern: factor}``, a
+    parameter whose name matches a glob pattern (``fnmatch``: ``layer4.*``, ``*.bias``)
+    trains at ``lr`` × factor (the first matching pattern, in the order written, wins; others
+    at ``lr``); the schedule scales every group alike. A pattern that matches no parameter is
+    an error."""
+
     def __post_init__(self) -> None:
         check(self.lr > 0, "train.optimizer.lr", f"must be > 0, got {self.lr}")
+        for pattern, factor in self.lr_multipliers.items():
+            check(
+                bool(pattern.strip()),
+                "train.optimizer.lr_multipliers",
+                "has an empty pattern",
+            )
+            check(
+                factor > 0,
+                f"train.optimizer.lr_multipliers.{pattern}",
+                f"must be > 0, got {factor} (freeze parameters with train.freeze.patterns)",
+            )
         check(
             self.weight_decay >= 0,
             "train.optimizer.weight_decay",
@@ -167,6 +191,98 @@ class CheckpointConfig:
             f"must be >= 0, got {self.every_steps}",
         )
         check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Initial weights from a file or directory (``train.init``), instead of random ones."""
+
+    uri: str | None = None
+    """Where the initial weights are (any storage URI): a ``.safetensors`` file, a torch
+    state dict (``.pt`` / ``.pth`` / ``.bin``, loaded with ``weights_only=True``), a model
+    bundle of ours, or a Hugging Face model directory (``model.safetensors`` or
+    ``pytorch_model.bin``, sharded ones through their index). Null: random initialisation.
+    The driver checks it against the model before any rank starts; the bundle records it
+    and its sha256 (``model.json`` ``init``)."""
+
+    format: Literal["auto", "safetensors", "torch", "bundle", "huggingface"] = "auto"
+    """How to read ``uri``: ``auto`` decides by its name (``.safetensors``; ``.pt``,
+    ``.pth``, ``.bin``, ``.ckpt``; a directory with ``model.json`` is a bundle, one with
+    ``config.json`` a Hugging Face model)."""
+
+    rename: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    """``{regex: replacement}`` applied to every key of the file, in the order written
+    (``re.sub``; e.g. ``{"^backbone\\.": ""}``), before ``skip`` and before matching the
+    model's keys."""
+
+    skip: tuple[str, ...] = ()
+    """Glob patterns (``fnmatch``) of keys, after ``rename``, not to load: e.g. ``fc.*`` for
+    a head that gets another number of outputs."""
+
+    strict: bool = False
+    """``true``: every model key must be loaded and every key of the file used (after
+    ``skip``); ``false``: keys that are missing or unexpected are counted in the summary
+    line and the model keeps its initialisation for them. A shape mismatch that no ``skip``
+    covers is an error either way."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.uri is None or bool(self.uri.strip()),
+            "train.init.uri",
+            "must be a URI or null",
+        )
+        for pattern in self.rename:
+            problem = _regex_problem(pattern)
+            check(
+                problem is None,
+                f"train.init.rename.{pattern}",
+                f"is not a regular expression: {problem}",
+            )
+        for i, pattern in enumerate(self.skip):
+            check(bool(pattern.strip()), f"train.init.skip[{i}]", "must not be empty")
+        if self.uri is None:
+            check(
+                not (self.rename or self.skip or self.strict),
+                "train.init.uri",
+                "is null, but train.init has rename / skip / strict: set the URI",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FreezeConfig:
+    """Parameters that do not train (``train.freeze``), e.g. a pretrained backbone."""
+
+    patterns: tuple[str, ...] = ()
+    """Glob patterns (``fnmatch``) of parameter names (as in the model's ``state_dict``,
+    e.g. ``conv1.*``, ``layer*``, ``bert.embeddings.*``): matching parameters get
+    ``requires_grad = False`` and are left out of the optimizer, so they end the run
+    bitwise as they started. A pattern that matches no parameter is an error. Buffers
+    (BatchNorm running statistics) are not parameters: they still update in training."""
+
+    epochs: int | None = None
+    """Keep them frozen for this many epochs, then train them too, in parameter groups of
+    their own that follow the schedule (null: the whole run). ``train.mode: ddp`` only."""
+
+    def __post_init__(self) -> None:
+        for i, pattern in enumerate(self.patterns):
+            check(bool(pattern.strip()), f"train.freeze.patterns[{i}]", "must not be empty")
+        if self.epochs is not None:
+            check(
+                self.epochs >= 1, "train.freeze.epochs", f"must be >= 1 or null, got {self.epochs}"
+            )
+            check(
+                bool(self.patterns),
+                "train.freeze.epochs",
+                "is set but train.freeze.patterns is empty",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,6 +404,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
 
+    init: InitConfig = field(default_factory=InitConfig)
+    """Initial weights (fine-tuning a pretrained model)."""
+
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """Frozen parameters."""
+
     num_workers: int = 2
     """Number of training processes (ranks)."""
 
@@ -368,6 +490,19 @@ class TrainConfig:
         if self.grad_clip is not None:
             check(
                 self.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {self.grad_clip}"
+            )
+        if self.freeze.epochs is not None:
+            check(
+                self.mode == "ddp",
+                "train.freeze.epochs",
+                f"unfreezing during the run needs train.mode 'ddp' (got {self.mode!r}); freeze "
+                "for the whole run (null), or train the unfrozen model in a second run",
+            )
+            check(
+                self.freeze.epochs < self.epochs,
+                "train.freeze.epochs",
+                f"is {self.freeze.epochs} but the run has train.epochs={self.epochs}: nothing "
+                "would be unfrozen (null freezes for the whole run)",
             )
         # The chosen mode's own checks (fsdp and comm_hook, average and accumulation, ...)
         # run in the training preflight: a mode module imports torch, a config does not.

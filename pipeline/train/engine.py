@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.core.configbase import to_dict
 from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import ShardSet
+from pipeline.train import finetune
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import ModelInputs
@@ -44,6 +45,7 @@ __all__ = [
     "autocast",
     "builder_args",
     "deterministic",
+    "initial_model",
     "model_inputs",
     "model_shape",
     "new_model",
@@ -130,10 +132,14 @@ def model_shape(cfg: TrainConfig, shards: ShardSet) -> tuple[tuple[int, ...], in
 
 
 def new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
-    """A freshly initialised model (seed first for identical weights on every rank)."""
+    """A freshly initialised model (seed first for identical weights on every rank).
+
+    Parameters matching ``train.freeze.patterns`` come with ``requires_grad`` off; the
+    weights are the builder's (:func:`initial_model` loads ``train.init``'s).
+    """
     input_shape, num_outputs = model_shape(cfg, shards)
     inputs = model_inputs(cfg, shards)
-    return build_model(
+    model = build_model(
         cfg.model.builder,
         input_shape=input_shape,
         num_outputs=num_outputs,
@@ -141,11 +147,28 @@ def new_model(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
         inputs=inputs.spec(),
         vocab=inputs.vocab(),
     )
+    finetune.apply_freeze(model, cfg.freeze)
+    return model
+
+
+def initial_model(cfg: TrainConfig, shards: ShardSet) -> tuple[nn.Module, dict[str, Any] | None]:
+    """:func:`new_model` with ``train.init``'s weights loaded; and the bundle's ``init`` record.
+
+    The record (uri, format, sha256 of the bytes loaded) is None without ``train.init``.
+    """
+    model = new_model(cfg, shards)
+    if cfg.init.uri is None:
+        return model, None
+    return model, finetune.load_initial(cfg.init, model)
 
 
 def new_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over ``module``'s parameters (after placing / sharding it)."""
-    return build_optimizer(module.parameters(), cfg.optimizer)
+    """The configured optimizer over ``module``'s trainable parameters (after placing it).
+
+    Frozen parameters (``requires_grad`` off) are left out; the others are grouped by their
+    ``train.optimizer.lr_multipliers`` factor.
+    """
+    return build_optimizer(finetune.param_groups(module, cfg.optimizer), cfg.optimizer)
 
 
 # -- device and precision ------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pipeline.runtime import distenv
 from pipeline.runtime.faults import parse_fault
 from pipeline.runtime.progress import report
 from pipeline.runtime.timeouts import naming_timeout, watchdog
-from pipeline.train import bundle, engine
+from pipeline.train import bundle, engine, finetune
 from pipeline.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pipeline.train.collectives import Collectives, SingleProcess, init_process_group
 from pipeline.train.config import TrainConfig
@@ -133,7 +133,8 @@ class _Trainer:
         self.val_reader = self._reader("val", shuffle=False) if val and val.rows else None
         self.input_shape, self.num_outputs = engine.model_shape(cfg, self.shards)
         self.inputs = engine.model_inputs(cfg, self.shards)
-        self.module = mode.place(engine.new_model(cfg, self.shards), self.device)
+        model, self.init_record = engine.initial_model(cfg, self.shards)
+        self.module = mode.place(model, self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
         steps_per_epoch = math.ceil(self.train_reader.steps_per_epoch / cfg.grad_accum_steps)
         scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch)
@@ -149,6 +150,7 @@ class _Trainer:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_rows = 0  # rows behind loss_sum (known on the host: no device sync)
         self._resume_rank_state: dict[str, Any] = {}  # this rank's entry of the checkpoint
+        self.ctx, self.unfrozen = ctx, False
         self.resumed_from = self._resume()
         self.model = mode.wrap(self.module, ctx)
         # Ranks draw different dropout masks; seeded after initialisation so that the model
@@ -201,6 +203,9 @@ class _Trainer:
                 f"{len(ranks)} workers; this run has {self.world_size} (train.num_workers): "
                 "exact resume needs the same number"
             )
+        frozen_for = self.cfg.freeze.epochs
+        if frozen_for is not None and (state["epoch"], state["micro"]) > (frozen_for, 0):
+            self._unfreeze()  # the checkpoint's optimizer has the unfrozen groups
         self.mode.load_state(
             self.module,
             self.optimizer,
@@ -261,6 +266,12 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs, then write the bundle from rank 0."""
         while self.epoch < self.cfg.epochs:
+            frozen_for = self.cfg.freeze.epochs
+            if frozen_for is not None and self.epoch >= frozen_for and not self.unfrozen:
+                self._unfreeze()
+                del self.model
+                gc.collect()  # DDP's reducer (and its hooks) goes before the new one exists
+                self.model = self.mode.wrap(self.module, self.ctx)
             self._run_epoch()
             self.epoch, self.micro, self.epoch_seconds = self.epoch + 1, 0, 0.0
         uri = self._write_bundle()
@@ -273,6 +284,27 @@ class _Trainer:
             "epochs": self.history,
             "bundle": uri,
         }
+
+    def _unfreeze(self) -> None:
+        """``train.freeze.epochs`` are over: the frozen parameters join the optimizer.
+
+        They get parameter groups of their own (``lr_multipliers`` apply) that follow the
+        same schedule from the current step on; the caller wraps the module again (DDP
+        registers the parameters that require gradients when it is built).
+        """
+        names = finetune.unfreeze(self.module, self.cfg.freeze)
+        groups = finetune.param_groups(self.module, self.cfg.optimizer, only=set(names))
+        scheduler = self.stepper.scheduler
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR), "the loop's schedule"
+        factor = scheduler.lr_lambdas[0]
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+            scheduler.base_lrs.append(group["lr"])
+            scheduler.lr_lambdas.append(factor)
+            group["lr"] = group["lr"] * factor(scheduler.last_epoch)
+            self.optimizer.add_param_group(group)
+        self.unfrozen = True
+        log.info("epoch %d: %d frozen parameter(s) unfrozen", self.epoch, len(names))
 
     def close(self) -> None:
         """Stop the readers' prefetch threads."""
@@ -413,6 +445,7 @@ class _Trainer:
                     "attempts": self.attempt + 1,
                     "resumed_from": self.resumed_from,
                 },
+                init=self.init_record,
             )
 
         return str(self.comm.on_rank0(write, f"write the bundle {self.cfg.output}", RuntimeError))

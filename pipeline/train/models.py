@@ -384,8 +384,17 @@ def resolve_builder(spec: str) -> Callable[..., nn.Module]:
     """Import ``"package.module:function"``; errors name ``train.model.builder``.
 
     An earlier release's module path (``pipeline.models:mlp``, as bundles of 0.1.0 record
-    it) resolves to today's, with one deprecation line.
+    it) resolves to today's, with one deprecation line. ``torchvision:…``, ``timm:…`` and
+    ``hf:…`` name models of those libraries (:mod:`pipeline.train.ecosystem`).
     """
+    from pipeline.train.ecosystem import EcosystemError, ecosystem_builder
+
+    try:
+        ecosystem = ecosystem_builder(spec)
+    except EcosystemError as e:
+        raise BuilderError(f"{_KEY}: {e}") from e
+    if ecosystem is not None:
+        return ecosystem
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BuilderError(f"{_KEY}: expected 'package.module:function', got {spec!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -14,10 +15,10 @@ __all__ = ["LRFactor", "build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name``."""
-    params = list(params)
+    """The optimizer named by ``cfg.name`` (over parameters, or parameter groups)."""
+    params = list(params)  # type: ignore[assignment]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":

@@ -25,7 +25,7 @@ Spark-free.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
 from pipeline.core.configbase import ConfigError
 from pipeline.core.outputs import check_disjoint, check_output_dir
@@ -89,6 +89,10 @@ def check_train_config(cfg: TrainConfig, mode: Mode | None = None) -> Mode:
         raise ConfigError(
             "train.model.builder", str(e).removeprefix("train.model.builder: ")
         ) from e
+    if cfg.init.uri is not None:
+        from pipeline.train.finetune import open_source
+
+        open_source(cfg.init)  # the file is there, of a known format (tensors: check_model)
     return mode
 
 
@@ -190,14 +194,16 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     import torch
 
     from pipeline.data.prefetch import Batch
-    from pipeline.train import engine
+    from pipeline.train import engine, finetune
     from pipeline.train.models import BuilderError
 
     cfg = resolve_task(cfg, shards)
     try:
         inputs = engine.model_inputs(cfg, shards)
         with torch.device("meta"):
-            model = engine.new_model(cfg, shards)
+            model = engine.new_model(cfg, shards)  # train.freeze.patterns are checked here
+    except ConfigError:
+        raise
     except BuilderError as e:
         raise ConfigError(
             "train.model.builder", str(e).removeprefix("train.model.builder: ")
@@ -209,10 +215,23 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
         for c in inputs.columns
     }
     x, _ = inputs.prepare(Batch(stored, torch.zeros(2)), torch.device("cpu"))
-    x = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
-    try:
+
+    def forward(on: str) -> Any:
+        moved = {k: v.to(on) for k, v in x.items()} if isinstance(x, dict) else x.to(on)
         with torch.no_grad():
-            out = model(x)
+            return model(moved)
+
+    try:
+        try:
+            out = forward("meta")
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+            # A forward that reads values (Tensor.item(): Hugging Face's attention masks)
+            # cannot run on meta: build the model on the CPU for this one batch.
+            with torch.random.fork_rng(devices=[]):
+                model = engine.new_model(cfg, shards)
+            out = forward("cpu")
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         shapes = {c.name: list(c.shape) for c in inputs.columns}
         raise ConfigError(
@@ -221,6 +240,9 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
             f"fails on a batch of the shard set's columns: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}",
         ) from e
+    finetune.param_groups(model, cfg.optimizer)  # train.optimizer.lr_multipliers match
+    if cfg.init.uri is not None:
+        finetune.check_init(cfg.init, model)  # the keys and shapes fit; logs the summary
     outputs = 1 if cfg.task == "regression" else len(shards.classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
