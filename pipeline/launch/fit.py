@@ -27,7 +27,11 @@ from pipeline.launch.session import active_session
 from pipeline.launch.tracking import tracked
 from pipeline.train.bundle import CONFIG, SPEC, model_spec
 from pipeline.train.config import TrainConfig
-from pipeline.train.preflight import check_training_inputs, resolve_task
+from pipeline.train.preflight import (
+    check_training_inputs,
+    resolve_checkpoint_model,
+    resolve_task,
+)
 from pipeline.train.registry import BarrierMode, Mode, get_mode
 
 __all__ = ["TrainResult", "bundle_is_current", "fit"]
@@ -51,7 +55,7 @@ def fit(
     with tracked(cfg) as runlog:
         mode = get_mode(cfg.mode)
         shards = check_training_inputs(cfg, mode)  # refuse unusable inputs before launching
-        cfg = resolve_task(cfg, shards)
+        cfg = resolve_checkpoint_model(resolve_task(cfg, shards), shards)
         spark = active_session(spark)
         check_executor_python(spark)
         result = _launch(mode, cfg, spark, env=env, show_progress=show_progress)

@@ -158,6 +158,10 @@ class CheckpointManager:
             return step
         return None
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """``meta.json`` of the complete checkpoint of ``step`` (format, writer, keys, files)."""
+        return self._meta(storage.join(self.root, _dir_name(step)))
+
     def steps(self) -> list[int]:
         """Steps of all complete checkpoints, oldest first."""
         return self._complete_steps(warn=True)

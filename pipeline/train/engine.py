@@ -15,23 +15,26 @@ Spark-free: it runs inside executors and under plain ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.core.compat import DEPRECATION_LOGGER, written_by
 from pipeline.core.configbase import to_dict
+from pipeline.core.version import version_tuple
 from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import ShardSet
 from pipeline.train import finetune
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import ModelInputs
-from pipeline.train.models import build_model
+from pipeline.train.models import build_model, cnn, resolve_builder
 from pipeline.train.optim import build_optimizer
 
 ModelArgument = torch.Tensor | dict[str, torch.Tensor]
@@ -44,6 +47,7 @@ __all__ = [
     "Stepper",
     "autocast",
     "builder_args",
+    "checkpoint_builder",
     "deterministic",
     "initial_model",
     "model_inputs",
@@ -54,6 +58,7 @@ __all__ = [
     "seed_everything",
     "seed_from",
     "to_model",
+    "with_builder",
 ]
 
 log = logging.getLogger(__name__)
@@ -257,4 +262,64 @@ def resume_step(
         f"train.checkpoint.dir {directory} holds checkpoints of an unfinished run (latest "
         f"step {latest}): set train.resume=true to continue it, or point "
         "train.checkpoint.dir at an empty directory to start over"
+    )
+
+
+CNN_V1: Final = "pipeline.train.models:cnn_v1"
+"""The builder of 0.1.0's ``cnn`` architecture (:func:`pipeline.train.models.cnn_v1`)."""
+
+
+def checkpoint_builder(
+    cfg: TrainConfig, shards: ShardSet, ckpt: CheckpointManager, *, relaunch: bool = False
+) -> str:
+    """The builder to build the model with so that the checkpoint this run resumes fits it.
+
+    ``train.model.builder``, except for a checkpoint of 0.1.0's ``cnn``: written by 0.1.0
+    (its ``meta.json`` records no newer ``spark_train``) under a builder that is the
+    built-in ``cnn``, with weights (names and shapes of the ``model`` state) that fit
+    :func:`~pipeline.train.models.cnn_v1` and not today's ``cnn`` — as a bundle of that
+    release is loaded. Then it is :data:`CNN_V1`, with one warning naming the builder to
+    configure. Decide this on the driver or rank 0 only (it reads the checkpoint), before
+    any rank builds its model, and give every rank the answer.
+    """
+    builder = cfg.model.builder
+    if not (cfg.resume or relaunch) or resolve_builder(builder) is not cnn:
+        return builder
+    step = ckpt.latest_step()
+    if step is None:
+        return builder
+    writer = written_by(ckpt.meta(step).get("spark_train"))
+    if writer is not None and version_tuple(writer) >= (0, 2):
+        return builder
+    state = ckpt.load(step)
+    weights = state.get("model") if state is not None else None
+    if not isinstance(weights, dict) or _fits(builder, cfg, shards, weights):
+        return builder
+    if not _fits(CNN_V1, cfg, shards, weights):
+        return builder  # neither: loading it fails and says why
+    logging.getLogger(DEPRECATION_LOGGER).warning(
+        "train.model.builder %r: checkpoint %s was written by spark-train %s for the 0.1.0 "
+        "cnn architecture; resuming it with %r (set train.model.builder to %r to silence this)",
+        builder,
+        ckpt.path(step),
+        writer or "0.1.0",
+        CNN_V1,
+        CNN_V1,
+    )
+    return CNN_V1
+
+
+def with_builder(cfg: TrainConfig, builder: str) -> TrainConfig:
+    """``cfg`` with ``train.model.builder`` set to ``builder`` (itself when it is already)."""
+    if builder == cfg.model.builder:
+        return cfg
+    return cfg.replace(model=dataclasses.replace(cfg.model, builder=builder))
+
+
+def _fits(builder: str, cfg: TrainConfig, shards: ShardSet, weights: dict[str, Any]) -> bool:
+    """Whether ``weights`` has exactly the names and shapes of ``builder``'s model."""
+    with torch.device("meta"):
+        own = new_model(with_builder(cfg, builder), shards).state_dict()
+    return own.keys() == weights.keys() and all(
+        isinstance(weights[k], torch.Tensor) and weights[k].shape == own[k].shape for k in own
     )

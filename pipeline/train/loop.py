@@ -133,6 +133,16 @@ class _Trainer:
         self.val_reader = self._reader("val", shuffle=False) if val and val.rows else None
         self.input_shape, self.num_outputs = engine.model_shape(cfg, self.shards)
         self.inputs = engine.model_inputs(cfg, self.shards)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        # The model the checkpoint to resume was trained as (0.1.0's cnn): rank 0 decides.
+        builder = comm.on_rank0(
+            lambda: engine.checkpoint_builder(
+                cfg, self.shards, self.ckpt, relaunch=self.attempt > 0
+            ),
+            "read the model of the checkpoint to resume",
+            ResumeError,
+        )
+        self.cfg = cfg = engine.with_builder(cfg, builder)
         model, self.init_record = engine.initial_model(cfg, self.shards)
         self.module = mode.place(model, self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
@@ -141,7 +151,6 @@ class _Trainer:
         self.stepper = engine.Stepper(
             cfg, self.module, self.optimizer, clip=mode.clip_grad_norm, scheduler=scheduler
         )
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         # Progress through the run; replaced by a checkpoint's values on resume.
         self.epoch = 0
         self.micro = 0  # micro-batches of the current epoch already consumed

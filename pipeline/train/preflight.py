@@ -34,7 +34,13 @@ from pipeline.data.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
 from pipeline.train.config import TrainConfig
 from pipeline.train.registry import Mode, get_mode
 
-__all__ = ["check_train_config", "check_training_data", "check_training_inputs", "resolve_task"]
+__all__ = [
+    "check_train_config",
+    "check_training_data",
+    "check_training_inputs",
+    "resolve_checkpoint_model",
+    "resolve_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,20 @@ def resolve_task(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
     An explicit ``train.task`` is kept; :func:`check_training_data` refuses a mismatch.
     """
     return cfg if cfg.task is not None else cfg.replace(task=shards.task)
+
+
+def resolve_checkpoint_model(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
+    """``cfg`` with the builder of the checkpoint it resumes, decided here on the driver.
+
+    A ``train.resume`` of a checkpoint of 0.1.0's ``cnn`` builds ``cnn_v1``, the
+    architecture it was trained as, with one warning
+    (:func:`pipeline.train.engine.checkpoint_builder`); the ranks get the decided config.
+    """
+    from pipeline.train import engine
+    from pipeline.train.checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    return engine.with_builder(cfg, engine.checkpoint_builder(cfg, shards, ckpt))
 
 
 def _check_label(cfg: TrainConfig, shards: ShardSet) -> None:

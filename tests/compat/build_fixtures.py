@@ -11,6 +11,7 @@ scratch directory:
 * ``mlp/`` and ``cnn/``: bundles of the release's built-in ``mlp`` and ``cnn``, spelled as the
   release documented them (``pipeline.models:…`` before the restructuring);
 * ``ckpt/``: the ``mlp`` run's latest checkpoint; ``run-summary.json``: its run summary;
+* ``ckpt-cnn/``: the ``cnn`` run's latest checkpoint (the release's ``cnn`` architecture);
 
 then records, with the release's code, each bundle's evaluation on the test split and its
 predictions on ``sample.csv`` in ``fixture.json``. The directories are copied to
@@ -129,8 +130,10 @@ RECORD = textwrap.dedent(
              "probability": [float(p) for p in r["probability"]]}
             for r in rows
         ]
-    steps = sorted(glob.glob("ckpt/step-*"))
-    out["checkpoint"] = {"dir": steps[-1].split("/")[-1], "metrics": json.load(open("mlp/metrics.json"))}
+    for key, ckpt, bundle in (("checkpoint", "ckpt", "mlp"), ("checkpoint_cnn", "ckpt-cnn", "cnn")):
+        steps = sorted(glob.glob(ckpt + "/step-*"))
+        out[key] = {"dir": steps[-1].split("/")[-1],
+                    "metrics": json.load(open(bundle + "/metrics.json"))}
     json.dump(out, open("recorded.json", "w"), indent=2)
     spark.stop()
     """
@@ -197,7 +200,7 @@ def install(commit: str, work: Path, record: dict[str, object]) -> Path:
     dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("*.crc", "_SUCCESS", ".tmp-*")
     shutil.copytree(work / "shards", dest / "shards", ignore=ignore)
-    for name in ("raw", "mlp", "cnn", "ckpt"):
+    for name in ("raw", "mlp", "cnn", "ckpt", "ckpt-cnn"):
         shutil.copytree(work / name, dest / name, ignore=ignore)
     for name in ("mlp.yaml", "cnn.yaml", "sample.csv", "run-summary.json"):
         shutil.copy2(work / name, dest / name)
