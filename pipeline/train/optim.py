@@ -16,7 +16,11 @@ __all__ = ["LRFactor", "build_optimizer", "build_scheduler"]
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name``."""
+    """The optimizer named by ``cfg.name`` (``cfg.lr`` resolved: see ``resolve_defaults``)."""
+    if cfg.lr is None:
+        raise ValueError(
+            "train.optimizer.lr is unresolved: the model's recommended rate is set first"
+        )
     params = list(params)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -24,6 +24,7 @@ Spark-free.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Final
 
@@ -34,7 +35,13 @@ from pipeline.data.shardset import ShardInfo, ShardSet, ShardSetError, SplitInfo
 from pipeline.train.config import TrainConfig
 from pipeline.train.registry import Mode, get_mode
 
-__all__ = ["check_train_config", "check_training_data", "check_training_inputs", "resolve_task"]
+__all__ = [
+    "check_train_config",
+    "check_training_data",
+    "check_training_inputs",
+    "resolve_defaults",
+    "resolve_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +124,26 @@ def check_training_data(
     mode.check_data(cfg, shards)
 
 
+def resolve_defaults(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
+    """``cfg`` with what was left unset resolved: :func:`resolve_task` and the learning rate.
+
+    An unset ``train.optimizer.lr`` becomes the builder's recommended rate
+    (:func:`pipeline.train.models.recommended_lr`); a rate the user set is kept.
+    """
+    from pipeline.train.models import BuilderError, recommended_lr
+
+    cfg = resolve_task(cfg, shards)
+    if cfg.optimizer.lr is not None:
+        return cfg
+    try:
+        lr = recommended_lr(cfg.model.builder, cfg.model.args)
+    except BuilderError as e:
+        raise ConfigError(
+            "train.model.builder", str(e).removeprefix("train.model.builder: ")
+        ) from e
+    return cfg.replace(optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
+
+
 def resolve_task(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
     """``cfg`` with ``train.task`` set to the shard set's task when it is unset (None).
 
@@ -193,7 +220,7 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     from pipeline.train import engine
     from pipeline.train.models import BuilderError
 
-    cfg = resolve_task(cfg, shards)
+    cfg = resolve_defaults(cfg, shards)
     try:
         inputs = engine.model_inputs(cfg, shards)
         with torch.device("meta"):
