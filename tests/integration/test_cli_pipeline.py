@@ -108,6 +108,7 @@ def test_spark_submit_reports_a_config_error_like_the_cli(raw_data: Path, tmp_pa
     assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr
 
 
+@pytest.mark.slow
 def test_a_wide_table_runs_and_scores(spark: Any, tmp_path: Path, capsys: Any) -> None:
     # 500 numeric + 50 categorical columns on the classic session (Spark Connect:
     # test_connect.py): the validation once overflowed the JVM's stack (an AND per column).

@@ -223,6 +223,7 @@ def test_the_validation_plan_of_600_columns_is_flat(remote: Any) -> None:
         assert _depth(parsed) < 40, _depth(parsed)
 
 
+@pytest.mark.slow
 def test_a_wide_table_runs_and_scores_over_connect(
     connect_url: str, tmp_path: Path, capsys: Any
 ) -> None:
