@@ -30,6 +30,7 @@ def text_task(
     topical: float = 0.2,
     shared: int = 20,
     common: int = 2400,
+    topic: int = 60,
 ) -> list[tuple[int, str, int]]:
     """``(id, text, label)`` rows: labels 0 … classes-1, balanced in expectation."""
     rng = random.Random(seed)
@@ -38,7 +39,7 @@ def text_task(
     background = vocab[:common]
     weights = [1.0 / (i + 1) ** 1.05 for i in range(len(background))]
     pool = vocab[common:]
-    topics = [rng.sample(pool, 60) for _ in range(classes)]
+    topics = [rng.sample(pool, topic) for _ in range(classes)]
     for k in range(classes):  # a third of each topic is also the next class's
         topics[(k + 1) % classes] += topics[k][:shared]
     rows = []

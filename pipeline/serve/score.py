@@ -320,8 +320,8 @@ def _featurized(spark: SparkSession, opened: _Bundle, checked: DataFrame) -> Dat
     specs = {c.name: c.column.spec for c in columns if c.column.kind == "text"}
     if not specs:
         return out
-    for c in specs:  # a rejected row's text (maybe 1 MB) is not tokenized
-        out = out.withColumn(c, F.when(F.col(REASON).isNull(), F.col(c)))
+    # a rejected row's text (maybe 1 MB) is not tokenized; one projection for every column
+    out = out.withColumns({c: F.when(F.col(REASON).isNull(), F.col(c)) for c in specs})
     return encode_texts(out, load_texts(specs, storage.join(opened.uri, FEATURES)))
 
 

@@ -304,7 +304,7 @@ def test_text_model_defaults_reach_tfidf_logistic_regression(
             "dataset": etl.output,
             "model": {"builder": "pipeline.train.models:text"},
             "num_workers": 2,
-            "epochs": 10,
+            "epochs": 20,
             "batch_size": 32,
             "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0, "keep": 1},
             "output": str(tmp / "model"),
