@@ -31,6 +31,7 @@ from jobs.stages import run_etl_stage, run_train_stage, spark_session
 from jobs.workflow import FORCEABLE, parse_force, run_workflow
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.core import storage
+from preprocessing.config import INPUT_FORMATS
 
 __all__ = ["DEMO_CONFIG", "build_parser", "main", "submit"]
 
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="bundle (default: train.output)")
     p.add_argument("--input", required=True, help="table to score (read like etl.input)")
     p.add_argument("--output", required=True, help="Parquet directory (replaced atomically)")
-    p.add_argument("--format", choices=("csv", "json", "parquet", "table"), help="input format")
+    p.add_argument(
+        "--format", choices=INPUT_FORMATS, help="input format (default: the bundle's etl.input)"
+    )
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
     for name, text in (
         ("run", "etl → train → evaluate, skipping up-to-date stages"),
@@ -181,12 +184,15 @@ def _cmd_evaluate(args: argparse.Namespace, cfg: Config, under_submit: bool) -> 
 def _cmd_score(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
     from pipeline.launch.pyenv import check_executor_python
     from pipeline.serve.score import score_table
+    from pipeline.train.bundle import check_bundle_model, require_bundle
 
     model = args.model or (cfg.train.output if cfg.train_data is not None else None)
     if model is None:
         raise UsageError("score needs --model BUNDLE (or a config with train.output)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_bundle(model, "--model")
+    check_bundle_model(model)  # before Spark starts: a builder that cannot be built exits 2
     spark = spark_session(cfg, under_submit=under_submit)
     check_executor_python(spark)  # one line instead of a task failure per partition
     result = score_table(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, get_args
 
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
 from pipeline.data.formats import DEFAULT_FORMAT, FormatName, get_format
 
 __all__ = [
+    "INPUT_FORMATS",
     "ArrayConfig",
     "EtlConfig",
     "ImageConfig",
@@ -57,13 +59,18 @@ def is_array(dtype: str) -> bool:
     return bool(_ARRAY.match(dtype))
 
 
+InputFormat = Literal["csv", "json", "parquet", "table", "image_folder"]
+INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
+"""Every ``etl.input.format`` (``spark-train score --format`` takes each of them)."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InputConfig:
     """Where the raw table is and how to read it."""
 
     path: str
     """File/dir/glob URI (local, hdfs://, s3a://…) or, with ``format: table``, a table name."""
-    format: Literal["csv", "json", "parquet", "table", "image_folder"] = "csv"
+    format: InputFormat = "csv"
     """Input format; ``table`` reads a catalog (Hive) table; ``image_folder`` reads a tree of
     image files ``<path>/<class>/<file>`` (local, ``hdfs://``, ``s3a://``, ``gs://``; listed
     with ``pyarrow.fs``, names starting with ``.`` or ``_`` skipped, the one option
@@ -73,13 +80,14 @@ class InputConfig:
     ``binary``)."""
     header: bool = True
     """CSV only: the first line of every file is a header."""
-    options: Mapping[str, str] = field(default_factory=dict)
-    """Extra Spark reader options (``sep``, ``quote``, ``encoding``…)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra Spark reader options (``sep``, ``quote``, ``encoding``, ``multiLine``…). Values
+    are strings, booleans or numbers, taken as PySpark's ``DataFrameReader.option`` takes
+    them: ``true`` → ``"true"``, ``2`` → ``"2"``; a list or mapping is refused."""
 
     def __post_init__(self) -> None:
         check(bool(self.path.strip()), "etl.input.path", "must not be empty")
-        for k, v in self.options.items():
-            check(isinstance(v, str), f"etl.input.options.{k}", "values must be strings")
+        object.__setattr__(self, "options", MappingProxyType(_reader_options(self.options)))
         reserved = {"mode", "columnNameOfCorruptRecord"} & set(self.options)
         check(not reserved, "etl.input.options", f"{sorted(reserved)} are set by the ETL itself")
         if self.format == "image_folder":
@@ -89,6 +97,22 @@ class InputConfig:
                 "etl.input.options",
                 f"{other}: an image_folder input takes only pathGlobFilter",
             )
+
+
+def _reader_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """Reader options as strings, as PySpark's ``DataFrameReader.option`` converts them."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, bool):  # before int: a bool is an int
+            out[k] = "true" if v else "false"
+        elif isinstance(v, str | int | float):
+            out[k] = str(v)
+        else:
+            raise ConfigError(
+                f"etl.input.options.{k}",
+                f"must be a string, boolean or number (a Spark reader option), got {v!r}",
+            )
+    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,7 +6,7 @@ the ``Column`` API costs several per operator; the ETL's wide projections are bu
 
 from __future__ import annotations
 
-__all__ = ["quote", "sql_double"]
+__all__ = ["quote", "sql_double", "sql_string"]
 
 
 def quote(name: str) -> str:
@@ -17,3 +17,8 @@ def quote(name: str) -> str:
 def sql_double(x: float) -> str:
     """A Spark SQL double holding exactly ``x`` (``repr`` round-trips; inf and NaN too)."""
     return f"CAST('{float(x)!r}' AS DOUBLE)"
+
+
+def sql_string(text: str) -> str:
+    """A Spark SQL string literal holding exactly ``text`` (backslash and quote escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

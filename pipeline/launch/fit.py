@@ -30,7 +30,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.preflight import (
     check_training_inputs,
     resolve_checkpoint_model,
-    resolve_task,
+    resolve_defaults,
 )
 from pipeline.train.registry import BarrierMode, Mode, get_mode
 
@@ -55,7 +55,7 @@ def fit(
     with tracked(cfg) as runlog:
         mode = get_mode(cfg.mode)
         shards = check_training_inputs(cfg, mode)  # refuse unusable inputs before launching
-        cfg = resolve_checkpoint_model(resolve_task(cfg, shards), shards)
+        cfg = resolve_checkpoint_model(resolve_defaults(cfg, shards), shards)
         spark = active_session(spark)
         check_executor_python(spark)
         result = _launch(mode, cfg, spark, env=env, show_progress=show_progress)
@@ -97,7 +97,7 @@ def bundle_is_current(cfg: TrainConfig) -> bool:
         shards = ShardSet.open(cfg.dataset)
     except ShardSetError:
         return False
-    cfg = resolve_task(cfg, shards)
+    cfg = resolve_defaults(cfg, shards)
     spec = json.loads(storage.read_bytes(fs, spec_path))
     trained = (yaml.safe_load(storage.read_bytes(fs, config_path)) or {}).get("train", {})
     current = model_spec(

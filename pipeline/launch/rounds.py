@@ -51,7 +51,7 @@ from pipeline.train.modes.average import (
     section,
     train_round,
 )
-from pipeline.train.preflight import check_training_data, resolve_task
+from pipeline.train.preflight import check_training_data, resolve_defaults
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -250,7 +250,7 @@ class _Driver:
     ) -> None:
         self.shards = ShardSet.open(cfg.dataset)
         check_training_data(cfg, self.shards)
-        cfg = resolve_task(cfg, self.shards)
+        cfg = resolve_defaults(cfg, self.shards)
         self.cfg, self.avg, self.spark = cfg, cfg.averaging, spark
         self.connect = is_connect(spark)
         self.env, self.show_progress = env, show_progress

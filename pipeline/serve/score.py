@@ -70,6 +70,7 @@ from pipeline.serve.predict import (
     cached_bundle,
     predict_partition,
 )
+from preprocessing.config import INPUT_FORMATS as CONFIG_INPUT_FORMATS
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -95,7 +96,8 @@ log = logging.getLogger(__name__)
 SCORE_ERROR = "score_error"
 SCORE_ERROR_COLUMN = "score_error_column"
 OUTPUT_COLUMNS = (PREDICTION, PROBABILITY, SCORE_ERROR, SCORE_ERROR_COLUMN)
-INPUT_FORMATS = ("csv", "json", "parquet", "table")
+INPUT_FORMATS = CONFIG_INPUT_FORMATS
+"""``fmt`` choices: every ``etl.input.format``."""
 _KEEP = "_in_"  # input columns travel under this prefix while features take their names
 
 
@@ -154,12 +156,13 @@ class ScoreResult:
 def _open_bundle(uri: str) -> _Bundle:
     """Spec, weights digest and etl section of the bundle at ``uri``.
 
-    A bundle whose etl section has numeric or categorical columns needs its ``features/``.
+    Its model must build here (a ``ConfigError`` naming ``--model`` and the builder, see
+    :func:`~pipeline.train.bundle.check_bundle_model`). A bundle whose etl section has numeric or categorical columns needs its ``features/``.
     """
-    from pipeline.train.bundle import FEATURES, WEIGHTS, BundleError, read_spec
+    from pipeline.train.bundle import FEATURES, WEIGHTS, BundleError, check_bundle_model
     from preprocessing.config import EtlConfig
 
-    spec = read_spec(uri)
+    spec = check_bundle_model(uri)  # here, not in every Python worker
     fs, root = storage.resolve(uri)
     has_features = spec.get("features") and storage.exists(fs, storage.join(root, FEATURES))
     no_features = BundleError(
@@ -317,8 +320,8 @@ def _featurized(spark: SparkSession, opened: _Bundle, checked: DataFrame) -> Dat
     specs = {c.name: c.column.spec for c in columns if c.column.kind == "text"}
     if not specs:
         return out
-    for c in specs:  # a rejected row's text (maybe 1 MB) is not tokenized
-        out = out.withColumn(c, F.when(F.col(REASON).isNull(), F.col(c)))
+    # a rejected row's text (maybe 1 MB) is not tokenized; one projection for every column
+    out = out.withColumns({c: F.when(F.col(REASON).isNull(), F.col(c)) for c in specs})
     return encode_texts(out, load_texts(specs, storage.join(opened.uri, FEATURES)))
 
 
@@ -437,8 +440,11 @@ def _input_config(etl: EtlConfig, path: str, fmt: str | None) -> EtlConfig:
     if fmt is None or fmt == inp.format:
         return dataclasses.replace(etl, input=dataclasses.replace(inp, path=path))
     check(fmt in INPUT_FORMATS, "--format", f"must be one of {INPUT_FORMATS}, got {fmt!r}")
-    new_input = dataclasses.replace(inp, path=path, format=cast(Any, fmt), options={})
-    return dataclasses.replace(etl, input=new_input)
+    try:
+        new_input = dataclasses.replace(inp, path=path, format=cast(Any, fmt), options={})
+        return dataclasses.replace(etl, input=new_input)
+    except ConfigError as e:  # e.g. image_folder for a bundle whose columns it cannot make
+        raise ConfigError("--format", f"{fmt} does not fit the bundle's etl section: {e}") from e
 
 
 def _with_missing_input(read: Callable[[], RawInput]) -> RawInput:

@@ -46,13 +46,14 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.ecosystem import portable_args
 from pipeline.train.engine import model_inputs, model_shape
 from pipeline.train.inputs import ModelInputs
-from pipeline.train.models import build_model, cnn, resolve_builder
+from pipeline.train.models import BuilderError, build_model, cnn, resolve_builder
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
     "BundleTooNew",
     "LoadedBundle",
+    "check_bundle_model",
     "features_source",
     "load_bundle",
     "model_spec",
@@ -279,6 +280,51 @@ def _fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
     return own.keys() == weights.keys() and all(own[k].shape == weights[k].shape for k in own)
 
 
+def _build(uri: str, spec: dict[str, Any], builder: str) -> nn.Module:
+    """The untrained network ``model.json`` describes, built with ``builder``.
+
+    ``builder`` is one of :func:`spec_builders`; ``BuilderError`` when it cannot be built.
+    """
+    inputs, vocab = None, None
+    if spec.get("inputs") is not None:
+        try:
+            recorded = ModelInputs.from_spec(spec)
+        except ValueError as e:
+            raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
+        inputs, vocab = recorded.spec(), recorded.vocab()
+    return build_model(
+        builder,
+        input_shape=tuple(spec["input_shape"]),
+        num_outputs=int(spec["num_outputs"]),
+        args=spec.get("args") or {},
+        inputs=inputs,
+        vocab=vocab,
+    )
+
+
+def check_bundle_model(uri: str, key: str = "--model") -> dict[str, Any]:
+    """Build the bundle's model on the ``meta`` device, here; returns its ``model.json``.
+
+    What scoring checks on the driver before any task starts (as training checks
+    ``train.model.builder``): a builder that does not import here, or that rejects the
+    recorded arguments, is a :class:`~pipeline.core.configbase.ConfigError` naming ``key``
+    and the builder, instead of a traceback from every Python worker. The meta device
+    allocates nothing, so this costs the same for any model size.
+    """
+    spec = read_spec(uri)
+    try:
+        with torch.device("meta"):
+            _build(uri, spec, spec_builders(spec)[0])
+    except BuilderError as e:
+        reason = str(e).removeprefix("train.model.builder: ")
+        raise ConfigError(
+            key, f"{uri}: its model (builder {spec.get('builder')!r}) cannot be built: {reason}"
+        ) from e
+    except Exception as e:  # e.g. a builder that cannot run on meta tensors
+        log.debug("%s: the model was not built on the meta device (%s); not checked", uri, e)
+    return spec
+
+
 def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle:
     """Load a bundle on CPU, in eval mode, without a process group and without pickle.
 
@@ -287,13 +333,6 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
     """
     spec = read_spec(uri)
     fs, root = storage.resolve(uri)
-    inputs, vocab = None, None
-    if spec.get("inputs") is not None:
-        try:
-            recorded = ModelInputs.from_spec(spec)
-        except ValueError as e:
-            raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
-        inputs, vocab = recorded.spec(), recorded.vocab()
     data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise BundleError(
@@ -308,14 +347,7 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
         ) from e
     builders = spec_builders(spec)
     for builder in builders:
-        model = build_model(
-            builder,
-            input_shape=tuple(spec["input_shape"]),
-            num_outputs=int(spec["num_outputs"]),
-            args=spec.get("args") or {},
-            inputs=inputs,
-            vocab=vocab,
-        )
+        model = _build(uri, spec, builder)
         if len(builders) == 1 or _fits(model, weights):
             break
     if builder != builders[-1]:

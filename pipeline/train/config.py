@@ -75,8 +75,12 @@ class OptimizerConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     """Optimizer: ``adamw``, ``adam`` or ``sgd``."""
 
-    lr: float = 1e-3
-    """Peak learning rate (reached after warm-up)."""
+    lr: float | None = None
+    """Peak learning rate (reached after warm-up). Unset (null): the model's recommended
+    rate: 0.01 for ``pipeline.train.models:text`` with ``encoder: bag`` (its default),
+    0.001 for the other built-in models and for builders that recommend none (a builder
+    recommends one with a ``recommended_lr`` attribute: a number, or a function of
+    ``train.model.args``). The rate used is written to the bundle's ``config.yaml``."""
 
     weight_decay: float = 0.0
     """Weight decay (decoupled for ``adamw``, L2 for ``adam`` and ``sgd``)."""
@@ -92,7 +96,8 @@ class OptimizerConfig:
     an error."""
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "train.optimizer.lr", f"must be > 0, got {self.lr}")
+        if self.lr is not None:
+            check(self.lr > 0, "train.optimizer.lr", f"must be > 0, got {self.lr}")
         for pattern, factor in self.lr_multipliers.items():
             check(
                 bool(pattern.strip()),

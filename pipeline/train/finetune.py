@@ -370,6 +370,11 @@ def param_groups(
     its name matches (1 without one); each group's ``lr`` is ``train.optimizer.lr`` × factor.
     ``only`` restricts the groups to those names (parameters unfrozen later).
     """
+    if cfg.lr is None:
+        raise ValueError(
+            "train.optimizer.lr is unresolved: the model's recommended rate is set first"
+        )
+    lr = cfg.lr
     patterns = list(cfg.lr_multipliers.items())
     _matching(model, [(p, f"train.optimizer.lr_multipliers.{p}") for p, _ in patterns])
     groups: dict[float, list[nn.Parameter]] = {}
@@ -378,4 +383,4 @@ def param_groups(
             continue
         factor = next((f for pat, f in patterns if fnmatch.fnmatchcase(name, pat)), 1.0)
         groups.setdefault(factor, []).append(p)
-    return [{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()]
+    return [{"params": ps, "lr": lr * f} for f, ps in groups.items()]

@@ -44,7 +44,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.engine import ResumeError
 from pipeline.train.metrics import EvalSums, loss_fn
 from pipeline.train.optim import build_scheduler
-from pipeline.train.preflight import check_training_data, resolve_task
+from pipeline.train.preflight import check_training_data, resolve_defaults
 from pipeline.train.registry import BarrierMode, WrapContext, get_mode, register_mode
 
 __all__ = ["train_worker"]
@@ -122,7 +122,7 @@ class _Trainer:
     ) -> None:
         self.shards = ShardSet.open(cfg.dataset)
         check_training_data(cfg, self.shards, workers=comm.world_size)
-        cfg = resolve_task(cfg, self.shards)
+        cfg = resolve_defaults(cfg, self.shards)
         self.cfg, self.mode, self.comm, self.device = cfg, mode, comm, ctx.device
         self.rank, self.world_size = comm.rank, comm.world_size
         self.attempt = distenv.current().attempt

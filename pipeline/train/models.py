@@ -44,12 +44,14 @@ from torch import nn
 from pipeline.core.compat import canonical_builder
 
 __all__ = [
+    "DEFAULT_LR",
     "BuilderError",
     "build_model",
     "cnn",
     "cnn_v1",
     "fusion",
     "mlp",
+    "recommended_lr",
     "resolve_builder",
     "text",
 ]
@@ -274,6 +276,18 @@ def fusion(
     return nn.Sequential(_Columns(list(spec), parts), *layers, nn.Linear(width, num_outputs))
 
 
+def _small_init(weight: torch.Tensor, pad_id: int) -> None:
+    """Token embeddings drawn from N(0, 1 / dim), the pad row zero.
+
+    PyTorch's N(0, 1) makes the mean of a text's rare-word vectors (never or seldom
+    trained) noise as large as the signal; at 1 / dim the bag reached TF-IDF + logistic
+    regression on a 7-class generated task (0.91 vs 0.92; 0.86 with N(0, 1)).
+    """
+    with torch.no_grad():
+        nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+        weight[pad_id].zero_()
+
+
 class _TextEncoder(nn.Module):
     """``[B, L]`` token ids → ``[B, dim]``: an embedding bag or a Transformer encoder.
 
@@ -298,8 +312,10 @@ class _TextEncoder(nn.Module):
         self.encoder = encoder
         if encoder == "bag":
             self.bag = nn.EmbeddingBag(size, dim, mode="mean", padding_idx=self.pad_id)
+            _small_init(self.bag.weight, self.pad_id)
             return
         self.embed = nn.Embedding(size, dim, padding_idx=self.pad_id)
+        _small_init(self.embed.weight, self.pad_id)
         self.position = nn.Embedding(max_length, dim)
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True
@@ -378,6 +394,38 @@ def text(
             width += math.prod(dims)
     head, width = _dense(width, hidden, dropout)
     return nn.Sequential(_Columns(list(spec), parts), *head, nn.Linear(width, num_outputs))
+
+
+def _text_lr(args: Mapping[str, Any]) -> float:
+    """``text``'s recommended learning rate: 0.01 for the embedding bag, 0.001 otherwise.
+
+    At 0.001 the bag underfits (0.61 vs 0.82 test accuracy at 0.01 on an 8-class corpus of
+    1,300 documents, 30 epochs); the Transformer encoder keeps 0.001.
+    """
+    return 1e-2 if args.get("encoder", "bag") == "bag" else 1e-3
+
+
+text.recommended_lr = _text_lr  # type: ignore[attr-defined]
+
+DEFAULT_LR = 1e-3
+"""``train.optimizer.lr`` for a builder that recommends none (``mlp``, ``cnn``, ``fusion``)."""
+
+
+def recommended_lr(spec: str, args: Mapping[str, Any] | None = None) -> float:
+    """The learning rate the builder ``spec`` recommends for ``args``, else :data:`DEFAULT_LR`.
+
+    A builder recommends one with a ``recommended_lr`` attribute: a number, or a function of
+    its keyword arguments (``train.model.args``) returning one.
+    """
+    rec = getattr(resolve_builder(spec), "recommended_lr", None)
+    if rec is None:
+        return DEFAULT_LR
+    value = rec(dict(args or {})) if callable(rec) else rec
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise BuilderError(
+            f"{_KEY}: {spec!r} recommends the learning rate {value!r}, not a number > 0"
+        )
+    return float(value)
 
 
 def resolve_builder(spec: str) -> Callable[..., nn.Module]:

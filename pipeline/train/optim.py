@@ -17,7 +17,14 @@ __all__ = ["LRFactor", "build_optimizer", "build_scheduler"]
 def build_optimizer(
     params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name`` (over parameters, or parameter groups)."""
+    """The optimizer named by ``cfg.name``, over parameters or parameter groups.
+
+    ``cfg.lr`` must be resolved (see ``resolve_defaults``).
+    """
+    if cfg.lr is None:
+        raise ValueError(
+            "train.optimizer.lr is unresolved: the model's recommended rate is set first"
+        )
     params = list(params)  # type: ignore[assignment]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -24,6 +24,7 @@ Spark-free.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Final
 
@@ -39,6 +40,7 @@ __all__ = [
     "check_training_data",
     "check_training_inputs",
     "resolve_checkpoint_model",
+    "resolve_defaults",
     "resolve_task",
 ]
 
@@ -125,6 +127,26 @@ def check_training_data(
             "train.num_workers or check the ETL's quarantine",
         )
     mode.check_data(cfg, shards)
+
+
+def resolve_defaults(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
+    """``cfg`` with what was left unset resolved: :func:`resolve_task` and the learning rate.
+
+    An unset ``train.optimizer.lr`` becomes the builder's recommended rate
+    (:func:`pipeline.train.models.recommended_lr`); a rate the user set is kept.
+    """
+    from pipeline.train.models import BuilderError, recommended_lr
+
+    cfg = resolve_task(cfg, shards)
+    if cfg.optimizer.lr is not None:
+        return cfg
+    try:
+        lr = recommended_lr(cfg.model.builder, cfg.model.args)
+    except BuilderError as e:
+        raise ConfigError(
+            "train.model.builder", str(e).removeprefix("train.model.builder: ")
+        ) from e
+    return cfg.replace(optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
 
 
 def resolve_task(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
@@ -217,7 +239,7 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     from pipeline.train import engine, finetune
     from pipeline.train.models import BuilderError
 
-    cfg = resolve_task(cfg, shards)
+    cfg = resolve_defaults(cfg, shards)
     try:
         inputs = engine.model_inputs(cfg, shards)
         with torch.device("meta"):

@@ -2,7 +2,7 @@
 
 Numeric columns are imputed with the train median (or mean) of their values; categorical
 columns become their frequency rank (``StringIndexerModel``, ``handleInvalid='keep'``: null
-and unseen levels map to one extra index; one model per column) and, for ``etl.onehot`` columns, one slot per
+and unseen levels map to one extra index; one model for all columns, each with its own labels) and, for ``etl.onehot`` columns, one slot per
 level plus the unknown slot. The vector holds the numeric columns first, then each
 categorical column (its index, or its one-hot block), in declared order.
 
@@ -133,28 +133,39 @@ def _categorical_slots(
     return slots
 
 
-def _indexer(labels: list[str], column: str) -> StringIndexerModel:
-    """``StringIndexerModel.from_labels(labels, …, handleInvalid='keep')``, built in O(1) Py4J calls.
+def _indexer(labels: dict[str, list[str]]) -> StringIndexerModel:
+    """One ``StringIndexerModel`` for every categorical column (``handleInvalid='keep'``).
 
-    On a classic session ``from_labels`` sets the Java array one label per Py4J call (5.5 s
-    for the 20,000 levels of a make-data column); here the labels cross as one string, joined
-    by a character none of them holds, and are split in the JVM. Spark Connect sends the list
-    in one message already.
+    One stage, however many columns: a stage per column would nest the plan one level per
+    column (Spark Connect sends a plan as nested protobuf messages, with a depth limit of
+    about 100; a classic driver spends seconds analyzing such a stack of projections). Each
+    column keeps its own labels (ragged arrays): ``from_arrays_of_labels`` pads shorter label
+    arrays with nulls on a classic session, and a null label would take nulls away from the
+    extra index, so the classic path builds the ``String[][]`` itself, in O(columns) Py4J
+    calls: each column's labels cross as one string, joined by a character none of them
+    holds, and are split in the JVM (``from_labels`` set the Java array one label per Py4J
+    call: 5.5 s for the 20,000 levels of a make-data column). Spark Connect sends the ragged
+    lists in one message as they are.
     """
-    if is_remote() or not labels:
-        model = StringIndexerModel.from_labels(labels, inputCol=column)
+    columns = list(labels)
+    if is_remote():
+        model = StringIndexerModel.from_arrays_of_labels([labels[c] for c in columns], columns)
     else:
         from pyspark import SparkContext
 
         sc = SparkContext._active_spark_context
-        assert sc is not None and sc._jvm is not None, "a classic session is active"
-        joined = "".join(labels)
-        sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in joined)
-        regex = sc._jvm.java.util.regex.Pattern
-        jlabels = regex.compile(regex.quote(sep)).split(sep.join(labels), -1)  # a Java String[]
-        model = StringIndexerModel(sc._jvm.org.apache.spark.ml.feature.StringIndexerModel(jlabels))
-        model.setInputCol(column)
-    return model.setOutputCol(_idx(column)).setHandleInvalid("keep")
+        assert sc is not None and sc._jvm is not None and sc._gateway is not None, "classic"
+        jvm, gateway = sc._jvm, sc._gateway
+        regex = jvm.java.util.regex.Pattern
+        outer = gateway.new_array(jvm.java.lang.String, len(columns), 0)
+        for i, c in enumerate(columns):
+            joined = "".join(labels[c])
+            sep = next(chr(x) for x in range(0xE000, 0x110000) if chr(x) not in joined)
+            if labels[c]:  # a Java String[] of the labels
+                outer[i] = regex.compile(regex.quote(sep)).split(sep.join(labels[c]), -1)
+        model = StringIndexerModel(jvm.org.apache.spark.ml.feature.StringIndexerModel(outer))
+        model.setInputCols(columns)
+    return model.setOutputCols([_idx(c) for c in columns]).setHandleInvalid("keep")
 
 
 def _fit(train: DataFrame, cfg: EtlConfig) -> FittedKind | None:
@@ -163,9 +174,7 @@ def _fit(train: DataFrame, cfg: EtlConfig) -> FittedKind | None:
     n, numeric = _numeric_stats(train, cfg)
     counts = _level_counts(train, cfg.categorical)
     labels = {c: _frequency_order(counts[c]) for c in cfg.categorical}
-    # One model per column: from_arrays_of_labels pads ragged label arrays with nulls (a
-    # null label then takes nulls away from the extra index), so each column gets its own.
-    stages: list[Any] = [_indexer(labels[c], c) for c in cfg.categorical]
+    stages: list[Any] = [_indexer(labels)] if cfg.categorical else []
     slots = [_numeric_slot(c, n, numeric[c]) for c in cfg.numeric]
     for c in cfg.categorical:
         slots += _categorical_slots(c, labels[c], counts[c], n, c in cfg.onehot)

@@ -118,7 +118,8 @@ def _vectors_as_arrays(df: DataFrame, columns: Sequence[str]) -> DataFrame:
     from pyspark.ml.linalg import VectorUDT
 
     stored = {f.name: f.dataType for f in df.schema.fields}
-    for c in columns:
-        if isinstance(stored.get(c), VectorUDT):
-            df = df.withColumn(c, vector_to_array(F.col(c), "float64"))
-    return df
+    vectors = [c for c in columns if isinstance(stored.get(c), VectorUDT)]
+    if not vectors:
+        return df
+    # one projection, however many columns (a withColumn each would nest the plan per column)
+    return df.withColumns({c: vector_to_array(F.col(c), "float64") for c in vectors})

@@ -56,7 +56,7 @@ from preprocessing.read.imagedecode import IMAGE_REASONS
 from preprocessing.read.images import decode_images, image_error, image_pixels, image_sums
 from preprocessing.read.raw import CORRUPT, SOURCE, RawInput
 from preprocessing.read.schema_policy import exact_cast
-from preprocessing.sqltext import quote, sql_double
+from preprocessing.sqltext import quote, sql_double, sql_string
 
 __all__ = [
     "QUARANTINED",
@@ -231,12 +231,10 @@ def _checks(
         return F.expr(_blank_sql(c, raw.trimmed))
 
     checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
-    if raw.text:
-        header = F.lit(True)
-        for c in columns:
-            value = F.col(c) if raw.trimmed else F.trim(F.col(c))
-            header = header & (value == F.lit(c))
-        checks.append((header, "repeated_header", ""))
+    if raw.text:  # one comparison of two arrays: flat, however many columns
+        values = ", ".join(quote(c) if raw.trimmed else f"trim({quote(c)})" for c in columns)
+        names = ", ".join(sql_string(c) for c in columns)
+        checks.append((F.expr(f"array({values}) = array({names})"), "repeated_header", ""))
     if targets:
         checks.append((blank(cfg.key), "key_missing", cfg.key))
         checks.append((typed(cfg.key).isNull(), "value_invalid", cfg.key))

@@ -106,3 +106,19 @@ def test_spark_submit_reports_a_config_error_like_the_cli(raw_data: Path, tmp_pa
     bad = spark_submit("local[1]", "etl", "--config", str(cfg), "--set", "etl.nope=1", timeout=200)
     # spark-submit forwards the Python driver's stderr on its stdout
     assert bad.returncode == 2 and "etl.nope" in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_a_wide_table_runs_and_scores(spark: Any, tmp_path: Path, capsys: Any) -> None:
+    # 500 numeric + 50 categorical columns on the classic session (Spark Connect:
+    # test_connect.py): the validation once overflowed the JVM's stack (an AND per column).
+    from tests.wide import wide_config, write_wide_csv
+
+    raw = write_wide_csv(tmp_path / "raw", rows=200)
+    cfg = str(wide_config(tmp_path, raw))
+    assert main(["run", "--config", cfg]) == 0, capsys.readouterr().err
+    out = tmp_path / "scored"
+    args = ["--model", str(tmp_path / "model"), "--input", str(raw), "--output", str(out)]
+    assert main(["score", "--config", cfg, *args]) == 0
+    text = capsys.readouterr().out
+    assert "scored 200 rows" in text and "value_invalid=" in text, text

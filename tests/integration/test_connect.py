@@ -177,3 +177,64 @@ def test_remote_local_trains_through_the_cli(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained 1 epoch(s)" in proc.stdout and "on 2 workers" in proc.stdout
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def _depth(message: Any) -> int:
+    """Nesting depth of a protobuf message (what the parser's recursion limit counts)."""
+    inner = [
+        _depth(v)
+        for field, value in message.ListFields()
+        if field.type == field.TYPE_MESSAGE
+        for v in (value if field.is_repeated else [value])
+    ]
+    return 1 + max(inner, default=0)
+
+
+def test_the_validation_plan_of_600_columns_is_flat(remote: Any) -> None:
+    # The plan Spark Connect sends for the ETL's and scoring's validation of a wide table
+    # must stay far below protobuf's depth limit (100): one level per column broke it.
+    from pyspark.sql.connect import proto
+
+    from preprocessing.config import EtlConfig
+    from preprocessing.read import CORRUPT, SOURCE, RawInput, validate, validate_features
+
+    numeric, categorical = [f"n{i}" for i in range(550)], [f"c{i}" for i in range(50)]
+    schema = {"id": "long", "label": "int"} | dict.fromkeys(numeric, "double")
+    schema |= dict.fromkeys(categorical, "string")
+    cfg = EtlConfig.from_mapping(
+        {
+            "input": {"path": "unused"},
+            "schema": schema,
+            "key": "id",
+            "label": "label",
+            "numeric": numeric,
+            "categorical": categorical,
+            "output": "/unused",
+        }
+    )
+    columns = ", ".join(f"`{c}` string" for c in [*schema, CORRUPT, SOURCE])
+    df = remote.createDataFrame([], columns)
+    for plan in (
+        validate(RawInput(df, text=True), cfg),
+        validate_features(RawInput(df, text=True), cfg),
+    ):
+        sent = plan._plan.to_proto(remote.client).SerializeToString()
+        parsed = proto.Plan.FromString(sent)  # raised DecodeError (depth limit) before
+        assert _depth(parsed) < 40, _depth(parsed)
+
+
+@pytest.mark.slow
+def test_a_wide_table_runs_and_scores_over_connect(
+    connect_url: str, tmp_path: Path, capsys: Any
+) -> None:
+    # 500 numeric + 50 categorical columns: ETL, training, evaluation, then scoring.
+    from tests.wide import wide_config, write_wide_csv
+
+    raw = write_wide_csv(tmp_path / "raw", rows=200)
+    cfg = str(wide_config(tmp_path, raw))
+    assert main(["run", "--config", cfg, "--remote", connect_url]) == 0, capsys.readouterr().err
+    out = tmp_path / "scored"
+    args = ["--model", str(tmp_path / "model"), "--input", str(raw), "--output", str(out)]
+    assert main(["score", "--config", cfg, "--remote", connect_url, *args]) == 0
+    text = capsys.readouterr().out
+    assert "scored 200 rows" in text and "value_invalid=" in text, text

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
@@ -289,3 +290,35 @@ def test_replaced_temp_view_is_rebuilt(spark: Any, tmp_path: Path) -> None:
     assert changed.manifest["reconciliation"]["rows_in"] == 60
     assert changed.manifest["feature_stats"] != first.manifest["feature_stats"]
     assert changed.manifest["fingerprint"]["input_kind"] == "content"
+
+
+def test_reader_options_from_yaml_take_booleans_and_numbers(spark: Any, tmp_path: Path) -> None:
+    """``multiLine: true`` from YAML works as PySpark's ``.option("multiLine", True)`` does."""
+    from pipeline.core.configbase import ConfigError
+    from preprocessing.read import CORRUPT, read_raw
+
+    records = [{"id": i, "f0": i / 4, "f1": 1.0, "city": f"line {i}\nnext", "label": i % 2}
+               for i in range(4)]  # fmt: skip
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "d.json").write_text(json.dumps(records, indent=2))  # one JSON array
+    (tmp_path / "csv").mkdir()
+    lines = [f'{r["id"]},{r["f0"]},1.0,"{r["city"]}",{r["label"]}' for r in records]
+    (tmp_path / "csv" / "d.csv").write_text("\n".join([corpus.HEADER, *lines]) + "\n")
+    for fmt, number in (("json", "samplingRatio"), ("csv", "maxColumns")):
+        text = (
+            f"{{path: {tmp_path / fmt}, format: {fmt}, options: {{multiLine: true, {number}: 64}}}}"
+        )
+        cfg = _cfg(tmp_path / fmt, tmp_path / "unused", input=yaml.safe_load(text))
+        assert dict(cfg.input.options) == {"multiLine": "true", number: "64"}
+        rows = read_raw(spark, cfg).df.orderBy("id").collect()
+        assert [(int(r["id"]), r["city"], r[CORRUPT]) for r in rows] == [
+            (i, f"line {i}\nnext", None) for i in range(4)
+        ], fmt
+    for bad in ([1, 2], {"a": 1}, None):
+        with pytest.raises(ConfigError) as e:
+            _cfg(
+                tmp_path / "csv", tmp_path / "unused", input={"path": "x", "options": {"sep": bad}}
+            )
+        assert e.value.key == "etl.input.options.sep" and "string, boolean or number" in str(
+            e.value
+        )

@@ -135,6 +135,16 @@ def test_image_folder_run_then_score_with_hostile_files(
     print(f"digits cnn: test accuracy of the scored predictions {accuracy:.4f} ({len(test)} files)")
     assert accuracy >= 0.9, accuracy
 
+    # --format naming the bundle's own input format (image_folder) reads the folder the same
+    again = tmp_path / "scored-again"
+    args = ["--model", train["output"], "--input", str(tmp_path / "png"), "--output", str(again)]
+    assert main(["score", *args, "--format", "image_folder"]) == 0, capsys.readouterr().err
+    rescored = pq.read_table(again).to_pandas()
+    rescored.index = [_rel(k) for k in rescored["path"]]
+    assert sorted(rescored.index) == sorted(digits) and rescored["score_error"].isna().all()
+    got = np.stack(rescored.loc[rels, "probability"].to_numpy()).astype(np.float32)
+    np.testing.assert_allclose(got, probs, rtol=0, atol=1e-5)
+
 
 def _embedding_table(path: Path, rows: int = 1200) -> None:
     """``id, x0, x1, emb (array<float>[8]), label``: the label depends on emb and x0."""

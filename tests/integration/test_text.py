@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from pipeline.data.reader import ShardReader
@@ -270,3 +271,64 @@ def test_provided_tokenizer_and_hostile_corpus(
 
     scored = scoring.score_table(spark, cfg.output, str(tmp_path / "raw"), str(tmp_path / "scored"))
     assert scored.rows == total and scored.errors == dict(sorted(expected.items()))
+
+
+def test_text_model_defaults_reach_tfidf_logistic_regression(
+    spark: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The built-in ``text`` model, its args and the optimizer left at their defaults, is
+    within 3 points of TF-IDF + logistic regression (scikit-learn) on the same splits."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.train.bundle import CONFIG
+    from tests.texttask import write_text_task
+
+    tmp = tmp_path_factory.mktemp("text-defaults")
+    rows = write_text_task(tmp / "raw", docs=3000)
+    etl = EtlConfig.from_mapping(
+        {
+            "input": {"path": str(tmp / "raw")},
+            "schema": {"id": "long", "text": "string", "label": "int"},
+            "key": "id",
+            "label": "label",
+            "texts": {"text": {"max_length": 48}},
+            "split": {"val": 0.1, "test": 0.2},
+            "output": str(tmp / "shards"),
+            "num_shards": 2,
+        }
+    )
+    run_etl(spark, etl)
+    cfg = TrainConfig.from_mapping(
+        {
+            "dataset": etl.output,
+            "model": {"builder": "pipeline.train.models:text"},
+            "num_workers": 2,
+            "epochs": 20,
+            "batch_size": 32,
+            "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0, "keep": 1},
+            "output": str(tmp / "model"),
+            "timeout_s": 300,
+            "max_attempts": 1,
+        }
+    )
+    assert cfg.optimizer.lr is None
+    fit(cfg, spark)
+    recorded = yaml.safe_load((tmp / "model" / CONFIG).read_text())["train"]
+    assert recorded["optimizer"]["lr"] == 0.01  # the text model's recommended rate, recorded
+    accuracy = evaluate_bundle(cfg.output, split="test")["accuracy"]
+
+    ss = ShardSet.open(etl.output)
+    keys = {
+        s: [k for sh in ss.split(s).shards for k in pq.read_table(ss.shard_path(sh))["key"].to_pylist()]
+        for s in ("train", "test")
+    }  # fmt: skip
+    text = {i: t for i, t, _ in rows}
+    label = {i: y for i, _, y in rows}
+    tfidf = TfidfVectorizer()
+    x_train = tfidf.fit_transform([text[k] for k in keys["train"]])
+    linear = LogisticRegression(max_iter=2000).fit(x_train, [label[k] for k in keys["train"]])
+    predicted = linear.predict(tfidf.transform([text[k] for k in keys["test"]]))
+    baseline = float(np.mean(predicted == np.array([label[k] for k in keys["test"]])))
+    print(f"text defaults: test accuracy {accuracy:.3f}, TF-IDF + LR {baseline:.3f}")
+    assert accuracy >= baseline - 0.03, (accuracy, baseline)

@@ -289,3 +289,26 @@ def test_executors_running_another_python_get_a_one_line_error(tmp_path: Path) -
     assert "spark.pyspark.python" in line and f"the executors run {other}" in line, line
     assert "which cannot import" in line and "torch" in line and "set PYSPARK_PYTHON" in line, line
     assert "attempt" not in proc.stderr  # refused before any launch
+
+
+def test_score_checks_that_the_bundles_model_builds_before_spark_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from jobs.cli import main
+    from tests.reliability.helpers import bundle_for
+
+    dataset = make_shardset(tmp_path / "set", rows_per_shard={"train": [8], "val": [4]}, dim=4)
+    bundle = bundle_for(dataset, tmp_path / "model")
+    spec = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**spec, "builder": "gone_module_x:net"}))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "d.csv").write_text("id,f0\n1,0.5\n")
+    started = time.monotonic()
+    argv = ["score", "--model", str(bundle), "--input", str(tmp_path / "in")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'--model'" in err, err
+    assert "'gone_module_x:net'" in err and "cannot import module 'gone_module_x'" in err, err
+    assert time.monotonic() - started < 20  # on the driver, before any Spark job

@@ -76,7 +76,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import ModelInputs
 from pipeline.train.metrics import loss_fn
 from pipeline.train.optim import LRFactor
-from pipeline.train.preflight import resolve_task
+from pipeline.train.preflight import resolve_defaults
 from pipeline.train.registry import Mode
 
 __all__ = [
@@ -316,7 +316,7 @@ def train_round(
     Deterministic for given inputs.
     """
     shards = ShardSet.open(spec.config["dataset"])
-    cfg = resolve_task(TrainConfig.from_mapping(spec.config), shards)
+    cfg = resolve_defaults(TrainConfig.from_mapping(spec.config), shards)
     with (
         scoped_environ(spec.env),
         engine.deterministic(threads),
@@ -446,6 +446,8 @@ class _LocalLoop:
     ) -> None:
         """Train ``steps.count`` steps from the round's position in the worker's stream."""
         cfg = self.cfg
+        peak = cfg.optimizer.lr
+        assert peak is not None, "resolved by resolve_defaults"
         factor = LRFactor(cfg.lr_schedule.name, self.warmup_steps, steps.total)
         reader.load_state_dict({"epoch": steps.epoch, "batches_in_epoch": steps.batch})
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -454,7 +456,7 @@ class _LocalLoop:
         while done < steps.count:
             for batch in reader:
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.optimizer.lr * factor(steps.first + done)
+                    group["lr"] = peak * factor(steps.first + done)
                 x, y = engine.to_model(self.inputs, batch, self.device)
                 loss_sum.add_(self._step(x, y), alpha=y.shape[0])
                 self.rows += y.shape[0]
