@@ -1,14 +1,17 @@
 """The prefetch thread of :class:`pipeline.data.reader.ShardReader`: an epoch plan → batches.
 
 The reader plans which row-group pieces a rank reads in an epoch and in what order (a
-:class:`Job`); a :class:`Producer` thread decodes the pieces (through the shard format, in a
-small read pool), cuts the stream into shuffle windows, permutes each and puts the batches on
-a bounded queue. See the reader's module docstring for the row policy, shuffle and resume.
+:class:`Job`). A :class:`Producer` thread draws each batch's rows from a window of pieces
+that fills and drains continuously (:class:`Draws`), has the pieces decoded ahead of need by
+a read pool (pyarrow releases the GIL), copies each row once into the batch's tensors
+(pinned memory when asked) and puts the batches on a bounded queue. See the reader's module
+docstring for the row policy, shuffle and resume.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +26,7 @@ from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
 if TYPE_CHECKING:
     from pipeline.data.reader import ShardReader
 
-__all__ = ["Arrays", "Batch", "Job", "Piece", "Producer", "rng"]
+__all__ = ["Arrays", "Batch", "Draws", "Job", "Piece", "Producer", "rng"]
 
 log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 
@@ -31,7 +34,8 @@ log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 SHARD_ORDER, PIECE_ORDER, WINDOW_ORDER = 0, 1, 2
 _STOP_WAIT_S: Final = 30.0  # how long close() waits for the prefetch thread
 _POLL_S: Final = 0.1  # the prefetch thread re-checks its stop flag this often while blocked
-_READ_AHEAD: Final = 2  # row-group pieces decoded ahead of the one being batched
+_READ_THREADS: Final = max(2, min(4, os.cpu_count() or 1))  # decode threads per reader
+_READ_AHEAD: Final = _READ_THREADS + 1  # pieces decoded ahead of the window's newest
 
 
 Arrays = dict[str, np.ndarray]
@@ -102,17 +106,94 @@ def rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
+# -- which rows make each batch ------------------------------------------------------------------
+Take = tuple[int, "np.ndarray | slice"]
+"""Rows of one piece in a batch: ``(piece, local rows)``, rows an index array or a slice."""
+
+
+class Draws:
+    """The rows of each batch of an epoch, from a window that fills and drains continuously.
+
+    Pieces enter the window in stream order while the rows of the pieces in it (counting
+    whole pieces, drained or not) stay within ``window_rows`` (at least one piece, and
+    always enough rows for the next batch). Each batch draws its rows from the pieces in
+    the window at random in proportion to what each has left (a multivariate
+    hypergeometric draw), every piece giving its rows in its own seeded random order; a
+    piece leaves the window, and its memory is freed, when its last row is drawn, and the
+    next piece enters. Within a batch the rows of one piece are adjacent (the model sees a
+    batch as a set). ``shuffle=False``: the stream's rows in order.
+
+    Everything depends on the sizes and the seed key only, never on data, so a resume
+    replays the draws of the batches already yielded without reading anything
+    (:meth:`skip`).
+    """
+
+    def __init__(
+        self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None
+    ) -> None:
+        self.sizes, self._budget, self._key = sizes, window_rows, key
+        self.window: list[int] = []  # pieces in the window, in the order they entered
+        self.entered = 0  # pieces that have entered so far (stream order)
+        self._left = list(sizes)  # rows each piece has still to give
+        self._order: dict[int, np.ndarray] = {}  # shuffled: a piece's row order
+        self._gen = None if key is None else rng(*key)
+
+    def _admit(self, need: int) -> None:
+        held = sum(self.sizes[j] for j in self.window)
+        left = sum(self._left[j] for j in self.window)
+        while self.entered < len(self.sizes) and (
+            not self.window or held + self.sizes[self.entered] <= self._budget or left < need
+        ):
+            j = self.entered
+            self.window.append(j)
+            held, left, self.entered = held + self.sizes[j], left + self._left[j], j + 1
+            if self._key is not None:
+                self._order[j] = rng(*self._key, j).permutation(self.sizes[j])
+
+    def next(self, n: int) -> list[Take]:
+        """The pieces and rows of the next batch of ``n`` rows; drained pieces leave."""
+        self._admit(n)
+        if self._gen is None:
+            counts = []
+            for j in self.window:
+                counts.append(min(self._left[j], n - sum(counts)))
+        else:
+            left = np.array([self._left[j] for j in self.window], dtype=np.int64)
+            counts = self._gen.multivariate_hypergeometric(left, n).tolist()
+        out: list[Take] = []
+        for j, c in zip(list(self.window), counts, strict=True):
+            if not c:
+                continue
+            start = self.sizes[j] - self._left[j]
+            rows = slice(start, start + c) if self._gen is None else self._order[j][start:][:c]
+            out.append((j, rows))
+            self._left[j] -= c
+            if not self._left[j]:
+                self.window.remove(j)
+                self._order.pop(j, None)
+        return out
+
+    def skip(self, batches: int, batch_size: int) -> None:
+        """Replay the draws of ``batches`` batches of ``batch_size`` rows (no data is read)."""
+        for _ in range(batches):
+            self.next(batch_size)
+
+
 # -- the prefetch thread ---------------------------------------------------------------------
 class _Stopped(Exception):
     """Raised inside the prefetch thread when it is told to stop."""
 
 
+Read = tuple[Arrays, np.ndarray, dict[str, np.ndarray]]
+"""A decoded piece: inputs, labels, and per text column each row's used length."""
+
+
 class Producer:
     """A daemon thread that turns a :class:`Job` into batches on a bounded queue.
 
-    Row groups are decoded by a small pool, up to :data:`_READ_AHEAD` pieces ahead of the one
-    being batched (pyarrow releases the GIL while decoding), so that decoding overlaps the
-    shuffle and the consumer, and uses more than one core.
+    Pieces are decoded by a pool of :data:`_READ_THREADS` threads in the order they enter
+    the window, up to :data:`_READ_AHEAD` pieces beyond the window, so that decoding
+    overlaps batching and the consumer and uses more than one core.
     """
 
     _END: Final = object()
@@ -125,9 +206,9 @@ class Producer:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=reader.prefetch_batches)
         self._stop = threading.Event()
         name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
-        self._pool = ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix=f"{name}-read")
-        self._reads: dict[int, Future[tuple[Arrays, np.ndarray]]] = {}  # piece → read
-        self._cached: tuple[int, Arrays, np.ndarray] | None = None  # the last piece used
+        self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix=f"{name}-read")
+        self._reads: dict[int, Future[Read]] = {}  # piece → its decode, until it drains
+        self._next_read = 0  # the next piece (stream order) to submit
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -183,93 +264,87 @@ class Producer:
             except _Stopped:
                 pass
         finally:
-            self._cached = None
+            self._reads.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _produce(self) -> None:
         r, job = self._reader, self._job
-        size, batch = r._window_rows, r.batch_size
-        first_row = job.first_batch * batch
-        sizes = np.array([p.stop - p.start for p in job.pieces], dtype=np.int64)
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
-        left = job.batches
-        window = first_row // size
-        while left > 0:
-            lo, hi = window * size, min((window + 1) * size, r.rows_per_rank)
-            rows = lo + self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
-            held: dict[int, tuple[Arrays, np.ndarray]] = {}  # this window's pieces
-            for i in range(0, len(rows), batch):
-                cols, labels = self._gather(rows[i : i + batch], starts, ends, held)
-                inputs = {k: torch.from_numpy(self._cut(k, v)) for k, v in cols.items()}
-                self._put(Batch(inputs, torch.from_numpy(labels)))
-                left -= 1
-                if left == 0:
-                    return
-            window += 1
+        sizes = [p.stop - p.start for p in job.pieces]
+        key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
+        draws = Draws(sizes, r._window_rows, key)
+        draws.skip(job.first_batch, r.batch_size)  # a resume: replayed, nothing read
+        # Pieces still in the window after the replay, then the rest in stream order.
+        self._wanted = [*draws.window, *range(draws.entered, len(sizes))]
+        for b in range(job.first_batch, job.first_batch + job.batches):
+            n = min(r.batch_size, r.rows_per_rank - b * r.batch_size)
+            takes = draws.next(n)
+            self._submit(draws.entered)
+            self._put(self._batch(takes, n))
+            for j in {j for j, _ in takes} - set(draws.window):
+                self._reads.pop(j, None)  # drained: its memory goes
 
-    def _cut(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A text column cut after the batch's last non-pad position (per-batch padding)."""
-        pad = self._pads.get(name)
-        if pad is None:
-            return x
-        used = np.flatnonzero((x != pad).any(axis=0))
-        length = int(used[-1]) + 1 if used.size else 1
-        return x if length == x.shape[1] else np.ascontiguousarray(x[:, :length])
+    def _submit(self, entered: int) -> None:
+        """Submit the decodes of every piece that entered the window and a few beyond."""
+        wanted = self._wanted
+        while self._next_read < len(wanted) and (
+            wanted[self._next_read] < entered + _READ_AHEAD
+        ):
+            j = wanted[self._next_read]
+            self._reads[j] = self._pool.submit(self._read, self._job.pieces[j])
+            self._next_read += 1
 
-    def _gather(
-        self,
-        rows: np.ndarray,
-        starts: np.ndarray,
-        ends: np.ndarray,
-        held: dict[int, tuple[Arrays, np.ndarray]],
-    ) -> tuple[Arrays, np.ndarray]:
-        """Inputs and labels of stream ``rows`` (piece j holds ``[starts[j], ends[j])``), copied.
+    def _read(self, piece: Piece) -> Read:
+        """Decode a piece (a read-pool thread); text columns: each row's used length."""
+        cols, labels = self._reader._read_piece(piece)
+        used = {}
+        for name, pad in self._pads.items():
+            mask = cols[name] != pad
+            width = mask.shape[1]
+            last = width - np.argmax(mask[:, ::-1], axis=1)
+            used[name] = np.where(mask.any(axis=1), last, 0)
+        return cols, labels, used
 
-        Rows are copied once, straight from the decoded pieces into the batch (``np.take``
-        of whole rows; a slice when unshuffled): no copy of the window is made.
-        """
-        which = np.searchsorted(ends, rows, side="right")
-        pieces = np.unique(which)
-        for j in pieces.tolist():
-            if j not in held:
-                if self._stop.is_set():
-                    raise _Stopped
-                held[j] = self._piece(j)
-        if len(pieces) == 1:
-            j = int(pieces[0])
-            cols, labels = held[j]
-            local = rows - starts[j]
-            if not self._reader.shuffle:  # consecutive rows
-                part = slice(int(local[0]), int(local[-1]) + 1)
-                return {k: v[part].copy() for k, v in cols.items()}, labels[part].copy()
-            return {k: np.take(v, local, axis=0) for k, v in cols.items()}, np.take(labels, local)
-        first_cols, first_labels = held[int(pieces[0])]
-        out = {k: np.empty((len(rows), *v.shape[1:]), v.dtype) for k, v in first_cols.items()}
-        out_labels = np.empty(len(rows), first_labels.dtype)
-        for j in pieces.tolist():
-            at = np.flatnonzero(which == j)
-            local = rows[at] - starts[j]
-            cols, labels = held[j]
-            for k, v in cols.items():
-                out[k][at] = np.take(v, local, axis=0)
-            out_labels[at] = np.take(labels, local)
-        return out, out_labels
+    def _piece(self, j: int) -> Read:
+        if self._stop.is_set():
+            raise _Stopped
+        return self._reads[j].result()
 
-    def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
+    def _batch(self, takes: list[Take], n: int) -> Batch:
+        """Copy the rows of ``takes`` once, straight from the decoded pieces into the batch."""
         r = self._reader
-        if not r.shuffle:
-            return np.arange(n)
-        return rng(r.seed, epoch, WINDOW_ORDER, r.rank, window).permutation(n)
+        reads = [(self._piece(j), rows) for j, rows in takes]
+        first = reads[0][0]
+        lengths = {
+            name: max(1, max(int(np.max(read[2][name][rows], initial=0)) for read, rows in reads))
+            for name in self._pads
+        }
+        out = {}
+        for name, v in first[0].items():
+            shape = (n, lengths[name]) if name in lengths else (n, *v.shape[1:])
+            out[name] = _empty(shape, v.dtype, r.pin_memory)
+        labels = _empty((n,), first[1].dtype, r.pin_memory)
+        views = {name: t.numpy() for name, t in out.items()}
+        label_view = labels.numpy()
+        at = 0
+        for (cols, y, _), rows in reads:
+            k = len(range(rows.stop)[rows]) if isinstance(rows, slice) else len(rows)
+            for name, v in cols.items():
+                src = v[:, : lengths[name]] if name in lengths else v
+                _copy(src, rows, views[name][at : at + k])
+            _copy(y, rows, label_view[at : at + k])
+            at += k
+        return Batch(out, labels)
 
-    def _piece(self, j: int) -> tuple[Arrays, np.ndarray]:
-        """Rows of piece ``j``; the last one is kept, as a piece may span two windows."""
-        if self._cached is not None and self._cached[0] == j:
-            return self._cached[1], self._cached[2]
-        pieces = self._job.pieces
-        for k in range(j, min(j + 1 + _READ_AHEAD, len(pieces))):
-            if k not in self._reads:
-                self._reads[k] = self._pool.submit(self._reader._read_piece, pieces[k])
-        cols, labels = self._reads.pop(j).result()
-        self._cached = (j, cols, labels)
-        return cols, labels
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> torch.Tensor:
+    """An uninitialized tensor of ``dtype`` (page-locked when ``pin``: fast async H2D copies)."""
+    kind = torch.from_numpy(np.empty(0, dtype)).dtype
+    return torch.empty(shape, dtype=kind, pin_memory=pin)
+
+
+def _copy(src: np.ndarray, rows: np.ndarray | slice, dst: np.ndarray) -> None:
+    """``dst[:] = src[rows]`` in one copy (``np.take`` unbuffered; a slice as a plain copy)."""
+    if isinstance(rows, slice):
+        dst[...] = src[rows]
+    else:
+        np.take(src, rows, axis=0, out=dst, mode="clip")

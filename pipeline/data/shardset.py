@@ -30,7 +30,9 @@ __all__ = [
     "SplitInfo",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1: tensor columns as Parquet fixed_size_list; 2: as fixed_size_binary (same reader).
+READABLE_VERSIONS: Final = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 FEATURES_COLUMN = "features"
@@ -75,7 +77,7 @@ class ShardSet:
         self.fs, self.root = storage.resolve(uri)
         self.manifest = manifest
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardSetError(
                 f"{storage.join(uri, MANIFEST_NAME)}: format_version {version!r} is not "
                 f"supported (this build reads version {FORMAT_VERSION})"
