@@ -51,6 +51,7 @@ __all__ = [
     "read_columns",
     "read_split",
     "shard_entry",
+    "tensor_values",
     "write_columns",
     "write_manifest",
 ]
@@ -99,7 +100,9 @@ def _tensor_array(values: np.ndarray, layout: str = "binary") -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size)
 
 
-def _tensor_values(column: pa.ChunkedArray, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def tensor_values(
+    column: pa.ChunkedArray, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> np.ndarray:
     """A tensor column of either layout as ``[n, *shape]`` (independently of the reader)."""
     col = column.combine_chunks()
     if pa.types.is_fixed_size_binary(col.type):
@@ -257,7 +260,7 @@ def read_split(uri: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     for shard in shardset.split(split).shards:
         t = pq.read_table(shardset.shard_path(shard))
         keys.append(t.column("key").to_numpy())
-        feats.append(_tensor_values(t.column("features"), np.float32, (shardset.feature_dim,)))
+        feats.append(tensor_values(t.column("features"), np.float32, (shardset.feature_dim,)))
         labels.append(t.column("label").to_numpy())
     if not keys:
         return np.empty(0, np.int64), np.empty((0, shardset.feature_dim), np.float32), np.empty(0)
@@ -351,7 +354,7 @@ def read_columns(uri: str, split: str) -> dict[str, np.ndarray]:
         for name, c in specs.items():
             col = table.column(name)
             if c.shape:
-                parts[name].append(_tensor_values(col, c.numpy_dtype, c.shape))
+                parts[name].append(tensor_values(col, c.numpy_dtype, c.shape))
             else:
                 parts[name].append(col.to_numpy())
     return {name: np.concatenate(p) for name, p in parts.items() if p}

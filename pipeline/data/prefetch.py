@@ -128,9 +128,7 @@ class Draws:
     (:meth:`skip`).
     """
 
-    def __init__(
-        self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None
-    ) -> None:
+    def __init__(self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None) -> None:
         self.sizes, self._budget, self._key = sizes, window_rows, key
         self.window: list[int] = []  # pieces in the window, in the order they entered
         self.entered = 0  # pieces that have entered so far (stream order)
@@ -286,9 +284,7 @@ class Producer:
     def _submit(self, entered: int) -> None:
         """Submit the decodes of every piece that entered the window and a few beyond."""
         wanted = self._wanted
-        while self._next_read < len(wanted) and (
-            wanted[self._next_read] < entered + _READ_AHEAD
-        ):
+        while self._next_read < len(wanted) and (wanted[self._next_read] < entered + _READ_AHEAD):
             j = wanted[self._next_read]
             self._reads[j] = self._pool.submit(self._read, self._job.pieces[j])
             self._next_read += 1

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline.data.arrays import tensor_to_numpy, to_shard_batch
 from pipeline.data.columns import ColumnSpec, arrow_schema, arrow_type
@@ -117,7 +118,9 @@ def test_a_version_2_set_of_the_same_rows_reads_the_same(old_set: str, tmp_path:
 
 def test_the_readme_one_liner_turns_a_column_back_into_an_array(tmp_path: Path) -> None:
     uri = make_shardset(
-        tmp_path, rows_per_shard={"train": [20]}, extra=[Extra("image", "uint8", (4, 5, 3), "image")]
+        tmp_path,
+        rows_per_shard={"train": [20]},
+        extra=[Extra("image", "uint8", (4, 5, 3), "image")],
     )
     path = next((tmp_path / "train").glob("*.parquet"))
     table = pq.read_table(path)
@@ -136,7 +139,9 @@ def test_binary_layout_is_zero_copy_and_checks_its_width() -> None:
     got = tensor_to_numpy(col.slice(1, 3), spec)
     assert got.ctypes.data == col.buffers()[1].address + 24
     np.testing.assert_array_equal(got, x[1:4])
-    with pytest.raises(ShardSetError, match=r"part-3: column 'emb' has values of 24 bytes.*takes 32"):
+    with pytest.raises(
+        ShardSetError, match=r"part-3: column 'emb' has values of 24 bytes.*takes 32"
+    ):
         tensor_to_numpy(col, ColumnSpec("emb", "float32", (8,)), where="part-3")
     with pytest.raises(ShardSetError, match="1 null rows"):
         tensor_to_numpy(pa.array([b"x" * 24, None], pa.binary(24)), spec)
@@ -161,3 +166,22 @@ def test_writer_takes_spark_lists_and_image_bytes() -> None:
         to_shard_batch(spark.set_column(1, "img", pa.array([b"abc", b"defg"])), schema)
     with pytest.raises(ValueError, match="v arrays must all have length 3"):
         to_shard_batch(spark.set_column(0, "v", pa.array([[1.0], [2.0]])), schema)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_batches_cross_to_the_gpu_asynchronously(tmp_path: Path) -> None:
+    uri = make_shardset(
+        tmp_path,
+        rows_per_shard={"train": [40]},
+        extra=[Extra("image", "uint8", (4, 4, 3), "image")],
+    )
+    with ShardReader(uri, "train", rank=0, world_size=1, batch_size=8, pin_memory=True) as r:
+        batches = list(r)
+    assert all(t.is_pinned() for b in batches for t in [*b.inputs.values(), b.labels])
+    with ShardReader(uri, "train", rank=0, world_size=1, batch_size=8) as r:
+        plain = list(r)
+    for b, p in zip(batches, plain, strict=True):
+        on_gpu = b.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(on_gpu.inputs["image"].cpu(), p.inputs["image"])

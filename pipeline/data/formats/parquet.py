@@ -132,8 +132,10 @@ class ParquetFormat(ShardFormat):
         """Decode ``columns`` and the label of row group ``i`` in one read (own file handle)."""
         try:
             with fs.open_input_file(path) as source:
+                # One thread per row group: the reader decodes several row groups at once
+                # on its own pool; pyarrow's pool would only split a row group by column.
                 table = pq.ParquetFile(source, metadata=index).read_row_group(
-                    i, columns=[*(c.name for c in columns), LABEL_COLUMN]
+                    i, columns=[*(c.name for c in columns), LABEL_COLUMN], use_threads=False
                 )
             out = {
                 c.name: tensor_to_numpy(table.column(j), c, where=where)
