@@ -160,26 +160,23 @@ def run_ours(uri: str, seed: int) -> int:
     return rows
 
 
-BEFORE = (
-    """
+BEFORE = """
 import sys, time, json
 from pipeline.data.reader import ShardReader
-uri, seed = sys.argv[1], int(sys.argv[2])
+uri, seed, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter(); rows = 0
-with ShardReader(uri, "train", rank=0, world_size=1, batch_size=%d, seed=seed, verify="none") as r:
+with ShardReader(uri, "train", rank=0, world_size=1, batch_size=batch, seed=seed, verify="none") as r:
     for b in r:
         rows += len(b.labels)
 print(json.dumps({"rows": rows, "seconds": time.perf_counter() - t}))
 """
-    % BATCH
-)
 
 
 def run_before(tree: str, uri: str, seed: int, cores: set[int]) -> float:
     """Samples/s of the older tree's reader on ``uri`` (a subprocess, same CPU set)."""
     env = dict(os.environ, PYTHONPATH=tree)
     out = subprocess.run(
-        [sys.executable, "-c", BEFORE, uri, str(seed)], env=env, cwd=tree, check=True,
+        [sys.executable, "-c", BEFORE, uri, str(seed), str(BATCH)], env=env, cwd=tree, check=True,
         capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cores),
     ).stdout  # fmt: skip
     res = json.loads(out.strip().splitlines()[-1])
@@ -232,7 +229,7 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     ]
     for r in results:
         s = summary(r)
-        name, dtype, shape, *_ = KINDS[r["kind"]]
+        _, dtype, shape, *_ = KINDS[r["kind"]]
         mbs = s["ours"] * r["bytes"] / 1e6
         target = "≥ 0.8× and ≥ 1,000 MB/s" if dtype == "uint8" else "≥ 0.8×"
         met = s["ratio"] >= 0.8 and (dtype != "uint8" or mbs >= 1000)
