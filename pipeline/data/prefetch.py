@@ -152,7 +152,7 @@ class Draws:
         """The pieces and rows of the next batch of ``n`` rows; drained pieces leave."""
         self._admit(n)
         if self._gen is None:
-            counts = []
+            counts: list[int] = []
             for j in self.window:
                 counts.append(min(self._left[j], n - sum(counts)))
         else:
