@@ -62,7 +62,9 @@ are checked when its row group is decoded. The two formats of the same data give
 batches.
 
 Memory and copies: the window's decoded pieces (``S`` rows, at most ``shuffle_buffer_bytes``
-of inputs unless one piece or batch is larger), a few pieces decoded ahead by a small
+of inputs unless one piece or batch is larger; 128 MiB by default — 0.1.0 had 1 GiB, but
+decoded row groups are fresh memory each epoch, and page-faulting a GiB of it cost more than
+the rest of the read: ``bench/RESULTS.md``, Reader), a few pieces decoded ahead by a small
 thread pool, and ``prefetch_batches`` queued batches. Parquet tensor columns of
 ``format_version`` 2 decode into one buffer that numpy views without a copy; a batch's rows
 are copied once, straight from the pieces into the batch's tensors (``pin_memory=True``:
@@ -155,7 +157,7 @@ class ShardReader:
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer_rows: int = 65536,
-        shuffle_buffer_bytes: int = 1 << 30,
+        shuffle_buffer_bytes: int = 1 << 27,
         drop_last: bool = False,
         verify: Verify = "auto",
         prefetch_batches: int = 4,
