@@ -107,7 +107,9 @@ def tensor_values(
     col = column.combine_chunks()
     if pa.types.is_fixed_size_binary(col.type):
         raw = b"".join(v.as_py() for v in col)
-        return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).reshape(len(col), *shape)
+        return (
+            np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).reshape(len(col), *shape).copy()
+        )
     return col.flatten().to_numpy().astype(dtype).reshape(len(col), *shape)
 
 
