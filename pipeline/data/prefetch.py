@@ -10,6 +10,7 @@ docstring for the row policy, shuffle and resume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -107,34 +108,40 @@ def rng(*key: int) -> np.random.Generator:
 
 
 # -- which rows make each batch ------------------------------------------------------------------
-Take = tuple[int, "np.ndarray | slice"]
-"""Rows of one piece in a batch: ``(piece, local rows)``, rows an index array or a slice."""
+_CHUNK_ROWS: Final = 1024  # rows drawn at once (fewer for a small window); not the batch size
 
 
 class Draws:
-    """The rows of each batch of an epoch, from a window that fills and drains continuously.
+    """The rank's rows of an epoch in shuffled order, from a window that fills and drains.
 
     Pieces enter the window in stream order while the rows of the pieces in it (counting
     whole pieces, drained or not) stay within ``window_rows`` (at least one piece, and
-    always enough rows for the next batch). Each batch draws its rows from the pieces in
-    the window at random in proportion to what each has left (a multivariate
-    hypergeometric draw), every piece giving its rows in its own seeded random order; a
-    piece leaves the window, and its memory is freed, when its last row is drawn, and the
-    next piece enters. Within a batch the rows of one piece are adjacent (the model sees a
-    batch as a set). ``shuffle=False``: the stream's rows in order.
+    always enough rows for the next draw). Rows are drawn in chunks of :attr:`chunk` rows —
+    set by the window, not the batch size, so that batch sizes with the same window (the
+    reader rounds it to whole batches) give the same order: a batch of 32 holds the rows of
+    two batches of 16 —, each from the pieces in the window
+    at random in proportion to what each has left (a multivariate hypergeometric draw),
+    every piece giving its rows in its own seeded random order, the chunk's rows then
+    interleaved at random. A piece leaves the window when its last row is drawn, and the
+    next one enters; :attr:`last_at` tells when its memory may go. ``key=None``
+    (``shuffle=False``): the stream's rows in order.
 
     Everything depends on the sizes and the seed key only, never on data, so a resume
-    replays the draws of the batches already yielded without reading anything
-    (:meth:`skip`).
+    replays the draws of the rows already yielded without reading anything (:meth:`take`).
     """
 
     def __init__(self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None) -> None:
         self.sizes, self._budget, self._key = sizes, window_rows, key
+        self.chunk = max(1, min(_CHUNK_ROWS, window_rows // 2))
         self.window: list[int] = []  # pieces in the window, in the order they entered
         self.entered = 0  # pieces that have entered so far (stream order)
+        self.last_at: dict[int, int] = {}  # drained piece → position of its last row
         self._left = list(sizes)  # rows each piece has still to give
         self._order: dict[int, np.ndarray] = {}  # shuffled: a piece's row order
         self._gen = None if key is None else rng(*key)
+        self._drawn = 0  # rows drawn so far (positions in the epoch's order)
+        self._ids = np.empty(0, np.int64)  # drawn, not yet taken: piece of each row
+        self._rows = np.empty(0, np.int64)  # … and its row within the piece
 
     def _admit(self, need: int) -> None:
         held = sum(self.sizes[j] for j in self.window)
@@ -148,33 +155,49 @@ class Draws:
             if self._key is not None:
                 self._order[j] = rng(*self._key, j).permutation(self.sizes[j])
 
-    def next(self, n: int) -> list[Take]:
-        """The pieces and rows of the next batch of ``n`` rows; drained pieces leave."""
-        self._admit(n)
+    def _draw(self) -> None:
+        """Draw the next chunk; drained pieces leave the window."""
+        self._admit(self.chunk)
+        window = list(self.window)
+        left = np.array([self._left[j] for j in window], dtype=np.int64)
+        n = int(min(self.chunk, left.sum()))
         if self._gen is None:
-            counts: list[int] = []
-            for j in self.window:
-                counts.append(min(self._left[j], n - sum(counts)))
+            counts = np.minimum(left, np.maximum(n - (np.cumsum(left) - left), 0))
         else:
-            left = np.array([self._left[j] for j in self.window], dtype=np.int64)
-            counts = self._gen.multivariate_hypergeometric(left, n).tolist()
-        out: list[Take] = []
-        for j, c in zip(list(self.window), counts, strict=True):
+            counts = self._gen.multivariate_hypergeometric(left, n)
+        ids, rows = [], []
+        for j, c in zip(window, counts.tolist(), strict=True):
             if not c:
                 continue
             start = self.sizes[j] - self._left[j]
-            rows = slice(start, start + c) if self._gen is None else self._order[j][start:][:c]
-            out.append((j, rows))
+            ids.append(np.full(c, j, np.int64))
+            mine = self._order.get(j)
+            rows.append(np.arange(start, start + c) if mine is None else mine[start : start + c])
             self._left[j] -= c
+        chunk_ids, chunk_rows = np.concatenate(ids), np.concatenate(rows)
+        if self._gen is not None:
+            mix = self._gen.permutation(n)
+            chunk_ids, chunk_rows = chunk_ids[mix], chunk_rows[mix]
+        for j in window:
             if not self._left[j]:
                 self.window.remove(j)
                 self._order.pop(j, None)
-        return out
+                self.last_at[j] = self._drawn + int(np.flatnonzero(chunk_ids == j)[-1])
+        self._drawn += n
+        self._ids = np.concatenate([self._ids, chunk_ids])
+        self._rows = np.concatenate([self._rows, chunk_rows])
 
-    def skip(self, batches: int, batch_size: int) -> None:
-        """Replay the draws of ``batches`` batches of ``batch_size`` rows (no data is read)."""
-        for _ in range(batches):
-            self.next(batch_size)
+    def pending(self) -> np.ndarray:
+        """The pieces of the rows drawn but not yet taken (one per row)."""
+        return self._ids
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` rows of the order: ``(piece of each, row within the piece)``."""
+        while len(self._ids) < n:
+            self._draw()
+        ids, rows = self._ids[:n], self._rows[:n]
+        self._ids, self._rows = self._ids[n:], self._rows[n:]
+        return ids, rows
 
 
 # -- the prefetch thread ---------------------------------------------------------------------
@@ -270,15 +293,20 @@ class Producer:
         sizes = [p.stop - p.start for p in job.pieces]
         key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
         draws = Draws(sizes, r._window_rows, key)
-        draws.skip(job.first_batch, r.batch_size)  # a resume: replayed, nothing read
-        # Pieces still in the window after the replay, then the rest in stream order.
-        self._wanted = [*draws.window, *range(draws.entered, len(sizes))]
+        position = job.first_batch * r.batch_size
+        draws.take(position)  # a resume: the draws replayed, nothing read
+        # Pieces with rows drawn but not yet taken, those still in the window after the
+        # replay, then the rest in stream order.
+        pending = [j for j in dict.fromkeys(draws.pending().tolist()) if j not in draws.window]
+        self._wanted = [*pending, *draws.window, *range(draws.entered, len(sizes))]
         for b in range(job.first_batch, job.first_batch + job.batches):
             n = min(r.batch_size, r.rows_per_rank - b * r.batch_size)
-            takes = draws.next(n)
+            ids, rows = draws.take(n)
             self._submit(draws.entered)
-            self._put(self._batch(takes, n))
-            for j in {j for j, _ in takes} - set(draws.window):
+            self._put(self._batch(ids, rows))
+            position += n
+            for j in [j for j, at in draws.last_at.items() if at < position]:
+                del draws.last_at[j]
                 self._reads.pop(j, None)  # drained: its memory goes
 
     def _submit(self, entered: int) -> None:
@@ -305,13 +333,27 @@ class Producer:
             raise _Stopped
         return self._reads[j].result()
 
-    def _batch(self, takes: list[Take], n: int) -> Batch:
-        """Copy the rows of ``takes`` once, straight from the decoded pieces into the batch."""
-        r = self._reader
-        reads = [(self._piece(j), rows) for j, rows in takes]
-        first = reads[0][0]
+    def _batch(self, ids: np.ndarray, rows: np.ndarray) -> Batch:
+        """Copy the rows once, straight from the decoded pieces into the batch.
+
+        The batch holds the rows of its slice of the order, those of one piece next to each
+        other (in piece order): each piece's rows are one ``np.take`` into the batch.
+        """
+        r, n = self._reader, len(ids)
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], rows[order]
+        cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n]
+        runs = []
+        for a, b in itertools.pairwise(cuts):
+            local = rows[a:b]
+            if not r.shuffle:  # consecutive rows: a slice
+                local = slice(int(local[0]), int(local[-1]) + 1)
+            runs.append((self._piece(int(ids[a])), local, a, b))
+        first = runs[0][0]
         lengths = {
-            name: max(1, max(int(np.max(read[2][name][rows], initial=0)) for read, rows in reads))
+            name: max(
+                1, max(int(np.max(read[2][name][local], initial=0)) for read, local, _, _ in runs)
+            )
             for name in self._pads
         }
         out = {}
@@ -321,14 +363,11 @@ class Producer:
         labels = _empty((n,), first[1].dtype, r.pin_memory)
         views = {name: t.numpy() for name, t in out.items()}
         label_view = labels.numpy()
-        at = 0
-        for (cols, y, _), rows in reads:
-            k = len(range(rows.stop)[rows]) if isinstance(rows, slice) else len(rows)
+        for (cols, y, _), local, a, b in runs:
             for name, v in cols.items():
                 src = v[:, : lengths[name]] if name in lengths else v
-                _copy(src, rows, views[name][at : at + k])
-            _copy(y, rows, label_view[at : at + k])
-            at += k
+                _copy(src, local, views[name][a:b])
+            _copy(y, local, label_view[a:b])
         return Batch(out, labels)
 
 

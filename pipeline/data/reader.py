@@ -37,9 +37,11 @@ and enter a window that fills and drains continuously (:class:`pipeline.data.pre
 pieces enter in stream order while the window's pieces hold at most ``S`` rows
 (``shuffle_buffer_rows``, or fewer so that they take at most ``shuffle_buffer_bytes`` of
 input columns — large images —; at least one piece, and always enough rows for the next
-batch); each batch draws its rows from the pieces in the window at random, in proportion
-to the rows each has left, each piece giving its rows in an order permuted by
-``(seed, e, r, piece)``; a drained piece leaves and the next one enters. So a batch mixes
+batch); rows are drawn in chunks (up to 1,024 rows, half the window when it is smaller;
+never the batch size, so a batch of 32 holds the rows of two batches of 16) from the pieces
+in the window at random, in proportion to the rows each has left, each piece giving its rows
+in an order permuted by ``(seed, e, r, piece)``, and each chunk's rows are interleaved at
+random; a drained piece leaves and the next one enters. So a batch mixes
 the rows of about ``S / row_group_rows`` row groups (the manifest records
 ``row_group_rows``): make the buffer several row groups when rows within a shard are
 ordered. Same seed, same batches (for a given numpy version); another epoch, another order.
@@ -204,6 +206,8 @@ class ShardReader:
         self.steps_per_epoch: int = full + (1 if rest and not drop_last else 0)
         row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
         window = min(shuffle_buffer_rows, shuffle_buffer_bytes // max(row_bytes, 1))
+        # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
+        # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
         self._window_rows = max(1, window // batch_size) * batch_size
         if self.rows_per_rank == 0 and self.num_rows:
             log.warning(
