@@ -271,8 +271,11 @@ def main() -> None:
     ap.add_argument("--before", help="an older checkout whose reader to time (v1 copies)")
     ap.add_argument("--peers", default="", help="mosaic,jpeg (bench/_peers.py)")
     ap.add_argument("--jpeg-images", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=BATCH, help="batch size of our reader")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
+    global BATCH  # one knob for the whole run
+    BATCH = args.batch
     cores = set(sorted(os.sched_getaffinity(0))[: args.cores])
     os.sched_setaffinity(0, cores)
     load = [os.getloadavg()]
