@@ -264,6 +264,7 @@ def before_table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
+    global BATCH  # one knob for the whole run (the helpers read it)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cores", type=int, default=1, help="CPUs the process may use")
@@ -274,7 +275,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=BATCH, help="batch size of our reader")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
-    global BATCH  # one knob for the whole run
     BATCH = args.batch
     cores = set(sorted(os.sched_getaffinity(0))[: args.cores])
     os.sched_setaffinity(0, cores)
