@@ -345,9 +345,9 @@ class Producer:
         cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n]
         runs = []
         for a, b in itertools.pairwise(cuts):
-            local = rows[a:b]
+            local: np.ndarray | slice = rows[a:b]
             if not r.shuffle:  # consecutive rows: a slice
-                local = slice(int(local[0]), int(local[-1]) + 1)
+                local = slice(int(rows[a]), int(rows[b - 1]) + 1)
             runs.append((self._piece(int(ids[a])), local, a, b))
         first = runs[0][0]
         lengths = {
