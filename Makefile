@@ -8,7 +8,7 @@ JAVA_ENV := $(VENV)/java.env
 RUN := set -euo pipefail; . $(JAVA_ENV); export PYSPARK_PYTHON=$(abspath $(BIN))/python PYSPARK_DRIVER_PYTHON=$(abspath $(BIN))/python SPARK_LOCAL_IP=127.0.0.1;
 PYTEST_ARGS ?=
 
-.PHONY: install test lint docs demo bench clean
+.PHONY: install test lint docs demo bench clean compat-fixtures
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(STAMP)
 # Regenerate the README's config reference from the config dataclasses.
 docs: $(STAMP)
 	$(BIN)/python -m jobs.configref --write README.md
+
+# Rebuild tests/compat/fixtures with the code of earlier releases (git worktrees under /tmp).
+compat-fixtures: $(STAMP)
+	@$(RUN) $(BIN)/python tests/compat/build_fixtures.py $(RELEASES)
 
 demo: $(STAMP)
 	@$(RUN) $(BIN)/spark-train demo --config jobs/configs/demo.yaml

@@ -23,8 +23,10 @@ from jobs.clierrors import (
     OneLineParser,
     UsageError,
     log_effective_config,
+    newer_format,
     report_error,
 )
+from jobs.runsummary import read_summary
 from jobs.stages import run_etl_stage, run_train_stage, spark_session
 from jobs.workflow import FORCEABLE, parse_force, run_workflow
 from pipeline.config import Config, ConfigError, load_config
@@ -117,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         _run_flags(p)
         if name == "demo":
             p.add_argument("--rows", type=int, default=200_000, help="rows of sample data")
-    p = sub.add_parser("inspect", help="summarize a shard set, checkpoint dir or bundle")
+    p = sub.add_parser(
+        "inspect", help="summarize a shard set, checkpoint dir, bundle or run summary (.json)"
+    )
     _common(p)
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -211,7 +215,10 @@ def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
 def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
     from pipeline.serve.inspect import describe, render
 
-    d = describe(args.path)
+    if args.path.endswith(".json"):  # a run summary (run / demo --summary)
+        d = {"kind": "run-summary", "uri": args.path, **read_summary(args.path)}
+    else:
+        d = describe(args.path)
     print(json.dumps(d, indent=2, default=str) if args.json else render(d))
     return EXIT_OK
 
@@ -273,6 +280,9 @@ def main(argv: Sequence[str] | None = None, *, under_submit: bool | None = None)
     except Exception as e:
         if args.debug:
             raise
+        newer = newer_format(e)  # an artifact of a newer release: exit 2, upgrading fixes it
+        if newer is not None:
+            return report_error(args.command, newer, usage=True)
         return report_error(args.command, e, usage=False)
 
 

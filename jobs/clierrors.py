@@ -1,7 +1,8 @@
 """How ``spark-train`` reports errors and its effective config, and its exit codes.
 
 Every error is one line on stderr, ``spark-train COMMAND: error: …``, naming the key, path,
-file or row (exit 2 for bad usage or config, 1 for a runtime failure); ``--debug`` raises
+file or row (exit 2 for bad usage or config, and for an artifact written in a newer format
+than this release reads; 1 for a runtime failure); ``--debug`` raises
 instead, so the traceback shows. The effective config is logged once per command with
 credentials redacted (:mod:`pipeline.core.redact`).
 """
@@ -15,6 +16,7 @@ import sys
 from typing import Any, NoReturn
 
 from pipeline.config import Config
+from pipeline.core.compat import NewerFormatError
 from pipeline.core.redact import redact
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "OneLineParser",
     "UsageError",
     "log_effective_config",
+    "newer_format",
     "one_line",
     "report_error",
 ]
@@ -70,6 +73,22 @@ def report_error(command: str, exc: BaseException, *, usage: bool) -> int:
         file=sys.stderr,
     )
     return EXIT_RUNTIME
+
+
+def newer_format(exc: BaseException) -> NewerFormatError | None:
+    """The :class:`NewerFormatError` behind ``exc`` (itself, or a cause of it), or None.
+
+    An artifact written by a newer release is reported like a config error (exit 2): a
+    retry fails the same way, upgrading spark-train fixes it.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, NewerFormatError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 LOG_ITEMS = 12

@@ -32,7 +32,7 @@ from pipeline.core.configbase import to_dict
 from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 
-__all__ = ["END", "START", "main", "reference", "splice"]
+__all__ = ["END", "START", "keys", "main", "reference", "splice"]
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -110,6 +110,11 @@ def _rows(cls: type, prefix: str) -> Iterator[tuple[str, str, str, str]]:
             and dataclasses.is_dataclass(args[1])
         ):
             yield from _rows(args[1], f"{key}.<column>")  # type: ignore[arg-type]
+
+
+def keys() -> list[str]:
+    """Every documented config key, dotted (``train.model.builder``, ``etl.images.<column>.size``)."""
+    return [k for name, cls in SECTIONS for k, *_ in _rows(cls, name)]
 
 
 def reference() -> str:

@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version
 
 __all__ = [
     "SUMMARY_FILE",
@@ -38,6 +39,7 @@ __all__ = [
     "StageStatus",
     "default_summary_path",
     "one_line_error",
+    "read_summary",
     "versions",
 ]
 
@@ -45,6 +47,34 @@ SUMMARY_FORMAT_VERSION = 1
 SUMMARY_FILE = "run-summary.json"
 StageStatus = Literal["ran", "skipped", "failed", "not_run"]
 _DISTRIBUTIONS = ("spark-train", "pyspark", "torch", "pyarrow", "numpy", "pandas")
+
+
+class SummaryError(ValueError):
+    """A file is not a run summary spark-train can read."""
+
+
+class SummaryTooNew(SummaryError, NewerFormatError):
+    """A run summary written by a newer spark-train (a higher ``format_version``)."""
+
+
+def read_summary(uri: str) -> dict[str, Any]:
+    """A run summary written by this or an earlier release; a newer one raises :class:`SummaryTooNew`."""
+    fs, path = storage.resolve(uri)
+    try:
+        doc = json.loads(storage.read_bytes(fs, path))
+    except (OSError, ValueError) as e:
+        raise SummaryError(f"{uri} is not a readable run summary: {e}") from e
+    if not isinstance(doc, dict) or "stages" not in doc:
+        raise SummaryError(f"{uri} is not a run summary (no 'stages')")
+    check_format_version(
+        doc.get("format_version"),
+        SUMMARY_FORMAT_VERSION,
+        where=uri,
+        writer=(doc.get("versions") or {}).get("spark-train"),
+        newer=SummaryTooNew,
+        invalid=SummaryError,
+    )
+    return doc
 
 
 def _now() -> str:

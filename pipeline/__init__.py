@@ -31,6 +31,10 @@ name                   what it is
                        (see :mod:`pipeline.train.registry`)
 =====================  ==========================================================
 
+``__version__`` is the installed distribution's version (:mod:`pipeline.core.version`). Module
+paths of earlier releases (``pipeline.models``, ``pipeline.bundle``…) still import, with one
+deprecation line (:data:`pipeline.core.compat.MOVED_MODULES`).
+
 Names resolve on first use (PEP 562), so ``import pipeline.data`` or ``python -m
 pipeline.worker`` on a machine without pyspark never imports Spark or scoring.
 
@@ -46,6 +50,9 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from pipeline.core.compat import install_module_aliases
+from pipeline.core.version import __version__
 
 if TYPE_CHECKING:
     from pipeline.config import Config, SparkConfig, load_config
@@ -63,7 +70,7 @@ if TYPE_CHECKING:
     from pipeline.train.registry import BarrierMode, register_mode
     from preprocessing.config import EtlConfig
 
-__version__ = "0.1.0"
+install_module_aliases()  # old module paths (``pipeline.models``…) keep importing, deprecated
 
 # public name -> (module, attribute)
 _EXPORTS: dict[str, tuple[str, str]] = {

@@ -14,8 +14,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipeline import __version__
 from pipeline.core import storage
+from pipeline.core.version import __version__
 from pipeline.data.formats import DEFAULT_FORMAT
 from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig

@@ -17,6 +17,7 @@ from typing import Any, Final
 import pyarrow.fs as pafs
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version, written_by
 from pipeline.data.columns import ColumnSpec, columns_from_manifest
 
 __all__ = [
@@ -27,12 +28,12 @@ __all__ = [
     "ShardInfo",
     "ShardSet",
     "ShardSetError",
+    "ShardSetTooNew",
     "SplitInfo",
 ]
 
 FORMAT_VERSION = 2
 # Version 1: tensor columns as Parquet fixed_size_list; 2: as fixed_size_binary (same reader).
-READABLE_VERSIONS: Final = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 FEATURES_COLUMN = "features"
@@ -48,6 +49,10 @@ FULL_VERIFY_LIMIT_BYTES = 1 << 30
 
 class ShardSetError(RuntimeError):
     """A shard set is missing, uncommitted, or does not match its manifest."""
+
+
+class ShardSetTooNew(ShardSetError, NewerFormatError):
+    """The manifest was written by a newer spark-train (a higher ``format_version``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +81,15 @@ class ShardSet:
         self.uri = uri
         self.fs, self.root = storage.resolve(uri)
         self.manifest = manifest
-        version = manifest.get("format_version")
-        if version not in READABLE_VERSIONS:
-            raise ShardSetError(
-                f"{storage.join(uri, MANIFEST_NAME)}: format_version {version!r} is not "
-                f"supported (this build reads version {FORMAT_VERSION})"
-            )
+        # Every version up to FORMAT_VERSION is read; a newer one says who wrote it.
+        self.format_version = check_format_version(
+            manifest.get("format_version"),
+            FORMAT_VERSION,
+            where=storage.join(uri, MANIFEST_NAME),
+            writer=written_by(manifest.get("created_by")),
+            newer=ShardSetTooNew,
+            invalid=ShardSetError,
+        )
         self.splits: dict[str, SplitInfo] = {
             name: SplitInfo(
                 name=name,

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.core import storage
 from pipeline.data.shardset import FEATURES_COLUMN, MANIFEST_NAME, ShardSet
-from pipeline.train.bundle import METRICS, SPEC, WEIGHTS
+from pipeline.train.bundle import METRICS, WEIGHTS, read_spec
 from pipeline.train.checkpoint import CheckpointManager
 
 __all__ = ["describe", "render"]
@@ -22,7 +22,7 @@ def describe(uri: str) -> dict[str, Any]:
     if storage.exists(fs, storage.join(root, MANIFEST_NAME)):
         return _describe_shardset(ShardSet.open(uri))
     if storage.exists(fs, storage.join(root, WEIGHTS)):
-        spec = json.loads(storage.read_bytes(fs, storage.join(root, SPEC)))
+        spec = read_spec(uri)  # a newer format_version: one line saying to upgrade
         metrics_path = storage.join(root, METRICS)
         metrics = (
             json.loads(storage.read_bytes(fs, metrics_path))

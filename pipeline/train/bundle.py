@@ -38,22 +38,26 @@ import yaml
 from torch import nn
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version, written_by
 from pipeline.core.configbase import ConfigError, to_dict
+from pipeline.core.version import __version__
 from pipeline.data.shardset import ShardSet
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import model_inputs, model_shape
 from pipeline.train.inputs import ModelInputs
-from pipeline.train.models import build_model
+from pipeline.train.models import build_model, cnn, resolve_builder
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
+    "BundleTooNew",
     "LoadedBundle",
     "features_source",
     "load_bundle",
     "model_spec",
     "read_spec",
     "require_bundle",
+    "spec_builders",
     "write_bundle",
     "write_trained",
 ]
@@ -70,6 +74,10 @@ FEATURES = "features"
 
 class BundleError(RuntimeError):
     """A bundle is missing, incomplete or does not match its spec."""
+
+
+class BundleTooNew(BundleError, NewerFormatError):
+    """``model.json`` was written by a newer spark-train (a higher ``format_version``)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ def model_spec(
         },
         "etl": manifest.get("config"),
         "torch_version": torch.__version__,
+        "spark_train": __version__,
     }
 
 
@@ -214,18 +223,49 @@ def require_bundle(uri: str, key: str = "--model") -> None:
 
 
 def read_spec(uri: str) -> dict[str, Any]:
-    """The bundle's ``model.json``; :class:`BundleError` when it is missing or of another version."""
+    """The bundle's ``model.json``; :class:`BundleError` when it is missing or unreadable.
+
+    Every ``format_version`` up to :data:`BUNDLE_FORMAT_VERSION` is read; a newer one raises
+    :class:`BundleTooNew` naming the spark-train that wrote it.
+    """
     fs, root = storage.resolve(uri)
     spec_path = storage.join(root, SPEC)
     if not storage.exists(fs, spec_path):
         raise BundleError(f"{uri} is not a model bundle: {SPEC} is missing")
-    spec: dict[str, Any] = json.loads(storage.read_bytes(fs, spec_path))
-    if spec.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{storage.join(uri, SPEC)}: format_version {spec.get('format_version')!r} is not "
-            f"supported (this build reads version {BUNDLE_FORMAT_VERSION})"
-        )
+    try:
+        spec: dict[str, Any] = json.loads(storage.read_bytes(fs, spec_path))
+    except ValueError as e:
+        raise BundleError(f"{storage.join(uri, SPEC)} is not valid JSON: {e}") from e
+    if not isinstance(spec, dict):
+        raise BundleError(f"{storage.join(uri, SPEC)} is not a JSON object")
+    check_format_version(
+        spec.get("format_version"),
+        BUNDLE_FORMAT_VERSION,
+        where=storage.join(uri, SPEC),
+        writer=written_by(spec.get("spark_train")),
+        newer=BundleTooNew,
+        invalid=BundleError,
+    )
     return spec
+
+
+def spec_builders(spec: dict[str, Any]) -> list[str]:
+    """The builders that may rebuild a bundle's model, in order: ``model.json``'s, as meant.
+
+    A bundle of the built-in ``cnn`` without ``inputs`` in its spec was written before the
+    ``cnn`` changed architecture (the same change began recording ``inputs``), so it is
+    built with :func:`~pipeline.train.models.cnn_v1`, the architecture it was trained as —
+    unless its weights say otherwise (they fit the current ``cnn``), then with ``cnn``.
+    """
+    builder = str(spec["builder"])
+    if spec.get("inputs") is None and resolve_builder(builder) is cnn:
+        return ["pipeline.train.models:cnn_v1", builder]
+    return [builder]
+
+
+def _fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == weights.keys() and all(own[k].shape == weights[k].shape for k in own)
 
 
 def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle:
@@ -243,14 +283,6 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
         except ValueError as e:
             raise BundleError(f"{storage.join(uri, SPEC)}: inputs: {e}") from e
         inputs, vocab = recorded.spec(), recorded.vocab()
-    model = build_model(
-        spec["builder"],
-        input_shape=tuple(spec["input_shape"]),
-        num_outputs=int(spec["num_outputs"]),
-        args=spec.get("args") or {},
-        inputs=inputs,
-        vocab=vocab,
-    )
     data = storage.read_bytes(fs, storage.join(root, WEIGHTS))
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise BundleError(
@@ -263,6 +295,20 @@ def load_bundle(uri: str, *, expected_sha256: str | None = None) -> LoadedBundle
             f"{storage.join(uri, WEIGHTS)} is not a safetensors file ({e}); bundles load "
             "weights from safetensors only, never by unpickling"
         ) from e
+    builders = spec_builders(spec)
+    for builder in builders:
+        model = build_model(
+            builder,
+            input_shape=tuple(spec["input_shape"]),
+            num_outputs=int(spec["num_outputs"]),
+            args=spec.get("args") or {},
+            inputs=inputs,
+            vocab=vocab,
+        )
+        if len(builders) == 1 or _fits(model, weights):
+            break
+    if builder != builders[-1]:
+        log.info("%s: a bundle of the 0.1.0 cnn, built with %s", uri, builder)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -38,11 +38,14 @@ import pyarrow.fs as pafs
 import torch
 
 from pipeline.core import storage
+from pipeline.core.compat import NewerFormatError, check_format_version, written_by
+from pipeline.core.version import __version__
 from pipeline.runtime import faults
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointTooNew",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -58,6 +61,10 @@ _SCALARS: Final = (bool, int, float, str, bytes, type(None), torch.dtype, torch.
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be saved or loaded; the message names the directory or file."""
+
+
+class CheckpointTooNew(CheckpointError, NewerFormatError):
+    """A checkpoint's ``meta.json`` was written by a newer spark-train; never skipped silently."""
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -99,6 +106,7 @@ class CheckpointManager:
                 "step": step,
                 "created_unix": time.time(),
                 "torch": torch.__version__,
+                "spark_train": __version__,
                 "keys": sorted(str(k) for k in state),
                 "files": {STATE_FILE: {"bytes": sink.size, "sha256": sink.sha256}},
             }
@@ -187,6 +195,15 @@ class CheckpointManager:
             sizes = {name: int(entry["bytes"]) for name, entry in meta["files"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorrupt(f"{meta_path} is missing or unreadable: {e}") from e
+        # A newer format is not a corrupt checkpoint to pass over: it stops the run.
+        check_format_version(
+            meta.get("format_version"),
+            FORMAT_VERSION,
+            where=meta_path,
+            writer=written_by(meta.get("spark_train")),
+            newer=CheckpointTooNew,
+            invalid=CheckpointCorrupt,
+        )
         for name, expected in sizes.items():
             path = storage.join(directory, name)
             size = self.fs.get_file_info(path).size

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipeline.core.compat import canonical_builder
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
 from pipeline.train.registry import mode_names
@@ -52,6 +53,8 @@ class ModelConfig:
             "train.model.builder",
             f"must look like 'package.module:function', got {self.builder!r}",
         )
+        # An earlier release's spelling (pipeline.models:mlp) runs as today's, deprecated.
+        object.__setattr__(self, "builder", canonical_builder(self.builder))
         check(
             "num_outputs" not in self.args,
             "train.model.args.num_outputs",

@@ -19,6 +19,8 @@ Built in:
   flattened maps; no normalization layers (nothing depends on the batch, so DDP ranks and
   model averaging stay deterministic). Its defaults reach ≥ 0.97 val accuracy on
   scikit-learn's 8×8 digits within 20 epochs (tests/integration/test_tensor_training.py);
+* :func:`cnn_v1` — the ``cnn`` of 0.1.0 (global average pooling head), which bundles of
+  that release are loaded with;
 * :func:`fusion` — image column(s) through :func:`cnn`'s convolutions plus the other
   columns (the tabular vector) flattened, concatenated, then an MLP head;
 * :func:`text` — token-id column(s) through an embedding bag (the mean of the non-pad
@@ -39,7 +41,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["BuilderError", "build_model", "cnn", "fusion", "mlp", "resolve_builder", "text"]
+from pipeline.core.compat import canonical_builder
+
+__all__ = [
+    "BuilderError",
+    "build_model",
+    "cnn",
+    "cnn_v1",
+    "fusion",
+    "mlp",
+    "resolve_builder",
+    "text",
+]
 
 _KEY = "train.model.builder"
 _MIN_POOLED = 4  # pooling stops before a feature map would get narrower than this
@@ -188,6 +201,46 @@ def cnn(
     return nn.Sequential(*layers, nn.Linear(width, num_outputs))
 
 
+def cnn_v1(
+    *,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    channels: Sequence[int] = (16, 32),
+) -> nn.Module:
+    """The ``cnn`` of 0.1.0 (before git 7d6e640): kept so that its bundles keep loading.
+
+    Stages ``Conv(k=3, pad=1) → ReLU → MaxPool(2)`` (pooling while the size allows), then
+    global average pooling and a linear head. A bundle whose ``model.json`` names the
+    built-in ``cnn`` but records no ``inputs`` (every bundle written before the input spec
+    was, in the same change that replaced this architecture) is built with this function.
+    """
+    _check_outputs(num_outputs)
+    shape = _check_shape(input_shape, (1, 2, 3))
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    if len(channels) < 1 or any(int(c) < 1 for c in channels):
+        raise ValueError(
+            f"channels must be a non-empty list of positive ints, got {list(channels)}"
+        )
+    two_d = len(shape) == 3
+    conv: type[nn.Conv1d | nn.Conv2d] = nn.Conv2d if two_d else nn.Conv1d
+    pool: type[nn.MaxPool1d | nn.MaxPool2d] = nn.MaxPool2d if two_d else nn.MaxPool1d
+    layers: list[nn.Module] = [_Reshape(shape)]
+    in_ch, size = shape[0], min(shape[1:])
+    for c in channels:
+        layers += [conv(in_ch, int(c), kernel_size=3, padding=1), nn.ReLU()]
+        if size >= 2:
+            layers.append(pool(2))
+            size //= 2
+        in_ch = int(c)
+    layers += [
+        nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(in_ch, num_outputs),
+    ]
+    return nn.Sequential(*layers)
+
+
 def fusion(
     *,
     input_shape: Sequence[int],
@@ -328,10 +381,15 @@ def text(
 
 
 def resolve_builder(spec: str) -> Callable[..., nn.Module]:
-    """Import ``"package.module:function"``; errors name ``train.model.builder``."""
+    """Import ``"package.module:function"``; errors name ``train.model.builder``.
+
+    An earlier release's module path (``pipeline.models:mlp``, as bundles of 0.1.0 record
+    it) resolves to today's, with one deprecation line.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BuilderError(f"{_KEY}: expected 'package.module:function', got {spec!r}")
+    module_name = canonical_builder(spec).partition(":")[0]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
