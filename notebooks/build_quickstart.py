@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
@@ -117,7 +118,7 @@ print(render(describe(SHARDS)))""",
 names = manifest["feature_names"]
 paths = [str(Path(SHARDS) / s["path"]) for s in manifest["splits"]["train"]["shards"]]
 train = pq.read_table(paths)
-features = train.column("features").combine_chunks().flatten().to_numpy()
+features = np.frombuffer(train.column("features").combine_chunks().buffers()[1], np.float32)
 features = features.reshape(len(train), -1)
 
 fig, axes = plt.subplots(1, 4, figsize=(14, 2.6))

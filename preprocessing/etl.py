@@ -30,6 +30,7 @@ from pipeline.core.configbase import to_dict
 from pipeline.core.outputs import check_disjoint, check_output_dir
 from pipeline.core.redact import redact
 from pipeline.data.columns import arrow_schema
+from pipeline.data.formats import get_format
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
@@ -265,7 +266,8 @@ def _build(
     dim = fitted.dim if cfg.has_tabular else None
     columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors)
     with timer("write_shards"):
-        splits, truncated = write_shards(encoded, plan, cfg, arrow_schema(columns), generation)
+        schema = arrow_schema(columns, layout=get_format(cfg.format).tensor_layout)
+        splits, truncated = write_shards(encoded, plan, cfg, schema, generation)
     rows_ok = sum(plan.split_rows(s) for s in SPLITS)
     if rows_ok + tally.rows_quarantined != tally.rows_in:  # pragma: no cover - invariant
         raise AssertionError("reconciliation failed: rows_ok + rows_quarantined != rows_in")

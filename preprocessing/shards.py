@@ -11,8 +11,10 @@ split's shards differ by at most one. One shuffle by (split, shard) then puts ea
 exactly one task, sorted by a seeded hash of the key (so rows are not in input order),
 which writes it with the writer of ``etl.format`` from :mod:`pipeline.data.formats` (Parquet
 row groups of ``row_group_rows`` rows, or ``tf.train.Example`` records; sha256 computed while
-writing; image pixels arrive as ``binary`` and become ``fixed_size_list<uint8>`` without a
-copy) from the same sorted batches, so every format holds the same rows in the same
+writing; tensor columns become the ``fixed_size_binary`` of their row-major little-endian
+bytes — image pixels arrive as ``binary`` and keep their buffer, vectors and token ids are
+cast once — or, for TFRecord, ``fixed_size_list``; :func:`pipeline.data.arrays.to_shard_batch`)
+from the same sorted batches, so every format holds the same rows in the same
 order. The shard schema comes from the column specs (:func:`shard_columns`, the manifest's
 ``schema``) through :func:`pipeline.data.columns.arrow_schema`. Each writer reports (shard,
 rows, bytes, sha256) and the driver checks every count against the plan before anything is
@@ -93,8 +95,10 @@ def shard_columns(
 def _binary_as_lists(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     """``batch`` with its binary columns (image pixels) as ``schema``'s fixed-size lists.
 
-    A binary column that ``schema`` stores as ``fixed_size_list<uint8>`` is turned into that
-    list without copying the bytes; every value must have exactly the list's size.
+    Only for the ``list`` layout (TFRecord shards): a binary column that ``schema`` stores as
+    ``fixed_size_list<uint8>`` is turned into that list without copying the bytes; every
+    value must have exactly the list's size. The ``binary`` layout takes the bytes as they
+    are (:func:`pipeline.data.arrays.to_shard_batch`).
     """
     arrays, changed = list(batch.columns), False
     for i, name in enumerate(batch.schema.names):

@@ -2,7 +2,8 @@
 
 :func:`make_shardset` writes exactly what the ETL commits (see ``pipeline/data/shardset.py`` and
 DESIGN.md, "Shard set"): Parquet shards ``<split>/part-NNNNN-<gen>.parquet`` with ``key``
-(int64, unique over the whole set), ``features`` (``fixed_size_list<float32>[dim]``) and
+(int64, unique over the whole set), ``features`` (``fixed_size_binary`` of ``dim`` float32,
+the ``format_version`` 2 layout of :func:`pipeline.data.columns.arrow_type`) and
 ``label`` columns, and a ``manifest.json`` with each shard's real size and sha256, written
 last. Features are standard normal; labels are a learnable function of them:
 
@@ -50,12 +51,13 @@ __all__ = [
     "read_columns",
     "read_split",
     "shard_entry",
+    "tensor_values",
     "write_columns",
     "write_manifest",
 ]
 
 Task = Literal["classification", "regression"]
-FeatureType = Literal["fixed_size_list", "list"]
+FeatureType = Literal["binary", "fixed_size_list", "list"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,27 @@ class Extra:
         return (rng.standard_normal(shape) + self.signal * odd).astype(self.dtype)
 
 
-def _tensor_array(values: np.ndarray) -> pa.Array:
-    """``[n, *shape]`` values as a ``fixed_size_list`` column (row-major)."""
+def _tensor_array(values: np.ndarray, layout: str = "binary") -> pa.Array:
+    """``[n, *shape]`` values as a tensor column (row-major): ``binary`` or ``fixed_size_list``."""
     size = math.prod(values.shape[1:])
+    if layout == "binary":
+        flat = np.ascontiguousarray(values, values.dtype.newbyteorder("<"))
+        kind = pa.binary(size * values.dtype.itemsize)
+        return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(flat)])
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size)
+
+
+def tensor_values(
+    column: pa.ChunkedArray, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> np.ndarray:
+    """A tensor column of either layout as ``[n, *shape]`` (independently of the reader)."""
+    col = column.combine_chunks()
+    if pa.types.is_fixed_size_binary(col.type):
+        raw = b"".join(v.as_py() for v in col)
+        return (
+            np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).reshape(len(col), *shape).copy()
+        )
+    return col.flatten().to_numpy().astype(dtype).reshape(len(col), *shape)
 
 
 def make_shardset(
@@ -103,7 +122,7 @@ def make_shardset(
     row_group_rows: int = 64,
     task: Task = "classification",
     num_classes: int = 2,
-    feature_type: FeatureType = "fixed_size_list",
+    feature_type: FeatureType = "binary",
     compression: str = "snappy",
     file_format: str | None = None,
     extra: Sequence[Extra] = (),
@@ -114,7 +133,8 @@ def make_shardset(
     ``rows_per_shard`` maps a split name to the row count of each of its shards, e.g.
     ``{"train": [100, 3, 0, 57], "val": [20]}``; a 0 writes a valid Parquet file with no rows.
     Splits of ``train``/``val``/``test`` that are not given are recorded with no shards.
-    ``feature_type="list"`` writes ``list<float32>`` as Spark's ``vector_to_array`` does.
+    ``feature_type="list"`` writes ``list<float32>`` as Spark's ``vector_to_array`` does,
+    ``"fixed_size_list"`` the ``format_version`` 1 layout (tensor columns too).
     ``file_format`` (a name in :mod:`pipeline.data.formats`) writes every shard with that
     format's writer (``compression`` and ``feature_type`` then do not apply).
     """
@@ -128,8 +148,13 @@ def make_shardset(
     for split, counts in rows_per_shard.items():
         splits[split] = []
         for i, n in enumerate(counts):
-            table = _table(rng, key, n, weights, task, num_classes, feature_type)
-            table = _with_extra(table, rng, extra, features)
+            ftype = feature_type
+            if file_format is not None:  # what that format's writer takes
+                binary = get_format(file_format).tensor_layout == "binary"
+                ftype = "binary" if binary else "fixed_size_list"
+            table = _table(rng, key, n, weights, task, num_classes, ftype)
+            layout = "list" if ftype == "fixed_size_list" else "binary"
+            table = _with_extra(table, rng, extra, features, layout)
             key += n
             suffix = get_format(file_format or DEFAULT_FORMAT).suffix
             rel = f"{split}/part-{i:05d}-{generation}{suffix}"
@@ -154,12 +179,17 @@ def make_shardset(
         file_format=file_format or DEFAULT_FORMAT,
         extra=extra,
         features=features,
+        format_version=1 if feature_type == "fixed_size_list" and file_format is None else None,
     )
     return str(root)
 
 
 def _with_extra(
-    table: pa.Table, rng: np.random.Generator, extra: Sequence[Extra], features: bool
+    table: pa.Table,
+    rng: np.random.Generator,
+    extra: Sequence[Extra],
+    features: bool,
+    layout: str = "binary",
 ) -> pa.Table:
     """``table`` with the extra columns before the label (and without ``features``)."""
     if not extra and features:
@@ -168,7 +198,7 @@ def _with_extra(
     table = table.drop_columns(["label"] if features else ["label", "features"])
     for column in extra:
         values = column.draw(rng, label.to_numpy())
-        table = table.append_column(column.name, _tensor_array(values))
+        table = table.append_column(column.name, _tensor_array(values, layout))
     return table.append_column("label", label)
 
 
@@ -184,6 +214,7 @@ def write_manifest(
     file_format: str = DEFAULT_FORMAT,
     extra: Sequence[Extra] = (),
     features: bool = True,
+    format_version: int | None = None,
 ) -> None:
     """Write ``manifest.json`` for shards already on disk (``splits``: name → shard entries).
 
@@ -203,7 +234,7 @@ def write_manifest(
     rows = {name: sum(int(s["rows"]) for s in shards) for name, shards in splits.items()}
     total = sum(rows.values())
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version or FORMAT_VERSION,
         "created_by": "tests.shards.make_shardset",
         "generation": f"g{seed:08x}",
         "file_format": file_format,
@@ -231,10 +262,7 @@ def read_split(uri: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     for shard in shardset.split(split).shards:
         t = pq.read_table(shardset.shard_path(shard))
         keys.append(t.column("key").to_numpy())
-        col = t.column("features").combine_chunks()
-        feats.append(
-            col.flatten().to_numpy().astype(np.float32).reshape(len(t), shardset.feature_dim)
-        )
+        feats.append(tensor_values(t.column("features"), np.float32, (shardset.feature_dim,)))
         labels.append(t.column("label").to_numpy())
     if not keys:
         return np.empty(0, np.int64), np.empty((0, shardset.feature_dim), np.float32), np.empty(0)
@@ -260,8 +288,10 @@ def _table(
     else:
         y = scores.argmax(axis=1).astype(np.int64)
     values = pa.array(x.reshape(-1), pa.float32())
-    if feature_type == "fixed_size_list":
-        features: pa.Array = pa.FixedSizeListArray.from_arrays(values, dim)
+    if feature_type == "binary":
+        features: pa.Array = _tensor_array(x)
+    elif feature_type == "fixed_size_list":
+        features = pa.FixedSizeListArray.from_arrays(values, dim)
     else:
         offsets = pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32))
         features = pa.ListArray.from_arrays(offsets, values)
@@ -319,12 +349,14 @@ def write_columns(
 def read_columns(uri: str, split: str) -> dict[str, np.ndarray]:
     """Every tensor column of a split as ``[N, *shape]`` arrays (and ``label``), manifest order."""
     shardset = ShardSet.open(uri)
-    shapes = {e["name"]: tuple(e["shape"]) for e in shardset.manifest["schema"]}
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in shapes}
+    specs = {c.name: c for c in shardset.columns}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in specs}
     for shard in shardset.split(split).shards:
         table = pq.read_table(shardset.shard_path(shard))
-        for name, shape in shapes.items():
-            col = table.column(name).combine_chunks()
-            values = col.flatten().to_numpy() if shape else col.to_numpy()
-            parts[name].append(values.reshape(len(table), *shape))
+        for name, c in specs.items():
+            col = table.column(name)
+            if c.shape:
+                parts[name].append(tensor_values(col, c.numpy_dtype, c.shape))
+            else:
+                parts[name].append(col.to_numpy())
     return {name: np.concatenate(p) for name, p in parts.items() if p}

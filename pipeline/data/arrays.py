@@ -179,11 +179,13 @@ def tensor_to_numpy(
 ) -> np.ndarray:
     """A tensor column as an ``[N, *spec.shape]`` array of ``spec``'s dtype.
 
-    The column is the ``fixed_size_list`` of :func:`~pipeline.data.columns.arrow_type`, or a
-    regular ``list`` (as Spark writes vectors) with exactly ``spec.size`` values per row.
-    Zero-copy for a single chunk of values of that dtype (the result is then a read-only view
-    of the Arrow buffer); several chunks are concatenated once, other number types are cast
-    once. Slice offsets are honoured. ``where`` (e.g. the file) prefixes error messages.
+    The column is in either layout of :func:`~pipeline.data.columns.arrow_type` — a
+    ``fixed_size_binary`` of the row's little-endian bytes (``format_version`` 2) or a
+    ``fixed_size_list`` (version 1) — or a regular ``list`` (as Spark writes vectors) with
+    exactly ``spec.size`` values per row. Zero-copy for a single chunk of values of that
+    dtype (the result is then a read-only view of the Arrow buffer); several chunks are
+    concatenated once, other number types are cast once. Slice offsets are honoured.
+    ``where`` (e.g. the file) prefixes error messages.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = [_chunk_tensor(c, spec, where) for c in chunks if len(c)]
@@ -213,9 +215,11 @@ def labels_to_numpy(
 
 
 def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
-    kind, name, size = arr.type, spec.name, arrow_type(spec).list_size
+    kind, name, size = arr.type, spec.name, spec.size
     if arr.null_count:
         raise ShardSetError(f"{where}: column {name!r} has {arr.null_count} null rows")
+    if pa.types.is_fixed_size_binary(kind):
+        return _binary_tensor(arr, spec, where)
     if pa.types.is_fixed_size_list(kind):
         if kind.list_size != size:
             raise ShardSetError(
@@ -232,7 +236,10 @@ def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
             )
     else:
         what = "floats" if spec.numpy_dtype.kind == "f" else "numbers"
-        raise ShardSetError(f"{where}: column {name!r} has type {kind}; expected a list of {what}")
+        raise ShardSetError(
+            f"{where}: column {name!r} has type {kind}; expected a list of {what} or "
+            f"{arrow_type(spec)}"
+        )
     values = arr.flatten()  # honours the slice offset, unlike .values
     if values.null_count:
         raise ShardSetError(f"{where}: column {name!r} has null elements")
@@ -242,16 +249,57 @@ def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
     return flat.reshape(len(arr), *spec.shape)
 
 
+def _binary_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
+    """A ``fixed_size_binary`` chunk as ``[n, *shape]``: a view of its data buffer."""
+    dtype = spec.numpy_dtype.newbyteorder("<")
+    width = spec.size * dtype.itemsize
+    if arr.type.byte_width != width:
+        raise ShardSetError(
+            f"{where}: column {spec.name!r} has values of {arr.type.byte_width} bytes, the "
+            f"manifest's {spec.dtype} {list(spec.shape)} takes {width}"
+        )
+    data = arr.buffers()[1]
+    flat = np.frombuffer(data, dtype, count=len(arr) * spec.size, offset=arr.offset * width)
+    return flat.astype(spec.numpy_dtype, copy=False).reshape(len(arr), *spec.shape)
+
+
+def _as_binary(column: pa.Array, field: pa.Field, spec_dtype: np.dtype[Any]) -> pa.Array:
+    """``column`` (lists of numbers, or binary values of the right size) as ``field``'s type."""
+    width, n = field.type.byte_width, len(column)
+    if column.null_count:
+        raise ValueError(f"{field.name} values must not be null ({column.null_count} nulls)")
+    if pa.types.is_fixed_size_binary(column.type) and column.type.byte_width == width:
+        return column
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        kind = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+        offsets = np.frombuffer(column.buffers()[1], kind)[column.offset :][: n + 1]
+        if (np.diff(offsets) != width).any():
+            raise ValueError(f"{field.name} values must all have {width} bytes")
+        data = column.buffers()[2][int(offsets[0]) : int(offsets[-1])] if n else None
+        return pa.Array.from_buffers(field.type, n, [None, data or pa.py_buffer(b"")])
+    size = width // spec_dtype.itemsize
+    values = column.flatten()
+    if values.null_count or len(values) != n * size:
+        raise ValueError(f"{field.name} arrays must all have length {size} and no nulls")
+    flat = values.to_numpy(zero_copy_only=False).astype(spec_dtype.newbyteorder("<"), copy=False)
+    return pa.Array.from_buffers(field.type, n, [None, pa.py_buffer(np.ascontiguousarray(flat))])
+
+
 def to_shard_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     """The columns of ``schema`` from ``batch``, cast to its types (the shard a writer gets).
 
-    Tensor columns may arrive as variable-length lists (Spark's ``vector_to_array``); every
-    row must then hold exactly the fixed size of the schema's type. ValueError otherwise.
+    Tensor columns may arrive as variable-length lists (Spark's ``vector_to_array``) or, for
+    the ``fixed_size_binary`` layout, as binary values (image pixels); every row must then
+    hold exactly the fixed size of the schema's type. The element dtype of a
+    ``fixed_size_binary`` column is its field's ``dtype`` metadata
+    (:func:`~pipeline.data.columns.arrow_schema` sets it), else uint8. ValueError otherwise.
     """
     arrays = []
     for field in schema:
         column = batch.column(field.name)
-        if pa.types.is_fixed_size_list(field.type):
+        if pa.types.is_fixed_size_binary(field.type):
+            column = _as_binary(column, field, _element_dtype(field))
+        elif pa.types.is_fixed_size_list(field.type):
             values, size = column.flatten(), field.type.list_size
             if column.null_count or len(values) != len(column) * size:
                 raise ValueError(f"{field.name} arrays must all have length {size} and no nulls")
@@ -260,3 +308,9 @@ def to_shard_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
             column = column.cast(field.type)
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _element_dtype(field: pa.Field) -> np.dtype[Any]:
+    """The dtype a ``fixed_size_binary`` field's metadata names (uint8 when it names none)."""
+    meta = field.metadata or {}
+    return np.dtype(meta.get(b"dtype", b"uint8").decode())

@@ -23,11 +23,21 @@ A ``text`` column also has ``text``: ``{"vocab_size": V, "pad_id": p, "tokenizer
 the ids' range ``[0, V)``, the padding id and the ``tokenizer.json`` it was encoded with,
 relative to the shard set's feature-model directory (copied into a bundle's ``features/``).
 
-In a shard file a scalar column has the Arrow type of its ``dtype``; a tensor column (a
-non-empty ``shape``) is a ``fixed_size_list<dtype>[prod(shape)]`` holding the row's values in
-row-major (C) order. :func:`arrow_type` is the one place that mapping is made: the writer's
-shard schema (:func:`arrow_schema`) and the readers' checks
-(:func:`pipeline.data.arrays.tensor_to_numpy`) both derive the type from it.
+In a shard file a scalar column has the Arrow type of its ``dtype``. A tensor column (a
+non-empty ``shape``) holds one value per row with the row's values in row-major (C) order,
+in one of two layouts (:data:`TENSOR_LAYOUTS`):
+
+* ``binary`` (Parquet shards of ``format_version`` 2): ``fixed_size_binary[prod(shape) *
+  itemsize]``, the row's little-endian bytes — a flat Parquet ``FIXED_LEN_BYTE_ARRAY``
+  column that decodes at memory speed and turns into ``[N, *shape]`` without a copy
+  (``np.frombuffer(column.buffers()[1], dtype).reshape(-1, *shape)``);
+* ``list`` (``format_version`` 1 Parquet shards, and the Arrow batches the TFRecord writer
+  encodes): ``fixed_size_list<dtype>[prod(shape)]``, a nested column whose Parquet reader
+  decodes one definition level per element (17x slower for 64x64x3 images).
+
+:func:`arrow_type` is the one place that mapping is made: the writer's shard schema
+(:func:`arrow_schema`) and the readers' checks (:func:`pipeline.data.arrays.tensor_to_numpy`,
+which reads both layouts whatever the manifest's version) derive the type from it.
 
 Imports nothing else of the package (the shard set, the formats and the arrays module build
 on it).
@@ -35,6 +45,7 @@ on it).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +56,7 @@ import pyarrow as pa
 
 __all__ = [
     "COLUMN_KINDS",
+    "TENSOR_LAYOUTS",
     "ColumnSpec",
     "arrow_schema",
     "arrow_type",
@@ -53,6 +65,8 @@ __all__ = [
 
 COLUMN_KINDS = ("key", "label", "tabular", "array", "image", "text")
 """The values of a schema entry's ``kind``."""
+TENSOR_LAYOUTS = ("binary", "list")
+"""How a tensor column is stored in Arrow (see the module docstring); ``binary`` is the default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +144,7 @@ class ColumnSpec:
 
     @property
     def is_tensor(self) -> bool:
-        """True for a column with a per-row shape (stored as a fixed-size list)."""
+        """True for a column with a per-row shape (a tensor column, see :func:`arrow_type`)."""
         return bool(self.shape)
 
     @property
@@ -185,20 +199,38 @@ def _check_text(name: str, text: Mapping[str, Any]) -> dict[str, Any]:
     return {"vocab_size": vocab, "pad_id": pad, "tokenizer": str(text["tokenizer"])}
 
 
-def arrow_type(spec: ColumnSpec, *, element: bool = False) -> pa.DataType:
+def arrow_type(spec: ColumnSpec, *, element: bool = False, layout: str = "binary") -> pa.DataType:
     """The Arrow type of ``spec``'s column in a shard file (``element``: of one value).
 
-    A scalar has the type of its dtype; a tensor is ``fixed_size_list<dtype>[prod(shape)]``.
+    A scalar has the type of its dtype; a tensor is ``fixed_size_binary[size * itemsize]``
+    (``layout="binary"``) or ``fixed_size_list<dtype>[size]`` (``layout="list"``).
     """
     value = pa.type_for_alias(spec.dtype)
     if element or not spec.shape:
         return value
-    return pa.list_(value, spec.size)
+    if layout == "binary":
+        return pa.binary(spec.size * np.dtype(value.to_pandas_dtype()).itemsize)
+    if layout == "list":
+        return pa.list_(value, spec.size)
+    raise ValueError(f"tensor layout must be one of {list(TENSOR_LAYOUTS)}, got {layout!r}")
 
 
-def arrow_schema(columns: Iterable[ColumnSpec]) -> pa.Schema:
-    """The Arrow schema of a shard file holding ``columns`` (in that order, none nullable)."""
-    return pa.schema([pa.field(c.name, arrow_type(c), nullable=False) for c in columns])
+def arrow_schema(columns: Iterable[ColumnSpec], *, layout: str = "binary") -> pa.Schema:
+    """The Arrow schema of a shard file holding ``columns`` (in that order, none nullable).
+
+    A ``fixed_size_binary`` tensor field carries metadata ``dtype`` (``float32``…), ``shape``
+    (JSON) and ``order`` (``C,<``: row-major, little-endian), so the file describes itself.
+    """
+    return pa.schema([_field(c, layout) for c in columns])
+
+
+def _field(spec: ColumnSpec, layout: str) -> pa.Field:
+    """A shard column; a ``binary`` tensor carries its dtype and shape as field metadata."""
+    kind = arrow_type(spec, layout=layout)
+    meta = None
+    if pa.types.is_fixed_size_binary(kind):
+        meta = {"dtype": spec.dtype, "shape": json.dumps(list(spec.shape)), "order": "C,<"}
+    return pa.field(spec.name, kind, nullable=False, metadata=meta)
 
 
 def columns_from_manifest(entries: object) -> tuple[ColumnSpec, ...]:

@@ -1,14 +1,18 @@
 """The prefetch thread of :class:`pipeline.data.reader.ShardReader`: an epoch plan → batches.
 
 The reader plans which row-group pieces a rank reads in an epoch and in what order (a
-:class:`Job`); a :class:`Producer` thread decodes the pieces (through the shard format, in a
-small read pool), cuts the stream into shuffle windows, permutes each and puts the batches on
-a bounded queue. See the reader's module docstring for the row policy, shuffle and resume.
+:class:`Job`). A :class:`Producer` thread draws each batch's rows from a window of pieces
+that fills and drains continuously (:class:`Draws`), has the pieces decoded ahead of need by
+a read pool (pyarrow releases the GIL), copies each row once into the batch's tensors
+(pinned memory when asked) and puts the batches on a bounded queue. See the reader's module
+docstring for the row policy, shuffle and resume.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +27,7 @@ from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
 if TYPE_CHECKING:
     from pipeline.data.reader import ShardReader
 
-__all__ = ["Arrays", "Batch", "Job", "Piece", "Producer", "rng"]
+__all__ = ["Arrays", "Batch", "Draws", "Job", "Piece", "Producer", "rng"]
 
 log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 
@@ -31,7 +35,8 @@ log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 SHARD_ORDER, PIECE_ORDER, WINDOW_ORDER = 0, 1, 2
 _STOP_WAIT_S: Final = 30.0  # how long close() waits for the prefetch thread
 _POLL_S: Final = 0.1  # the prefetch thread re-checks its stop flag this often while blocked
-_READ_AHEAD: Final = 2  # row-group pieces decoded ahead of the one being batched
+_READ_THREADS: Final = max(2, min(4, os.cpu_count() or 1))  # decode threads per reader
+_READ_AHEAD: Final = _READ_THREADS + 1  # pieces decoded ahead of the window's newest
 
 
 Arrays = dict[str, np.ndarray]
@@ -102,17 +107,114 @@ def rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
+# -- which rows make each batch ------------------------------------------------------------------
+_CHUNK_ROWS: Final = 1024  # rows drawn at once (fewer for a small window); not the batch size
+
+
+class Draws:
+    """The rank's rows of an epoch in shuffled order, from a window that fills and drains.
+
+    Pieces enter the window in stream order while the rows of the pieces in it (counting
+    whole pieces, drained or not) stay within ``window_rows`` (at least one piece, and
+    always enough rows for the next draw). Rows are drawn in chunks of :attr:`chunk` rows —
+    set by the window, not the batch size, so that batch sizes with the same window (the
+    reader rounds it to whole batches) give the same order: a batch of 32 holds the rows of
+    two batches of 16 —, each from the pieces in the window
+    at random in proportion to what each has left (a multivariate hypergeometric draw),
+    every piece giving its rows in its own seeded random order, the chunk's rows then
+    interleaved at random. A piece leaves the window when its last row is drawn, and the
+    next one enters; :attr:`last_at` tells when its memory may go. ``key=None``
+    (``shuffle=False``): the stream's rows in order.
+
+    Everything depends on the sizes and the seed key only, never on data, so a resume
+    replays the draws of the rows already yielded without reading anything (:meth:`take`).
+    """
+
+    def __init__(self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None) -> None:
+        self.sizes, self._budget, self._key = sizes, window_rows, key
+        self.chunk = max(1, min(_CHUNK_ROWS, window_rows // 2))
+        self.window: list[int] = []  # pieces in the window, in the order they entered
+        self.entered = 0  # pieces that have entered so far (stream order)
+        self.last_at: dict[int, int] = {}  # drained piece → position of its last row
+        self._left = list(sizes)  # rows each piece has still to give
+        self._order: dict[int, np.ndarray] = {}  # shuffled: a piece's row order
+        self._gen = None if key is None else rng(*key)
+        self._drawn = 0  # rows drawn so far (positions in the epoch's order)
+        self._ids = np.empty(0, np.int64)  # drawn, not yet taken: piece of each row
+        self._rows = np.empty(0, np.int64)  # … and its row within the piece
+
+    def _admit(self, need: int) -> None:
+        held = sum(self.sizes[j] for j in self.window)
+        left = sum(self._left[j] for j in self.window)
+        while self.entered < len(self.sizes) and (
+            not self.window or held + self.sizes[self.entered] <= self._budget or left < need
+        ):
+            j = self.entered
+            self.window.append(j)
+            held, left, self.entered = held + self.sizes[j], left + self._left[j], j + 1
+            if self._key is not None:
+                self._order[j] = rng(*self._key, j).permutation(self.sizes[j])
+
+    def _draw(self) -> None:
+        """Draw the next chunk; drained pieces leave the window."""
+        self._admit(self.chunk)
+        window = list(self.window)
+        left = np.array([self._left[j] for j in window], dtype=np.int64)
+        n = int(min(self.chunk, left.sum()))
+        if self._gen is None:
+            counts = np.minimum(left, np.maximum(n - (np.cumsum(left) - left), 0))
+        else:
+            counts = self._gen.multivariate_hypergeometric(left, n)
+        ids, rows = [], []
+        for j, c in zip(window, counts.tolist(), strict=True):
+            if not c:
+                continue
+            start = self.sizes[j] - self._left[j]
+            ids.append(np.full(c, j, np.int64))
+            mine = self._order.get(j)
+            rows.append(np.arange(start, start + c) if mine is None else mine[start : start + c])
+            self._left[j] -= c
+        chunk_ids, chunk_rows = np.concatenate(ids), np.concatenate(rows)
+        if self._gen is not None:
+            mix = self._gen.permutation(n)
+            chunk_ids, chunk_rows = chunk_ids[mix], chunk_rows[mix]
+        for j in window:
+            if not self._left[j]:
+                self.window.remove(j)
+                self._order.pop(j, None)
+                self.last_at[j] = self._drawn + int(np.flatnonzero(chunk_ids == j)[-1])
+        self._drawn += n
+        self._ids = np.concatenate([self._ids, chunk_ids])
+        self._rows = np.concatenate([self._rows, chunk_rows])
+
+    def pending(self) -> np.ndarray:
+        """The pieces of the rows drawn but not yet taken (one per row)."""
+        return self._ids
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` rows of the order: ``(piece of each, row within the piece)``."""
+        while len(self._ids) < n:
+            self._draw()
+        ids, rows = self._ids[:n], self._rows[:n]
+        self._ids, self._rows = self._ids[n:], self._rows[n:]
+        return ids, rows
+
+
 # -- the prefetch thread ---------------------------------------------------------------------
 class _Stopped(Exception):
     """Raised inside the prefetch thread when it is told to stop."""
 
 
+Read = tuple[Arrays, np.ndarray, dict[str, np.ndarray]]
+"""A decoded piece: inputs, labels, and per text column each row's used length."""
+
+
 class Producer:
     """A daemon thread that turns a :class:`Job` into batches on a bounded queue.
 
-    Row groups are decoded by a small pool, up to :data:`_READ_AHEAD` pieces ahead of the one
-    being batched (pyarrow releases the GIL while decoding), so that decoding overlaps the
-    shuffle and the consumer, and uses more than one core.
+    Pieces are decoded by a pool of :data:`_READ_THREADS` threads in the order they enter
+    the window, up to :data:`_READ_AHEAD` pieces beyond the window, so that decoding
+    overlaps batching and the consumer and uses more than one core.
     """
 
     _END: Final = object()
@@ -125,9 +227,9 @@ class Producer:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=reader.prefetch_batches)
         self._stop = threading.Event()
         name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
-        self._pool = ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix=f"{name}-read")
-        self._reads: dict[int, Future[tuple[Arrays, np.ndarray]]] = {}  # piece → read
-        self._cached: tuple[int, Arrays, np.ndarray] | None = None  # the last piece used
+        self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix=f"{name}-read")
+        self._reads: dict[int, Future[Read]] = {}  # piece → its decode, until it drains
+        self._next_read = 0  # the next piece (stream order) to submit
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -183,93 +285,101 @@ class Producer:
             except _Stopped:
                 pass
         finally:
-            self._cached = None
+            self._reads.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _produce(self) -> None:
         r, job = self._reader, self._job
-        size, batch = r._window_rows, r.batch_size
-        first_row = job.first_batch * batch
-        sizes = np.array([p.stop - p.start for p in job.pieces], dtype=np.int64)
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
-        left = job.batches
-        window = first_row // size
-        while left > 0:
-            lo, hi = window * size, min((window + 1) * size, r.rows_per_rank)
-            rows = lo + self._order(job.epoch, window, hi - lo)[max(first_row - lo, 0) :]
-            held: dict[int, tuple[Arrays, np.ndarray]] = {}  # this window's pieces
-            for i in range(0, len(rows), batch):
-                cols, labels = self._gather(rows[i : i + batch], starts, ends, held)
-                inputs = {k: torch.from_numpy(self._cut(k, v)) for k, v in cols.items()}
-                self._put(Batch(inputs, torch.from_numpy(labels)))
-                left -= 1
-                if left == 0:
-                    return
-            window += 1
+        sizes = [p.stop - p.start for p in job.pieces]
+        key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
+        draws = Draws(sizes, r._window_rows, key)
+        position = job.first_batch * r.batch_size
+        draws.take(position)  # a resume: the draws replayed, nothing read
+        # Pieces with rows drawn but not yet taken, those still in the window after the
+        # replay, then the rest in stream order.
+        pending = [j for j in dict.fromkeys(draws.pending().tolist()) if j not in draws.window]
+        self._wanted = [*pending, *draws.window, *range(draws.entered, len(sizes))]
+        for b in range(job.first_batch, job.first_batch + job.batches):
+            n = min(r.batch_size, r.rows_per_rank - b * r.batch_size)
+            ids, rows = draws.take(n)
+            self._submit(draws.entered)
+            self._put(self._batch(ids, rows))
+            position += n
+            for j in [j for j, at in draws.last_at.items() if at < position]:
+                del draws.last_at[j]
+                self._reads.pop(j, None)  # drained: its memory goes
 
-    def _cut(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A text column cut after the batch's last non-pad position (per-batch padding)."""
-        pad = self._pads.get(name)
-        if pad is None:
-            return x
-        used = np.flatnonzero((x != pad).any(axis=0))
-        length = int(used[-1]) + 1 if used.size else 1
-        return x if length == x.shape[1] else np.ascontiguousarray(x[:, :length])
+    def _submit(self, entered: int) -> None:
+        """Submit the decodes of every piece that entered the window and a few beyond."""
+        wanted = self._wanted
+        while self._next_read < len(wanted) and (wanted[self._next_read] < entered + _READ_AHEAD):
+            j = wanted[self._next_read]
+            self._reads[j] = self._pool.submit(self._read, self._job.pieces[j])
+            self._next_read += 1
 
-    def _gather(
-        self,
-        rows: np.ndarray,
-        starts: np.ndarray,
-        ends: np.ndarray,
-        held: dict[int, tuple[Arrays, np.ndarray]],
-    ) -> tuple[Arrays, np.ndarray]:
-        """Inputs and labels of stream ``rows`` (piece j holds ``[starts[j], ends[j])``), copied.
+    def _read(self, piece: Piece) -> Read:
+        """Decode a piece (a read-pool thread); text columns: each row's used length."""
+        cols, labels = self._reader._read_piece(piece)
+        used = {}
+        for name, pad in self._pads.items():
+            mask = cols[name] != pad
+            width = mask.shape[1]
+            last = width - np.argmax(mask[:, ::-1], axis=1)
+            used[name] = np.where(mask.any(axis=1), last, 0)
+        return cols, labels, used
 
-        Rows are copied once, straight from the decoded pieces into the batch (``np.take``
-        of whole rows; a slice when unshuffled): no copy of the window is made.
+    def _piece(self, j: int) -> Read:
+        if self._stop.is_set():
+            raise _Stopped
+        return self._reads[j].result()
+
+    def _batch(self, ids: np.ndarray, rows: np.ndarray) -> Batch:
+        """Copy the rows once, straight from the decoded pieces into the batch.
+
+        The batch holds the rows of its slice of the order, those of one piece next to each
+        other (in piece order): each piece's rows are one ``np.take`` into the batch.
         """
-        which = np.searchsorted(ends, rows, side="right")
-        pieces = np.unique(which)
-        for j in pieces.tolist():
-            if j not in held:
-                if self._stop.is_set():
-                    raise _Stopped
-                held[j] = self._piece(j)
-        if len(pieces) == 1:
-            j = int(pieces[0])
-            cols, labels = held[j]
-            local = rows - starts[j]
-            if not self._reader.shuffle:  # consecutive rows
-                part = slice(int(local[0]), int(local[-1]) + 1)
-                return {k: v[part].copy() for k, v in cols.items()}, labels[part].copy()
-            return {k: np.take(v, local, axis=0) for k, v in cols.items()}, np.take(labels, local)
-        first_cols, first_labels = held[int(pieces[0])]
-        out = {k: np.empty((len(rows), *v.shape[1:]), v.dtype) for k, v in first_cols.items()}
-        out_labels = np.empty(len(rows), first_labels.dtype)
-        for j in pieces.tolist():
-            at = np.flatnonzero(which == j)
-            local = rows[at] - starts[j]
-            cols, labels = held[j]
-            for k, v in cols.items():
-                out[k][at] = np.take(v, local, axis=0)
-            out_labels[at] = np.take(labels, local)
-        return out, out_labels
+        r, n = self._reader, len(ids)
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], rows[order]
+        cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n]
+        runs = []
+        for a, b in itertools.pairwise(cuts):
+            local: np.ndarray | slice = rows[a:b]
+            if not r.shuffle:  # consecutive rows: a slice
+                local = slice(int(rows[a]), int(rows[b - 1]) + 1)
+            runs.append((self._piece(int(ids[a])), local, a, b))
+        first = runs[0][0]
+        lengths = {
+            name: max(
+                1, max(int(np.max(read[2][name][local], initial=0)) for read, local, _, _ in runs)
+            )
+            for name in self._pads
+        }
+        out = {}
+        for name, v in first[0].items():
+            shape = (n, lengths[name]) if name in lengths else (n, *v.shape[1:])
+            out[name] = _empty(shape, v.dtype, r.pin_memory)
+        labels = _empty((n,), first[1].dtype, r.pin_memory)
+        views = {name: t.numpy() for name, t in out.items()}
+        label_view = labels.numpy()
+        for (cols, y, _), local, a, b in runs:
+            for name, v in cols.items():
+                src = v[:, : lengths[name]] if name in lengths else v
+                _copy(src, local, views[name][a:b])
+            _copy(y, local, label_view[a:b])
+        return Batch(out, labels)
 
-    def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
-        r = self._reader
-        if not r.shuffle:
-            return np.arange(n)
-        return rng(r.seed, epoch, WINDOW_ORDER, r.rank, window).permutation(n)
 
-    def _piece(self, j: int) -> tuple[Arrays, np.ndarray]:
-        """Rows of piece ``j``; the last one is kept, as a piece may span two windows."""
-        if self._cached is not None and self._cached[0] == j:
-            return self._cached[1], self._cached[2]
-        pieces = self._job.pieces
-        for k in range(j, min(j + 1 + _READ_AHEAD, len(pieces))):
-            if k not in self._reads:
-                self._reads[k] = self._pool.submit(self._reader._read_piece, pieces[k])
-        cols, labels = self._reads.pop(j).result()
-        self._cached = (j, cols, labels)
-        return cols, labels
+def _empty(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> torch.Tensor:
+    """An uninitialized tensor of ``dtype`` (page-locked when ``pin``: fast async H2D copies)."""
+    kind = torch.from_numpy(np.empty(0, dtype)).dtype
+    return torch.empty(shape, dtype=kind, pin_memory=pin)
+
+
+def _copy(src: np.ndarray, rows: np.ndarray | slice, dst: np.ndarray) -> None:
+    """``dst[:] = src[rows]`` in one copy (``np.take`` unbuffered; a slice as a plain copy)."""
+    if isinstance(rows, slice):
+        dst[...] = src[rows]
+    else:
+        np.take(src, rows, axis=0, out=dst, mode="clip")

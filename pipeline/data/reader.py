@@ -32,15 +32,27 @@ below hold for every column alike.
 Shuffle
 -------
 A rank reads only the Parquet row groups that overlap its slice. These pieces
-(row group ∩ slice) are read in an order permuted by ``(seed, e, r)``, and their
-concatenation — the rank's stream — is cut into windows of ``S`` rows
-(``shuffle_buffer_rows``, or fewer so that a window's input columns take at most
-``shuffle_buffer_bytes`` — large images —, rounded down to whole batches, at least one
-batch); each window is
-permuted by ``(seed, e, r, window)``. A batch therefore mixes the rows of the pieces in its
-window: about ``shuffle_buffer_rows / row_group_rows`` row groups (the manifest records
-``row_group_rows``), so make the buffer several row groups when rows within a shard are
+(row group ∩ slice) are read in an order permuted by ``(seed, e, r)`` — the rank's stream —
+and enter a window that fills and drains continuously (:class:`pipeline.data.prefetch.Draws`):
+pieces enter in stream order while the window's pieces hold at most ``S`` rows
+(``shuffle_buffer_rows``, or fewer so that they take at most ``shuffle_buffer_bytes`` of
+input columns — large images —; at least one piece, and always enough rows for the next
+batch); rows are drawn in chunks (up to 1,024 rows, half the window when it is smaller;
+never the batch size, so a batch of 32 holds the rows of two batches of 16) from the pieces
+in the window at random, in proportion to the rows each has left, each piece giving its rows
+in an order permuted by ``(seed, e, r, piece)``, and each chunk's rows are interleaved at
+random; a drained piece leaves and the next one enters. So a batch mixes
+the rows of about ``S / row_group_rows`` row groups (the manifest records
+``row_group_rows``): make the buffer several row groups when rows within a shard are
 ordered. Same seed, same batches (for a given numpy version); another epoch, another order.
+
+The randomness given up against a uniform permutation of ``S``-row windows (the reader of
+0.1.0): a row cannot meet rows more than about a window apart in the stream — as before —;
+the rows one piece gives to a batch sit next to each other in it (the model sees a batch as
+a set); and a piece drains at a rate set by the draws, so the last rows of an epoch come
+from the last pieces of the stream. In exchange the first batch needs only the first
+window's pieces (once per epoch, not once per window), and from then on reading overlaps
+batching: each drained piece is replaced by one decoded ahead.
 
 The shard file format (manifest ``file_format``) is the shard set's entry in
 :mod:`pipeline.data.formats`, which indexes a shard into row groups and decodes one; the
@@ -51,18 +63,22 @@ the file when it is first used (:mod:`pipeline.data.formats.tfrecord`); every re
 are checked when its row group is decoded. The two formats of the same data give the same
 batches.
 
-Memory: one window (``S`` rows, at most ``shuffle_buffer_bytes`` of inputs unless one batch
-is larger) as the decoded row-group pieces it overlaps — a batch's rows are copied straight
-from them, the window is never concatenated or permuted as a whole —, two more row groups
-decoded ahead by a small thread pool, and ``prefetch_batches`` queued batches.
+Memory and copies: the window's decoded pieces (``S`` rows, at most ``shuffle_buffer_bytes``
+of inputs unless one piece or batch is larger; 128 MiB by default — 0.1.0 had 1 GiB, but
+decoded row groups are fresh memory each epoch, and page-faulting a GiB of it cost more than
+the rest of the read: ``bench/RESULTS.md``, Reader), a few pieces decoded ahead by a small
+thread pool, and ``prefetch_batches`` queued batches. Parquet tensor columns of
+``format_version`` 2 decode into one buffer that numpy views without a copy; a batch's rows
+are copied once, straight from the pieces into the batch's tensors (``pin_memory=True``:
+page-locked, so that ``Tensor.to(cuda, non_blocking=True)`` overlaps the step).
 
 Resume
 ------
 :meth:`ShardReader.state_dict` holds the epoch and the batches already yielded in it, and is
-the same on every rank. Window boundaries are multiples of the batch size and each window's
-permutation has its own seed, so :meth:`ShardReader.load_state_dict` resumes by arithmetic:
-windows already consumed are not read at all, and in the current window only the rows still
-to come are gathered. The remaining batches are bit-identical to an uninterrupted run.
+the same on every rank. The draws depend only on the pieces' sizes and the seeds, so
+:meth:`ShardReader.load_state_dict` resumes by replaying the draws of the batches already
+yielded without reading any data: pieces drained before the resume point are not read at
+all. The remaining batches are bit-identical to an uninterrupted run.
 
 Verification
 ------------
@@ -143,11 +159,12 @@ class ShardReader:
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer_rows: int = 65536,
-        shuffle_buffer_bytes: int = 1 << 30,
+        shuffle_buffer_bytes: int = 1 << 27,
         drop_last: bool = False,
         verify: Verify = "auto",
         prefetch_batches: int = 4,
         text_padding: Literal["batch", "fixed"] = "batch",
+        pin_memory: bool = False,
     ) -> None:
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
@@ -171,6 +188,8 @@ class ShardReader:
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.verify: Verify = verify
         self.prefetch_batches = prefetch_batches
+        self.pin_memory = bool(pin_memory)
+        """Batches in page-locked memory (for CUDA: asynchronous host→device copies)."""
         self.inputs: tuple[InputColumn, ...] = input_columns(self.shardset)
         """The input columns each batch holds (``Batch.inputs``), in manifest order."""
         names = [c.name for c in self.inputs]
@@ -187,6 +206,8 @@ class ShardReader:
         self.steps_per_epoch: int = full + (1 if rest and not drop_last else 0)
         row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
         window = min(shuffle_buffer_rows, shuffle_buffer_bytes // max(row_bytes, 1))
+        # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
+        # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
         self._window_rows = max(1, window // batch_size) * batch_size
         if self.rows_per_rank == 0 and self.num_rows:
             log.warning(

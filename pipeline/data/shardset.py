@@ -32,7 +32,8 @@ __all__ = [
     "SplitInfo",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1: tensor columns as Parquet fixed_size_list; 2: as fixed_size_binary (same reader).
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 FEATURES_COLUMN = "features"

@@ -184,7 +184,9 @@ def to_model(
 
     ``x`` is one tensor for a single input column, else a dict by column name (see
     :meth:`pipeline.train.inputs.ModelInputs.prepare`). uint8 columns cross to the device
-    as uint8 and become float32 there.
+    as uint8 and become float32 there. The copies are ``non_blocking``: on CUDA the training
+    loop's reader puts batches in pinned memory (``ShardReader(pin_memory=True)``), so the
+    host→device copy runs asynchronously and overlaps the work already queued on the device.
     """
     return inputs.prepare(batch, device)
 

@@ -186,6 +186,7 @@ class _Trainer:
             shuffle=shuffle,
             drop_last=False,
             verify=self.cfg.verify,
+            pin_memory=self.device.type == "cuda",  # async host→device copies in to_model
         )
 
     # -- resume ----------------------------------------------------------------

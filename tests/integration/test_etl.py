@@ -17,6 +17,7 @@ from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from tests import corpus
+from tests.shards import tensor_values
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -35,7 +36,7 @@ def assert_consistent(uri: str) -> ShardSet:
         for shard in split.shards:
             f = pq.ParquetFile(ss.shard_path(shard))
             assert f.metadata.num_rows == shard.rows
-            assert f.schema_arrow.field("features").type == pa.list_(pa.float32(), ss.feature_dim)
+            assert f.schema_arrow.field("features").type == pa.binary(4 * ss.feature_dim)
             sizes = [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)]
             assert all(s <= rg for s in sizes) and all(s == rg for s in sizes[:-1]), sizes
     rec = m["reconciliation"]
@@ -212,9 +213,9 @@ def test_features_model_and_manifest_contents(spark: Any, tmp_path: Path) -> Non
 
     feats = np.concatenate(
         [
-            np.asarray(
-                pq.read_table(ss.shard_path(s))["features"].combine_chunks().flatten()
-            ).reshape(-1, ss.feature_dim)
+            tensor_values(
+                pq.read_table(ss.shard_path(s))["features"], np.dtype(np.float32), (ss.feature_dim,)
+            )
             for s in ss.splits["train"].shards
         ]
     )

@@ -22,6 +22,7 @@ from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from tests import images
+from tests.shards import tensor_values
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -58,9 +59,8 @@ def shard_table(ss: ShardSet, split: str | None = None) -> pa.Table:
 
 
 def pixels(table: pa.Table, column: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed-size-list uint8 column as ``[N, *shape]``."""
-    flat = table.column(column).combine_chunks().flatten().to_numpy()
-    return flat.reshape(len(table), *shape)
+    """A uint8 tensor column (raw bytes per row) as ``[N, *shape]``."""
+    return tensor_values(table.column(column), np.dtype(np.uint8), shape)
 
 
 def test_digits_folder(spark: Any, tmp_path: Path) -> None:
@@ -183,9 +183,9 @@ def test_table_with_embedding_vector_and_tabular_columns(spark: Any, tmp_path: P
     assert ss.column("vec") == {"name": "vec", "dtype": "float32", "shape": [2], "kind": "array"}
     table = shard_table(ss)
     keys = np.asarray(table.column("key").to_pylist())
-    got = table.column("emb").combine_chunks().flatten().to_numpy().reshape(-1, 2, 3)
+    got = tensor_values(table.column("emb"), np.dtype(np.float32), (2, 3))
     np.testing.assert_array_equal(got, emb[keys].reshape(-1, 2, 3))
-    vec = table.column("vec").combine_chunks().flatten().to_numpy().reshape(-1, 2)
+    vec = tensor_values(table.column("vec"), np.dtype(np.float32), (2,))
     np.testing.assert_array_equal(vec[:, 1], keys.astype(np.float32))
     train_keys = np.asarray(shard_table(ss, "train").column("key").to_pylist())
     norm = ss.column("emb")["normalize"]

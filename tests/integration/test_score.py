@@ -33,6 +33,7 @@ from preprocessing.etl import run_etl
 from preprocessing.make_data import COLUMNS, demo_etl_section, make_data
 from preprocessing.read import SchemaMismatchError
 from tests.conftest import spark_submit
+from tests.shards import tensor_values
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 
@@ -90,7 +91,7 @@ def _reference(built: Built) -> tuple[np.ndarray, np.ndarray]:
     ]
     table = pa.concat_tables(tables)
     keys = table.column("key").to_numpy()
-    feats = np.stack(table.column("features").to_numpy(zero_copy_only=False)).astype(np.float32)
+    feats = tensor_values(table.column("features"), np.dtype(np.float32), (ss.feature_dim,))
     with torch.inference_mode():
         probs = torch.softmax(load_bundle(built.bundle).model(torch.from_numpy(feats)), dim=1)
     return keys, probs.numpy()
@@ -272,7 +273,8 @@ def test_regression_bundle_predicts_the_value(spark: Any, built: Built, tmp_path
     table = pa.concat_tables(
         [pq.read_table(ss.shard_path(sh)) for s in SPLITS for sh in ss.split(s).shards]
     )
-    feats = dict(zip(keys.tolist(), table.column("features").to_pylist(), strict=True))
+    values = tensor_values(table.column("features"), np.dtype(np.float32), (ss.feature_dim,))
+    feats = dict(zip(keys.tolist(), values.tolist(), strict=True))
     x = torch.tensor([feats[int(r["id"])] for r in rows])
     with torch.inference_mode():
         want = net(x).reshape(-1).numpy()

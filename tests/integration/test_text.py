@@ -37,6 +37,7 @@ from preprocessing.config import EtlConfig
 from preprocessing.etl import EtlResult, run_etl
 from preprocessing.make_data import demo_etl_section, make_data, text_words
 from preprocessing.read import read_raw, validate_features
+from tests.shards import tensor_values
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -68,7 +69,12 @@ def _shard_table(shards: str) -> pa.Table:
 
 
 def _ids_by_key(table: pa.Table, key: str, column: str) -> dict[Any, list[int]]:
-    return dict(zip(table.column(key).to_pylist(), table.column(column).to_pylist(), strict=True))
+    col = table.column(column)
+    if pa.types.is_fixed_size_binary(col.type):  # format_version 2: int32 little-endian bytes
+        ids = tensor_values(col, np.dtype(np.int32), (col.type.byte_width // 4,)).tolist()
+    else:
+        ids = col.to_pylist()
+    return dict(zip(table.column(key).to_pylist(), ids, strict=True))
 
 
 def _beats_majority(bundle: str, shards: str, what: str) -> float:

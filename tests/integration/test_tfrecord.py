@@ -23,6 +23,7 @@ from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from preprocessing.make_data import demo_etl_section, make_data
+from tests.shards import tensor_values
 
 # The module's fixture runs the ETL twice (~25 s each on a warm session).
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -43,7 +44,7 @@ def sets(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[ShardSet
 
 def _parquet_rows(ss: ShardSet, shard: Any) -> tuple[list[Any], np.ndarray, np.ndarray]:
     t = pq.read_table(ss.shard_path(shard))
-    feats = t["features"].combine_chunks().flatten().to_numpy().reshape(len(t), ss.feature_dim)
+    feats = tensor_values(t["features"], np.dtype(np.float32), (ss.feature_dim,))
     return t["key"].to_pylist(), feats, t["label"].to_numpy()
 
 

@@ -24,6 +24,7 @@ from pipeline.data.shardset import ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from tests import images
+from tests.shards import tensor_values
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
@@ -53,7 +54,7 @@ def _expected_pixels(path: Path) -> np.ndarray:
 
 
 def _check_good_pixels(table: pa.Table, root: Path) -> None:
-    got = table.column("image").combine_chunks().flatten().to_numpy().reshape(-1, 12, 18, 3)
+    got = tensor_values(table.column("image"), np.dtype(np.uint8), (12, 18, 3))
     for key, pixels in zip(table.column("path").to_pylist(), got, strict=True):
         name = Path(key.removeprefix("file:")).name
         np.testing.assert_array_equal(pixels, _expected_pixels(root / "good" / name), name)
@@ -183,7 +184,7 @@ def test_array_corpus_reconciles_exactly(spark: Any, tmp_path: Path) -> None:
     got = {int(r["id"]): (r["reason"], r["reason_column"]) for r in _quarantine(spark, ss, "id")}
     assert got == {i: (r, "emb") for i, r in want.items()}
     table = _rows(ss)
-    emb = table.column("emb").combine_chunks().flatten().to_numpy().reshape(-1, 2, 2)
+    emb = tensor_values(table.column("emb"), np.dtype(np.float32), (2, 2))
     keys = np.asarray(table.column("key").to_pylist())
     np.testing.assert_array_equal(emb[:, 0, 0], keys.astype(np.float32))
     np.testing.assert_array_equal(emb[:, 1], np.tile([-2.0, 0.25], (len(keys), 1)))

@@ -48,8 +48,20 @@ def shard_table(n: int, dim: int, *, regression: bool = False, seed: int = 0) ->
             pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
             pa.array(y),
         ],
-        schema=arrow_schema(specs),
+        schema=arrow_schema(specs, layout="list"),
     )
+
+
+def for_format(table: pa.Table, fmt: ShardFormat) -> pa.Table:
+    """``table`` (tensor columns as lists) in the layout ``fmt``'s writer takes."""
+    specs = [
+        ColumnSpec(f.name, np.dtype(f.type.value_type.to_pandas_dtype()).name, (f.type.list_size,))
+        if pa.types.is_fixed_size_list(f.type)
+        else ColumnSpec(f.name, str(f.type))
+        for f in table.schema
+    ]
+    schema = arrow_schema(specs, layout=fmt.tensor_layout)
+    return pa.Table.from_batches([to_shard_batch(b, schema) for b in table.to_batches()], schema)
 
 
 # -- the registry -------------------------------------------------------------------------------
@@ -90,7 +102,7 @@ def test_round_trip_through_the_interface(tmp_path: Path, name: str, regression:
     fmt, dim = get_format(name), 5
     table = shard_table(100, dim, regression=regression, seed=1)
     path = str(tmp_path / f"s{fmt.suffix}")
-    written = fmt.write(LOCAL, path, table, 32)
+    written = fmt.write(LOCAL, path, for_format(table, fmt), 32)
     assert written.rows == 100 and written.bytes == Path(path).stat().st_size
     assert (written.sha256, written.bytes) == storage.sha256_file(LOCAL, path)
     assert fmt.count_rows(LOCAL, path, where=path) == 100
@@ -114,7 +126,8 @@ def test_round_trip_through_the_interface(tmp_path: Path, name: str, regression:
 
 @pytest.mark.parametrize("name", ALL)
 def test_writer_takes_batches_and_empty_shards(tmp_path: Path, name: str) -> None:
-    fmt, table = get_format(name), shard_table(70, 3)
+    fmt = get_format(name)
+    table = for_format(shard_table(70, 3), fmt)
     one = fmt.write(LOCAL, str(tmp_path / f"a{fmt.suffix}"), table, 16)
     writer = fmt.open_writer(LOCAL, str(tmp_path / f"b{fmt.suffix}"), table.schema, 16)
     for batch in table.to_batches(max_chunksize=9):  # batches that straddle row groups
@@ -165,11 +178,18 @@ def test_column_specs_come_from_the_manifest(tmp_path: Path) -> None:
 def test_column_spec_checks_and_arrow_types() -> None:
     image = ColumnSpec.from_manifest({"name": "image", "dtype": "uint8", "shape": [4, 4, 3]})
     assert image.is_tensor and image.size == 48 and image.numpy_dtype == np.uint8
-    assert arrow_type(image) == pa.list_(pa.uint8(), 48)
+    assert arrow_type(image) == pa.binary(48)
+    assert arrow_type(image, layout="list") == pa.list_(pa.uint8(), 48)
     tokens = ColumnSpec("tokens", "int32", (7,))
-    assert arrow_type(tokens) == pa.list_(pa.int32(), 7)
+    assert arrow_type(tokens) == pa.binary(28)
+    assert arrow_type(tokens, layout="list") == pa.list_(pa.int32(), 7)
     assert arrow_type(ColumnSpec("key", "string")) == pa.string()
-    assert arrow_type(ColumnSpec("features", "float32", (9,))) == pa.list_(pa.float32(), 9)
+    assert arrow_type(ColumnSpec("features", "float32", (9,))) == pa.binary(36)
+    assert arrow_type(ColumnSpec("features", "float32", (9,)), layout="list") == pa.list_(
+        pa.float32(), 9
+    )
+    with pytest.raises(ValueError, match="tensor layout must be one of"):
+        arrow_type(tokens, layout="nested")
     assert not ColumnSpec("label", "int64").is_tensor
     with pytest.raises(ValueError, match="unknown dtype 'complex'"):
         ColumnSpec("x", "complex")
@@ -197,9 +217,14 @@ def test_tensor_columns_use_the_spec_type_both_ways() -> None:
     assert got.dtype == np.uint8 and got.shape == (2, 2, 2, 3)
     assert got.reshape(-1).tolist() == values.tolist()
     with pytest.raises(
-        ShardSetError, match="x: column 'image' has vectors of 12 values, the manifest says 6"
+        ShardSetError, match=r"x: column 'image' has values of 12 bytes, the manifest's uint8 \[6\]"
     ):
         tensor_to_numpy(batch.column(1), ColumnSpec("image", "uint8", (6,)), where="x")
+    listed = to_shard_batch(spark, arrow_schema([ColumnSpec("key", "int64"), image], layout="list"))
+    with pytest.raises(
+        ShardSetError, match="x: column 'image' has vectors of 12 values, the manifest says 6"
+    ):
+        tensor_to_numpy(listed.column(1), ColumnSpec("image", "uint8", (6,)), where="x")
     short = pa.record_batch(
         [
             pa.array([1]),
@@ -247,7 +272,7 @@ def tensor_table(
         flat = values[spec.name].astype(spec.numpy_dtype).reshape(-1)
         cols.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), spec.size))
     cols.append(pa.array(rng.integers(0, 100 if uniform else 300, n)))  # 1 or 2 varint bytes
-    return pa.table(cols, schema=arrow_schema(specs))
+    return pa.table(cols, schema=arrow_schema(specs, layout="list"))
 
 
 def read_all(fmt: ShardFormat, path: str, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -281,7 +306,7 @@ def test_tensor_columns_round_trip(
 
         monkeypatch.setattr("pipeline.data.formats._template.decode_example", one_by_one)
     path = str(tmp_path / f"t{fmt.suffix}")
-    fmt.write(LOCAL, path, table, 64)
+    fmt.write(LOCAL, path, for_format(table, fmt), 64)
     cols, labels = read_all(fmt, path, 64)
     for spec in TENSORS:
         want = table[spec.name].combine_chunks().flatten().to_numpy()

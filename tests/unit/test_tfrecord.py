@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.data.arrays import features_to_numpy
 from pipeline.data.formats import tfrecord
 from pipeline.data.formats._example import _varint
 from pipeline.data.formats.tfrecord import TFRecordError
@@ -433,7 +434,7 @@ def to_tfrecord(uri: str, dest: Path) -> str:
     for split in manifest["splits"].values():
         for i, shard in enumerate(split["shards"]):
             t = pq.read_table(Path(uri) / shard["path"])
-            feats = t["features"].combine_chunks().flatten().to_numpy().reshape(len(t), dim)
+            feats = features_to_numpy(t["features"], dim)
             rel = shard["path"].replace(".parquet", ".tfrecord")
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             data = tfrecord.encode_examples(t["key"].combine_chunks(), feats, t["label"].to_numpy())

@@ -87,6 +87,9 @@ class ShardFormat(ABC):
     """File name suffix of a shard, with the dot (``.parquet``)."""
     index_source: ClassVar[str]
     """What :meth:`index` reads, for messages (``Parquet footer``)."""
+    tensor_layout: ClassVar[str] = "binary"
+    """The Arrow layout of tensor columns the writer takes (:data:`pipeline.data.columns.TENSOR_LAYOUTS`):
+    the shard schema is ``arrow_schema(columns, layout=fmt.tensor_layout)``."""
     any_columns: ClassVar[bool] = True
     """Whether a shard may hold any tensor columns (arrays, images), not only the fixed
     ``key`` / ``features`` / ``label`` layout."""

@@ -1,9 +1,14 @@
 """Parquet shards: the default format.
 
-A shard is one Parquet file in the shard schema (``key``, ``features`` as
-``fixed_size_list<float32>[D]``, ``label``; :func:`pipeline.data.columns.arrow_schema`), in
-row groups of the manifest's ``row_group_rows`` rows, written with pyarrow's defaults
-(snappy). The reader takes row groups and the row count from the file's footer.
+A shard is one Parquet file in the shard schema (``key``, ``features``, the other tensor
+columns, ``label``; :func:`pipeline.data.columns.arrow_schema`), in row groups of the
+manifest's ``row_group_rows`` rows, snappy-compressed. A tensor column is a flat
+``FIXED_LEN_BYTE_ARRAY`` of the rows' little-endian bytes (``format_version`` 2), written
+without dictionary encoding or statistics (neither helps a column of distinct multi-KB
+values; the dictionary attempt only costs time and falls back), so a row group decodes
+into one buffer that numpy views as ``[n, *shape]``. Version 1 files (``fixed_size_list``
+columns) are read as before (:func:`pipeline.data.arrays.tensor_to_numpy`). The reader takes
+row groups and the row count from the file's footer.
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ class ParquetShardWriter(ShardWriter):
         self.rows = 0
         self._raw = fs.open_output_stream(path)
         self._sink = storage.HashingWriter(self._raw)
-        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema)
+        scalars = [f.name for f in schema if not _is_tensor(f.type)]
+        self._writer = pq.ParquetWriter(
+            pa.PythonFile(self._sink, mode="w"),
+            schema,
+            use_dictionary=scalars,
+            write_statistics=scalars,
+        )
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Buffer ``batch``; write every full row group."""
@@ -63,6 +74,10 @@ class ParquetShardWriter(ShardWriter):
         self._writer.close()
         self._raw.close()
         return WrittenShard(self.rows, self._sink.size, self._sink.sha256)
+
+
+def _is_tensor(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_fixed_size_binary(kind) or pa.types.is_fixed_size_list(kind))
 
 
 class ParquetFormat(ShardFormat):
@@ -117,8 +132,10 @@ class ParquetFormat(ShardFormat):
         """Decode ``columns`` and the label of row group ``i`` in one read (own file handle)."""
         try:
             with fs.open_input_file(path) as source:
+                # One thread per row group: the reader decodes several row groups at once
+                # on its own pool; pyarrow's pool would only split a row group by column.
                 table = pq.ParquetFile(source, metadata=index).read_row_group(
-                    i, columns=[*(c.name for c in columns), LABEL_COLUMN]
+                    i, columns=[*(c.name for c in columns), LABEL_COLUMN], use_threads=False
                 )
             out = {
                 c.name: tensor_to_numpy(table.column(j), c, where=where)

@@ -475,6 +475,7 @@ class TFRecordFormat(ShardFormat):
     name: ClassVar[str] = "tfrecord"
     suffix: ClassVar[str] = ".tfrecord"
     index_source: ClassVar[str] = "TFRecord file"
+    tensor_layout: ClassVar[str] = "list"  # the Example encoder needs each value's dtype
 
     def open_writer(
         self, fs: pafs.FileSystem, path: str, schema: pa.Schema, row_group_rows: int
