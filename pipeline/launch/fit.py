@@ -11,6 +11,7 @@ as one Spark barrier job of ``train.num_workers`` ranks (:mod:`pipeline.launch.b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.core import storage
-from pipeline.core.configbase import to_dict
+from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.data.shardset import ShardSet, ShardSetError
 from pipeline.launch.barrier import TrainResult, fit_barrier
 from pipeline.launch.pyenv import check_executor_python
@@ -27,6 +28,8 @@ from pipeline.launch.session import active_session
 from pipeline.launch.tracking import tracked
 from pipeline.train.bundle import CONFIG, SPEC, model_spec
 from pipeline.train.config import TrainConfig
+from pipeline.train.engine import CNN_V1
+from pipeline.train.models import cnn, resolve_builder
 from pipeline.train.preflight import (
     check_training_inputs,
     resolve_checkpoint_model,
@@ -108,4 +111,23 @@ def bundle_is_current(cfg: TrainConfig) -> bool:
     def result_keys(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k not in _OPERATIONAL_KEYS}
 
-    return same_data and result_keys(trained) == result_keys(to_dict(cfg))
+    if not same_data:
+        return False
+    try:  # the recorded section as this release reads it: defaults added, old spellings
+        recorded = resolve_defaults(TrainConfig.from_mapping(trained), shards)
+    except (ConfigError, TypeError, ValueError):
+        return False
+    return result_keys(to_dict(_as_configured(recorded, cfg))) == result_keys(to_dict(cfg))
+
+
+def _as_configured(recorded: TrainConfig, cfg: TrainConfig) -> TrainConfig:
+    """``recorded`` with the builder ``cfg`` names where the run built another for it.
+
+    A run that resumed a checkpoint of 0.1.0's ``cnn`` built (and recorded) ``cnn_v1``
+    (:func:`pipeline.train.engine.checkpoint_builder`) under a config naming ``cnn``.
+    """
+    if recorded.model.builder == CNN_V1 and resolve_builder(cfg.model.builder) is cnn:
+        return recorded.replace(
+            model=dataclasses.replace(recorded.model, builder=cfg.model.builder)
+        )
+    return recorded

@@ -320,6 +320,8 @@ def check_bundle_model(uri: str, key: str = "--model") -> dict[str, Any]:
         raise ConfigError(
             key, f"{uri}: its model (builder {spec.get('builder')!r}) cannot be built: {reason}"
         ) from e
+    except BundleError as e:  # e.g. model.json's inputs are unreadable
+        raise ConfigError(key, str(e)) from e
     except Exception as e:  # e.g. a builder that cannot run on meta tensors
         log.debug("%s: the model was not built on the meta device (%s); not checked", uri, e)
     return spec

@@ -206,6 +206,15 @@ def _regex_problem(pattern: str) -> str | None:
     return None
 
 
+def _replacement_problem(pattern: str, replacement: str) -> str | None:
+    """Why ``replacement`` cannot replace ``pattern`` (a group it does not have), or None."""
+    try:
+        re.sub(pattern, replacement, "")  # the template is checked even without a match
+    except (re.error, TypeError) as e:
+        return str(e)
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class InitConfig:
     """Initial weights from a file or directory (``train.init``), instead of random ones."""
@@ -244,12 +253,18 @@ class InitConfig:
             "train.init.uri",
             "must be a URI or null",
         )
-        for pattern in self.rename:
+        for pattern, replacement in self.rename.items():
             problem = _regex_problem(pattern)
             check(
                 problem is None,
                 f"train.init.rename.{pattern}",
                 f"is not a regular expression: {problem}",
+            )
+            problem = _replacement_problem(pattern, replacement)
+            check(
+                problem is None,
+                f"train.init.rename.{pattern}",
+                f"replacement {replacement!r} does not fit the pattern: {problem}",
             )
         for i, pattern in enumerate(self.skip):
             check(bool(pattern.strip()), f"train.init.skip[{i}]", "must not be empty")

@@ -27,7 +27,6 @@ from torch import nn
 
 from pipeline.core.compat import DEPRECATION_LOGGER, written_by
 from pipeline.core.configbase import to_dict
-from pipeline.core.version import version_tuple
 from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import ShardSet
 from pipeline.train import finetune
@@ -276,12 +275,13 @@ def checkpoint_builder(
 ) -> str:
     """The builder to build the model with so that the checkpoint this run resumes fits it.
 
-    ``train.model.builder``, except for a checkpoint of 0.1.0's ``cnn``: written by 0.1.0
-    (its ``meta.json`` records no newer ``spark_train``) under a builder that is the
-    built-in ``cnn``, with weights (names and shapes of the ``model`` state) that fit
-    :func:`~pipeline.train.models.cnn_v1` and not today's ``cnn`` — as a bundle of that
-    release is loaded. Then it is :data:`CNN_V1`, with one warning naming the builder to
-    configure. Decide this on the driver or rank 0 only (it reads the checkpoint), before
+    ``train.model.builder``, except for a checkpoint of 0.1.0's ``cnn`` architecture under
+    a builder that is the built-in ``cnn``: weights (names and shapes of the ``model``
+    state) that fit :func:`~pipeline.train.models.cnn_v1` and not today's ``cnn`` — as a
+    bundle of that release is loaded. Then it is :data:`CNN_V1`, with one warning naming
+    the builder to configure. Decided by the weights alone, whoever wrote them: a run that
+    resumed a 0.1.0 checkpoint writes its later checkpoints (as spark-train 0.2+) with the
+    same weights, and the next resume with the same config must map them again. Decide this on the driver or rank 0 only (it reads the checkpoint), before
     any rank builds its model, and give every rank the answer.
     """
     builder = cfg.model.builder
@@ -291,8 +291,6 @@ def checkpoint_builder(
     if step is None:
         return builder
     writer = written_by(ckpt.meta(step).get("spark_train"))
-    if writer is not None and version_tuple(writer) >= (0, 2):
-        return builder
     state = ckpt.load(step)
     weights = state.get("model") if state is not None else None
     if not isinstance(weights, dict) or _fits(builder, cfg, shards, weights):

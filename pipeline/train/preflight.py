@@ -160,6 +160,9 @@ def resolve_task(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
 def resolve_checkpoint_model(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
     """``cfg`` with the builder of the checkpoint it resumes, decided here on the driver.
 
+    A checkpoint directory whose latest checkpoint has a newer ``format_version`` is
+    refused here (:class:`~pipeline.train.checkpoint.CheckpointTooNew`).
+
     A ``train.resume`` of a checkpoint of 0.1.0's ``cnn`` builds ``cnn_v1``, the
     architecture it was trained as, with one warning
     (:func:`pipeline.train.engine.checkpoint_builder`); the ranks get the decided config.
@@ -168,6 +171,9 @@ def resolve_checkpoint_model(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
     from pipeline.train.checkpoint import CheckpointManager
 
     ckpt = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    # Reads the checkpoints' meta.json whatever the builder: one written by a newer
+    # spark-train is refused here in one line (exit 2), not in every rank of every attempt.
+    ckpt.steps()  # meta.json files only: no checkpoint data is read
     return engine.with_builder(cfg, engine.checkpoint_builder(cfg, shards, ckpt))
 
 

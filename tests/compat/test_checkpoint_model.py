@@ -1,7 +1,8 @@
 """Which model a resumed checkpoint is built as (:func:`pipeline.train.engine.checkpoint_builder`).
 
-Only a checkpoint written by 0.1.0 whose weights are those of 0.1.0's ``cnn`` (and not of
-today's) is resumed as ``cnn_v1``; every other checkpoint keeps ``train.model.builder``.
+Only a checkpoint whose weights are those of 0.1.0's ``cnn`` (and not of today's), written by
+0.1.0 or by a later run that resumed one, is resumed as ``cnn_v1``; every other checkpoint
+keeps ``train.model.builder``.
 The end-to-end resume of a real 0.1.0 checkpoint is in ``test_fixtures.py``.
 """
 
@@ -83,7 +84,6 @@ def test_a_0_1_0_checkpoint_of_the_old_cnn_is_resumed_as_cnn_v1(
     ("weights", "writer"),
     [
         ("pipeline.train.models:cnn", None),  # 0.1.0's main after the cnn changed
-        ("pipeline.train.models:cnn_v1", "0.2.0"),  # cnn_v1 trained today, config changed
         ("pipeline.train.models:mlp", None),  # fits neither: loading it says why
     ],
 )
@@ -94,6 +94,17 @@ def test_other_checkpoints_keep_the_configured_builder(
     ckpt = _save(cfg, weights, writer=writer)
     assert _decide(cfg, ckpt, caplog) == CNN
     assert _lines(caplog) == []
+
+
+def test_a_resumed_0_1_0_checkpoint_is_mapped_again_on_the_next_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first resume wrote its checkpoints as 0.2.0 with cnn_v1 weights; the same config
+    # resumes them again (the weights decide, not the writer).
+    cfg = _cfg(tmp_path)
+    ckpt = _save(cfg, engine.CNN_V1, writer="0.2.0")
+    assert _decide(cfg, ckpt, caplog) == engine.CNN_V1
+    assert len(_lines(caplog)) == 1 and "written by spark-train 0.2.0" in _lines(caplog)[0]
 
 
 def test_a_builder_other_than_cnn_is_never_read(

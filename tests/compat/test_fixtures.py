@@ -151,6 +151,33 @@ def _resume(release: str, model: str, tmp_path: Path, monkeypatch: pytest.Monkey
     return work
 
 
+def _config(work: Path, model: str, *, absolute: bool = True, **changes: Any) -> Any:
+    """The ``train`` section of ``work/MODEL.yaml`` as this release reads it (paths made
+    absolute, as ``_resume`` passes them, or left relative to ``work``)."""
+    from pipeline.train.config import TrainConfig
+
+    train = yaml.safe_load((work / f"{model}.yaml").read_text())["train"]
+    if absolute:
+        paths = _paths(work / f"{model}.yaml")
+        train |= {"dataset": str(work / paths["dataset"]), "output": str(work / paths["output"])}
+        train["checkpoint"] = {**train["checkpoint"], "dir": str(work / paths["checkpoint.dir"])}
+    return TrainConfig.from_mapping({**train, **changes})
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("model", MODELS)
+def test_an_old_bundle_is_current_for_its_unchanged_config(
+    release: str, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``spark-train run`` does not retrain a bundle of an earlier release for the config it
+    was trained with: its recorded config is read with today's defaults and spellings."""
+    from pipeline.launch.fit import bundle_is_current
+
+    monkeypatch.chdir(FIXTURES / release)  # the release's config, paths as it wrote them
+    assert bundle_is_current(_config(FIXTURES / release, model, absolute=False))
+    assert not bundle_is_current(_config(FIXTURES / release, model, absolute=False, seed=12345))
+
+
 def _renamed(builder: str) -> list[str]:
     """The deprecation line of a builder spelled as 0.1.0 did, or none."""
     if not builder.startswith("pipeline.models:"):
@@ -212,6 +239,11 @@ def test_the_old_cnn_config_resumes_the_old_cnn_checkpoint(
     assert bundle.spec["builder"].endswith(":cnn_v1" if old_cnn else ":cnn")
     pooled = any(isinstance(m, nn.AdaptiveAvgPool1d) for m in bundle.model.modules())
     assert pooled == old_cnn
+    # The bundle recorded cnn_v1 for a config naming cnn: the same config is still current.
+    from pipeline.launch.fit import bundle_is_current
+
+    epochs = len(_record(release)[CHECKPOINTS["cnn"]]["metrics"]["epochs"]) + 1
+    assert bundle_is_current(_config(work, "cnn", epochs=epochs))
 
 
 @pytest.mark.timeout(300)

@@ -137,6 +137,17 @@ def test_a_newer_checkpoint_is_never_passed_over(
     assert str(e.value) == _newer(meta, "9.1.0", CKPT_VERSION + 1, CKPT_VERSION)
     assert main(["inspect", str(ckpt)]) == 2
     assert _one_error_line(capsys) == f"spark-train inspect: error: {e.value}"
+    # Training finds it on the driver, before any rank starts, whatever the model and
+    # whether or not it resumes (a fresh run still looks for an unfinished one).
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.preflight import resolve_checkpoint_model
+
+    cfg = TrainConfig.from_mapping({
+        "dataset": str(artifacts / "shards"), "checkpoint": {"dir": str(ckpt)},
+        "model": {"builder": "pipeline.train.models:mlp"}, "output": str(artifacts / "out"),
+    })  # fmt: skip
+    with pytest.raises(CheckpointTooNew):
+        resolve_checkpoint_model(cfg, ShardSet.open(cfg.dataset))
 
 
 def test_run_summaries_old_and_newer(artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:

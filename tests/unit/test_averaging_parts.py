@@ -186,3 +186,31 @@ def test_the_ddp_worker_refuses_average_mode() -> None:
     with pytest.raises(ConfigError) as e:
         train_worker({"mode": "average"})
     assert e.value.key == "train.mode"
+
+
+def test_a_round_keeps_each_groups_learning_rate_multiplier(tmp_path: Path) -> None:
+    # train.optimizer.lr_multipliers in mode average: the schedule scales each group's own
+    # peak (lr x factor), it does not reset every group to lr.
+    from pipeline.train import engine
+    from pipeline.train.modes.average import _LocalLoop, _Steps
+
+    uri = make_shardset(tmp_path / "set", rows_per_shard={"train": [40]})
+    shards = ShardSet.open(uri)
+    cfg = TrainConfig.from_mapping({
+        "dataset": uri, "mode": "average", "batch_size": 8,
+        "model": {"builder": "pipeline.train.models:mlp", "args": {"hidden": [4]}},
+        "optimizer": {"name": "sgd", "lr": 0.02, "lr_multipliers": {"3.*": 3.0}},
+        "lr_schedule": {"name": "cosine"},
+    })  # fmt: skip
+    model = engine.new_model(cfg, shards)
+    optimizer = engine.new_optimizer(model, cfg)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.02, 0.06])
+    loop = _LocalLoop(
+        cfg, model, optimizer, torch.device("cpu"), engine.model_inputs(cfg, shards),
+        task=shards.task, warmup=False,
+    )  # fmt: skip
+    with ShardReader(shards, "train", rank=0, world_size=1, batch_size=8) as reader:
+        loop.run(reader, _Steps(first=1, count=3, total=10, epoch=0, batch=0), fault=None,
+                 worker=0, attempt=0)  # fmt: skip
+    lrs = sorted(g["lr"] for g in optimizer.param_groups)
+    assert 0 < lrs[0] < 0.02 and lrs[1] == pytest.approx(3 * lrs[0])

@@ -74,6 +74,7 @@ def _pretrained(num_outputs: int = 2) -> dict[str, torch.Tensor]:
         ({"init": {"uri": " "}}, "train.init.uri"),
         ({"init": {"skip": ["2.*"]}}, "train.init.uri"),
         ({"init": {"uri": "w.pt", "rename": {"(": "x"}}}, "train.init.rename.("),
+        ({"init": {"uri": "w.pt", "rename": {"a(b)": "\\2"}}}, "train.init.rename.a(b)"),
         ({"init": {"uri": "w.pt", "format": "onnx"}}, "train.init.format"),
         ({"init": {"uri": "w.pt", "extra": 1}}, "train.init.extra"),
         ({"freeze": {"patterns": [""]}}, "train.freeze.patterns[0]"),

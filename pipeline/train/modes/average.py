@@ -436,6 +436,8 @@ class _LocalLoop:
         self.task = task
         self.inputs = inputs
         self.stepper = engine.Stepper(cfg, model, optimizer)
+        # Each group's peak rate: train.optimizer.lr × its lr_multipliers factor.
+        self.peaks = [float(group["lr"]) for group in optimizer.param_groups]
         self.autocast = engine.autocast(cfg, device)
         self.warmup_steps = cfg.lr_schedule.warmup_steps if warmup else 0
         self.loss_sum = 0.0
@@ -446,8 +448,6 @@ class _LocalLoop:
     ) -> None:
         """Train ``steps.count`` steps from the round's position in the worker's stream."""
         cfg = self.cfg
-        peak = cfg.optimizer.lr
-        assert peak is not None, "resolved by resolve_defaults"
         factor = LRFactor(cfg.lr_schedule.name, self.warmup_steps, steps.total)
         reader.load_state_dict({"epoch": steps.epoch, "batches_in_epoch": steps.batch})
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -455,8 +455,9 @@ class _LocalLoop:
         done = 0
         while done < steps.count:
             for batch in reader:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = peak * factor(steps.first + done)
+                scale = factor(steps.first + done)
+                for group, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
+                    group["lr"] = peak * scale
                 x, y = engine.to_model(self.inputs, batch, self.device)
                 loss_sum.add_(self._step(x, y), alpha=y.shape[0])
                 self.rows += y.shape[0]
