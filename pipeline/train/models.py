@@ -156,6 +156,19 @@ def mlp(
     return nn.Sequential(*first, *layers, nn.Linear(width, num_outputs))
 
 
+def _conv_kinds(
+    shape: Sequence[int], channels: Sequence[int]
+) -> tuple[type[nn.Conv1d | nn.Conv2d], type[nn.MaxPool1d | nn.MaxPool2d]]:
+    """The convolution and pooling layer types for a ``(C, L)`` or ``(C, H, W)`` row."""
+    if len(channels) < 1 or any(int(c) < 1 for c in channels):
+        raise ValueError(
+            f"channels must be a non-empty list of positive ints, got {list(channels)}"
+        )
+    if len(shape) == 3:
+        return nn.Conv2d, nn.MaxPool2d
+    return nn.Conv1d, nn.MaxPool1d
+
+
 def _conv_trunk(shape: tuple[int, ...], channels: Sequence[int]) -> tuple[list[nn.Module], int]:
     """Convolution stages over a ``(C, L)`` or ``(C, H, W)`` row; the layers and output width.
 
@@ -163,13 +176,7 @@ def _conv_trunk(shape: tuple[int, ...], channels: Sequence[int]) -> tuple[list[n
     ``MaxPool(2)`` while that leaves maps at least :data:`_MIN_POOLED` wide. The maps are
     flattened at the end.
     """
-    if len(channels) < 1 or any(int(c) < 1 for c in channels):
-        raise ValueError(
-            f"channels must be a non-empty list of positive ints, got {list(channels)}"
-        )
-    two_d = len(shape) == 3
-    conv: type[nn.Conv1d | nn.Conv2d] = nn.Conv2d if two_d else nn.Conv1d
-    pool: type[nn.MaxPool1d | nn.MaxPool2d] = nn.MaxPool2d if two_d else nn.MaxPool1d
+    conv, pool = _conv_kinds(shape, channels)
     layers: list[nn.Module] = [_Reshape(shape)]
     in_ch, sizes = shape[0], list(shape[1:])
     for i, c in enumerate(channels):
@@ -220,13 +227,7 @@ def cnn_v1(
     shape = _check_shape(input_shape, (1, 2, 3))
     if len(shape) == 1:
         shape = (1, shape[0])
-    if len(channels) < 1 or any(int(c) < 1 for c in channels):
-        raise ValueError(
-            f"channels must be a non-empty list of positive ints, got {list(channels)}"
-        )
-    two_d = len(shape) == 3
-    conv: type[nn.Conv1d | nn.Conv2d] = nn.Conv2d if two_d else nn.Conv1d
-    pool: type[nn.MaxPool1d | nn.MaxPool2d] = nn.MaxPool2d if two_d else nn.MaxPool1d
+    conv, pool = _conv_kinds(shape, channels)
     layers: list[nn.Module] = [_Reshape(shape)]
     in_ch, size = shape[0], min(shape[1:])
     for c in channels:
@@ -236,7 +237,7 @@ def cnn_v1(
             size //= 2
         in_ch = int(c)
     layers += [
-        nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1),
+        nn.AdaptiveAvgPool2d(1) if len(shape) == 3 else nn.AdaptiveAvgPool1d(1),
         nn.Flatten(),
         nn.Linear(in_ch, num_outputs),
     ]
