@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.core.connect import is_connect
+from pipeline.core.driver import require_driver
 from pipeline.launch.errors import DistributedError, all_failed
 
 if TYPE_CHECKING:
@@ -45,16 +46,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SLOT_POLL_S = 0.25
-
-
-def require_driver(name: str) -> None:
-    from pyspark import TaskContext
-
-    if TaskContext.get() is not None:
-        raise RuntimeError(
-            f"{name} is driver-only but was called inside a Spark task; call it from the "
-            "driver program (a training function gets its rank from pipeline.runtime.distenv.current())"
-        )
 
 
 def active_session(spark: SparkSession | None) -> SparkSession:

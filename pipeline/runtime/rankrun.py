@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.runtime import distenv, logchannel, progress
+from pipeline.runtime.threads import torch_threads
 
 __all__ = [
     "TAIL_LINES",
@@ -215,7 +216,7 @@ def run_rank(spec: RankSpec, env: Mapping[str, str], *, cpus: int) -> Any:
         with scoped_environ({**env, **spec.env}), out.forwarding_logs():
             if isinstance(spec.target, str):
                 return _run_script(spec.target, spec.args, out)
-            with _torch_threads(cpus), out.capturing_stdio():
+            with torch_threads(cpus), out.capturing_stdio():
                 return spec.target(*spec.args, **spec.kwargs)
     except BaseException as exc:
         report_failure(rank, exc, out.tail)
@@ -334,25 +335,6 @@ def _die_with_parent() -> Callable[[], None] | None:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
     return lambda: prctl(pr_set_pdeathsig, sigkill)
-
-
-@contextlib.contextmanager
-def _torch_threads(cpus: int) -> Iterator[None]:
-    """Give torch ``spark.task.cpus`` threads, so ranks sharing a host do not oversubscribe it.
-
-    A torch imported later, by the target, takes the count from OMP_NUM_THREADS (set by
-    :func:`rank_environment`); importing it here would cost every fresh worker seconds.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(cpus)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _destroy_process_group() -> None:

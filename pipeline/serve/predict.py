@@ -21,9 +21,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from pipeline.runtime.threads import torch_threads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -111,7 +112,7 @@ def predict_partition(
 
     bundle = cached_bundle(job.uri, job.sha256, job.counter)
     inputs = bundle.inputs
-    with _torch_threads(_task_cpus()), torch.inference_mode():
+    with torch_threads(_task_cpus()), torch.inference_mode():
         for batch in batches:
             yield _predict_batch(bundle.model, inputs, batch, job)
 
@@ -123,18 +124,6 @@ def _task_cpus() -> int:
 
     ctx = TaskContext.get()
     return int(ctx.cpus()) if ctx is not None else torch.get_num_threads()
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _predict_batch(

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, check
 from pipeline.core.connect import is_connect
+from pipeline.core.driver import require_driver
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
 from pipeline.serve.predict import (
     CLASS_INDEX,
@@ -221,7 +222,7 @@ def score(
     """
     from preprocessing.read import CORRUPT, RawInput, require_columns
 
-    _on_driver("score")
+    require_driver("pipeline.serve.score.score")
     opened = _open_bundle(bundle)
     cfg = opened.etl
     features = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
@@ -379,15 +380,6 @@ def _null_string() -> Column:
     return F.lit(None).cast("string")
 
 
-def _on_driver(what: str) -> None:
-    from pyspark import TaskContext
-
-    if TaskContext.get() is not None:
-        raise RuntimeError(
-            f"pipeline.serve.score.{what} runs on the driver, not inside a Spark task"
-        )
-
-
 def score_table(
     spark: SparkSession,
     bundle: str,
@@ -409,7 +401,7 @@ def score_table(
     from pipeline.train.bundle import require_bundle
     from preprocessing.read import CORRUPT, SOURCE, read_raw
 
-    _on_driver("score_table")
+    require_driver("pipeline.serve.score.score_table")
     started = time.monotonic()
     require_bundle(bundle, "--model")
     _check_output(input, output)

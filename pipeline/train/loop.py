@@ -67,7 +67,9 @@ def train_worker(
     on every rank) and ``bundle`` (the bundle URI written by rank 0).
     """
     if mode is not None:
-        register_mode(mode)  # registered on the driver only: the config names it
+        # The driver's object wins: this process may hold an older copy (a reused worker)
+        # or the built-in of the same name, which the driver resolved to this one.
+        register_mode(mode, replace=True)
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_mapping(cfg)
     mode = mode or _barrier_mode(cfg)

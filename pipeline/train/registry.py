@@ -35,6 +35,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pipeline.core.compat import deprecated
 from pipeline.core.configbase import ConfigError
 
 if TYPE_CHECKING:
@@ -150,10 +151,13 @@ _BUILTIN: dict[str, str] = {
 _REGISTERED: dict[str, Mode] = {}
 
 
-def register_mode(mode: Mode) -> Mode:
+def register_mode(mode: Mode, *, replace: bool = False) -> Mode:
     """Make ``mode`` available as ``train.mode: <mode.name>``; returns it.
 
-    Registering a name again replaces the earlier entry (a built-in one included).
+    Replacing a name already taken (a built-in one included) needs ``replace=True``; without
+    it the replacement still happens (as in 0.1.0) but logs one deprecation line, and from
+    0.4.0 it will raise ``ValueError``. Registering the very object already registered is a
+    no-op.
     """
     name = getattr(mode, "name", None)
     if not isinstance(name, str) or not name:
@@ -163,8 +167,19 @@ def register_mode(mode: Mode) -> Mode:
             f"mode {name!r}: launcher must be 'barrier' or 'rounds', "
             f"got {getattr(mode, 'launcher', None)!r}"
         )
+    if not replace and _REGISTERED.get(name) is not mode and _taken(name):
+        # 0.1.0 replaced silently; 0.4.0 will refuse. Until then the old call keeps working.
+        deprecated(
+            f"register_mode({name!r}) replacing a registered mode",
+            f"register_mode(mode, replace=True) or another name than {name!r}",
+            what="call",
+        )
     _REGISTERED[name] = mode
     return mode
+
+
+def _taken(name: str) -> bool:
+    return name in _REGISTERED or name in _BUILTIN
 
 
 def mode_names() -> list[str]:
@@ -187,10 +202,13 @@ def get_mode(name: str) -> Mode:
 
 
 @contextlib.contextmanager
-def registered(mode: Mode) -> Iterator[Mode]:
-    """Register ``mode`` for the duration of a ``with`` block (tests, notebooks)."""
+def registered(mode: Mode, *, replace: bool = False) -> Iterator[Mode]:
+    """Register ``mode`` for the duration of a ``with`` block (tests, notebooks).
+
+    ``replace`` as in :func:`register_mode`; the earlier entry comes back afterwards.
+    """
     before = _REGISTERED.get(mode.name)
-    register_mode(mode)
+    register_mode(mode, replace=replace)
     try:
         yield mode
     finally:

@@ -161,15 +161,21 @@ def test_more_workers_than_slots_fails_fast(spark: Any) -> None:
 
 
 def test_driver_only_helpers_refuse_to_run_in_a_task(spark: Any) -> None:
-    def probe(_: object) -> str:
+    def probe(which: int) -> str:
+        from pipeline.serve.score import score_table
+
         try:
-            barrier_slots()
+            if which == 0:
+                barrier_slots()
+            else:
+                score_table(spark=None, bundle="b", input="i", output="o")  # type: ignore[arg-type]
         except RuntimeError as err:
             return str(err)
         return "no error"
 
-    [message] = spark.sparkContext.parallelize([0], 1).map(probe).collect()
-    assert "driver-only" in message and "barrier_slots" in message
+    slots, scoring = spark.sparkContext.parallelize([0, 1], 2).map(probe).collect()
+    assert "driver-only" in slots and "barrier_slots" in slots
+    assert "driver-only" in scoring and "pipeline.serve.score.score_table" in scoring
 
 
 def test_torchrun_script_exit_codes(spark: Any) -> None:

@@ -169,3 +169,33 @@ def test_training_side_imports_without_pyspark() -> None:
         "sys.exit('pyspark' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_register_mode_replacing_a_taken_name_needs_replace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pipeline.train import registry
+
+    class Shadow(registry.BarrierMode):
+        name = "ddp"
+
+    shadow = Shadow()
+    with caplog.at_level("WARNING", logger="spark_train.deprecation"):
+        with registry.registered(shadow):  # the 0.1.0 call: still replaces, says so once
+            assert registry.get_mode("ddp") is shadow
+    assert [r.getMessage() for r in caplog.records if "register_mode('ddp')" in r.getMessage()]
+    assert registry.get_mode("ddp") is not shadow and registry.get_mode("ddp").name == "ddp"
+
+    class Extra(registry.BarrierMode):
+        name = "extra-unit-test"
+
+    first, second = Extra(), Extra()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spark_train.deprecation"):
+        with registry.registered(first):
+            assert registry.register_mode(first) is first  # the same object again: no-op
+            with registry.registered(second, replace=True):
+                assert registry.get_mode("extra-unit-test") is second
+            assert registry.get_mode("extra-unit-test") is first
+    assert not caplog.records
+    assert "extra-unit-test" not in registry.mode_names()
