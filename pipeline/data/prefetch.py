@@ -10,6 +10,7 @@ docstring for the row policy, shuffle and resume.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
@@ -27,7 +29,17 @@ from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
 if TYPE_CHECKING:
     from pipeline.data.reader import ShardReader
 
-__all__ = ["Arrays", "Batch", "Draws", "Job", "Piece", "Producer", "rng"]
+__all__ = [
+    "Arrays",
+    "Batch",
+    "Draws",
+    "Job",
+    "Piece",
+    "Producer",
+    "chunk_rows",
+    "group_batches",
+    "rng",
+]
 
 log = logging.getLogger("pipeline.data.reader")  # the reader's messages
 
@@ -108,7 +120,24 @@ def rng(*key: int) -> np.random.Generator:
 
 
 # -- which rows make each batch ------------------------------------------------------------------
-_CHUNK_ROWS: Final = 1024  # rows drawn at once (fewer for a small window); not the batch size
+_CHUNK_ROWS: Final = 1024  # rows drawn at once at least (fewer for a small window) …
+_CHUNK_BYTES: Final = 1 << 20  # … or as many as hold this many input bytes (small rows)
+_GROUP_BYTES: Final = 4 << 20  # batches made and handed over together hold about this much
+_GROUP_MAX: Final = 64  # … and are at most this many
+
+
+def chunk_rows(row_bytes: int) -> int:
+    """Rows :class:`Draws` draws at once for rows of ``row_bytes``: a property of the data.
+
+    Each draw costs about 0.1 ms whatever its size, so small rows (a tabular vector, token
+    ids) are drawn in chunks of about a MiB; never the batch size (see :class:`Draws`).
+    """
+    return max(_CHUNK_ROWS, _CHUNK_BYTES // max(row_bytes, 1))
+
+
+def group_batches(batch_bytes: int, prefetch_batches: int) -> int:
+    """Batches a :class:`Producer` makes and hands over at once (each handover costs ~0.1 ms)."""
+    return max(1, min(_GROUP_MAX, _GROUP_BYTES // max(batch_bytes, 1), 16 * prefetch_batches))
 
 
 class Draws:
@@ -116,10 +145,11 @@ class Draws:
 
     Pieces enter the window in stream order while the rows of the pieces in it (counting
     whole pieces, drained or not) stay within ``window_rows`` (at least one piece, and
-    always enough rows for the next draw). Rows are drawn in chunks of :attr:`chunk` rows —
-    set by the window, not the batch size, so that batch sizes with the same window (the
-    reader rounds it to whole batches) give the same order: a batch of 32 holds the rows of
-    two batches of 16 —, each from the pieces in the window
+    always enough rows for the next draw). Rows are drawn in chunks of :attr:`chunk` rows
+    (``chunk_rows``, at most half the window) — set by the row size and the window, not the
+    batch size, so that batch sizes with the same window (the reader rounds it to whole
+    batches) give the same order: a batch of 32 holds the rows of two batches of 16 —, each
+    from the pieces in the window
     at random in proportion to what each has left (a multivariate hypergeometric draw),
     every piece giving its rows in its own seeded random order, the chunk's rows then
     interleaved at random. A piece leaves the window when its last row is drawn, and the
@@ -130,9 +160,15 @@ class Draws:
     replays the draws of the rows already yielded without reading anything (:meth:`take`).
     """
 
-    def __init__(self, sizes: list[int], window_rows: int, key: tuple[int, ...] | None) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        window_rows: int,
+        key: tuple[int, ...] | None,
+        chunk_rows: int = _CHUNK_ROWS,
+    ) -> None:
         self.sizes, self._budget, self._key = sizes, window_rows, key
-        self.chunk = max(1, min(_CHUNK_ROWS, window_rows // 2))
+        self.chunk = max(1, min(chunk_rows, window_rows // 2))
         self.window: list[int] = []  # pieces in the window, in the order they entered
         self.entered = 0  # pieces that have entered so far (stream order)
         self.last_at: dict[int, int] = {}  # drained piece → position of its last row
@@ -214,7 +250,9 @@ class Producer:
 
     Pieces are decoded by a pool of :data:`_READ_THREADS` threads in the order they enter
     the window, up to :data:`_READ_AHEAD` pieces beyond the window, so that decoding
-    overlaps batching and the consumer and uses more than one core.
+    overlaps batching and the consumer and uses more than one core. Small batches are made
+    and handed over in groups (:func:`group_batches`): one copy and one thread hand-off per
+    group, each batch a slice of the group's tensors.
     """
 
     _END: Final = object()
@@ -224,7 +262,10 @@ class Producer:
         self._pads: dict[str, int] = {}  # text columns cut per batch → their pad id
         if reader.text_padding == "batch":
             self._pads = {c.name: c.pad_id for c in reader.inputs if c.pad_id is not None}
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=reader.prefetch_batches)
+        self._group = reader._group_batches
+        depth = max(1, -(-reader.prefetch_batches // self._group))
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._ready: collections.deque[Batch] = collections.deque()  # the consumer's group
         self._stop = threading.Event()
         name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
         self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix=f"{name}-read")
@@ -235,6 +276,8 @@ class Producer:
 
     def get(self) -> Batch | None:
         """The next batch, None at the end; re-raises the thread's error."""
+        if self._ready:
+            return self._ready.popleft()
         while True:
             try:
                 item = self._queue.get(timeout=1.0)
@@ -248,12 +291,13 @@ class Producer:
             return None
         if isinstance(item, BaseException):
             raise item
-        assert isinstance(item, Batch)
-        return item
+        self._ready.extend(item)
+        return self._ready.popleft()
 
     def stop(self) -> None:
         """Tell the thread to stop, unblock it, and wait for it a bounded time."""
         self._stop.set()
+        self._ready.clear()
         while not self._queue.empty():  # only this thread takes items: get cannot block
             self._queue.get_nowait()
         self.thread.join(_STOP_WAIT_S)
@@ -292,22 +336,43 @@ class Producer:
         r, job = self._reader, self._job
         sizes = [p.stop - p.start for p in job.pieces]
         key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
-        draws = Draws(sizes, r._window_rows, key)
+        draws = Draws(sizes, r._window_rows, key, r._chunk_rows)
         position = job.first_batch * r.batch_size
         draws.take(position)  # a resume: the draws replayed, nothing read
         # Pieces with rows drawn but not yet taken, those still in the window after the
         # replay, then the rest in stream order.
         pending = [j for j in dict.fromkeys(draws.pending().tolist()) if j not in draws.window]
         self._wanted = [*pending, *draws.window, *range(draws.entered, len(sizes))]
-        for b in range(job.first_batch, job.first_batch + job.batches):
-            n = min(r.batch_size, r.rows_per_rank - b * r.batch_size)
-            ids, rows = draws.take(n)
+        end = job.first_batch + job.batches
+        for first in range(job.first_batch, end, self._group):
+            sizes = [
+                min(r.batch_size, r.rows_per_rank - b * r.batch_size)
+                for b in range(first, min(first + self._group, end))
+            ]
+            ids, rows = draws.take(sum(sizes))
             self._submit(draws.entered)
-            self._put(self._batch(ids, rows))
-            position += n
+            try:
+                group = self._batches(first, ids, rows, sizes)
+            except _Stopped:
+                raise
+            except Exception:
+                self._until_failure(first, ids, rows, sizes)
+                raise
+            self._put(group)
+            position += sum(sizes)
             for j in [j for j, at in draws.last_at.items() if at < position]:
                 del draws.last_at[j]
                 self._reads.pop(j, None)  # drained: its memory goes
+
+    def _until_failure(
+        self, first: int, ids: np.ndarray, rows: np.ndarray, sizes: list[int]
+    ) -> None:
+        """A group failed: hand over its batches one by one up to the one that fails (raises)."""
+        start = 0
+        for k, n in enumerate(sizes):
+            part = slice(start, start + n)
+            self._put(self._batches(first + k, ids[part], rows[part], [n]))
+            start += n
 
     def _submit(self, entered: int) -> None:
         """Submit the decodes of every piece that entered the window and a few beyond."""
@@ -333,48 +398,89 @@ class Producer:
             raise _Stopped
         return self._reads[j].result()
 
-    def _batch(self, ids: np.ndarray, rows: np.ndarray) -> Batch:
-        """Copy the rows once, straight from the decoded pieces into the batch.
+    def _batches(
+        self, first_batch: int, ids: np.ndarray, rows: np.ndarray, sizes: list[int]
+    ) -> list[Batch]:
+        """The batches of ``sizes`` rows each, every row copied once from its piece.
 
-        The batch holds the rows of its slice of the order, those of one piece next to each
-        other (in piece order): each piece's rows are one ``np.take`` into the batch.
+        Within a batch, the rows one piece gives sit next to each other (pieces in ascending
+        order in even batches, descending in odd ones, so that runs continue across batch
+        boundaries), so that each run of one piece's rows is one ``take`` into the group's
+        tensors, of which every batch is a slice (text columns cut per batch: a copy of the
+        cut). A group that fails is handed over batch by batch up to the failing one.
         """
         r, n = self._reader, len(ids)
-        order = np.argsort(ids, kind="stable")
-        ids, rows = ids[order], rows[order]
+        bounds = np.cumsum([0, *sizes])
+        if r.shuffle and ids.min() != ids.max():
+            batch = np.repeat(np.arange(len(sizes)), sizes)
+            order = _by_batch_then_piece(ids, batch, first_batch % 2)
+            ids, rows = ids[order], rows[order]
+        first = self._piece(int(ids[0]))
+        out = {
+            name: _empty((n, *v.shape[1:]), v.dtype, r.pin_memory) for name, v in first[0].items()
+        }
+        labels = _empty((n,), first[1].dtype, r.pin_memory)
+        views = [(name, t.numpy()) for name, t in out.items()]
+        label_view = labels.numpy()
+        used = {name: np.empty(n, np.int64) for name in self._pads}
         cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n]
-        runs = []
         for a, b in itertools.pairwise(cuts):
+            cols, y, lengths = self._piece(int(ids[a]))
             local: np.ndarray | slice = rows[a:b]
             if not r.shuffle:  # consecutive rows: a slice
                 local = slice(int(rows[a]), int(rows[b - 1]) + 1)
-            runs.append((self._piece(int(ids[a])), local, a, b))
-        first = runs[0][0]
-        lengths = {
-            name: max(
-                1, max(int(np.max(read[2][name][local], initial=0)) for read, local, _, _ in runs)
-            )
-            for name in self._pads
-        }
-        out = {}
-        for name, v in first[0].items():
-            shape = (n, lengths[name]) if name in lengths else (n, *v.shape[1:])
-            out[name] = _empty(shape, v.dtype, r.pin_memory)
-        labels = _empty((n,), first[1].dtype, r.pin_memory)
-        views = {name: t.numpy() for name, t in out.items()}
-        label_view = labels.numpy()
-        for (cols, y, _), local, a, b in runs:
-            for name, v in cols.items():
-                src = v[:, : lengths[name]] if name in lengths else v
-                _copy(src, local, views[name][a:b])
+            for name, view in views:
+                _copy(cols[name], local, view[a:b])
             _copy(y, local, label_view[a:b])
-        return Batch(out, labels)
+            for name, dst in used.items():
+                dst[a:b] = lengths[name][local]
+        widths = {
+            name: np.maximum(np.maximum.reduceat(u, bounds[:-1]), 1).tolist()
+            for name, u in used.items()
+        }
+        batches = []
+        for k, (a, b) in enumerate(itertools.pairwise(bounds.tolist())):
+            inputs = {name: t[a:b] for name, t in out.items()}
+            for name, w in widths.items():
+                inputs[name] = _cut(inputs[name], w[k], r.pin_memory)
+            batches.append(Batch(inputs, labels[a:b]))
+        return batches
+
+
+def _by_batch_then_piece(ids: np.ndarray, batch: np.ndarray, odd: int) -> np.ndarray:
+    """The stable order of rows by batch, then by piece.
+
+    Pieces ascend in even batches of the epoch and descend in odd ones (``odd``: the parity
+    of batch 0 here), so a piece's rows ending one batch and starting the next are one run.
+    Two radix passes on 16-bit keys when they fit.
+    """
+    key = np.where((batch + odd) % 2 == 1, -ids, ids)
+    if max(int(ids.max()), int(batch[-1])) < 1 << 15:
+        by_piece = np.argsort(key.astype(np.int16), kind="stable")
+        return by_piece[np.argsort(batch[by_piece].astype(np.int16), kind="stable")]
+    return np.lexsort((key, batch))
+
+
+def _cut(ids: torch.Tensor, width: int, pin: bool) -> torch.Tensor:
+    """The first ``width`` positions of ``ids`` ``[B, L]``, contiguous (itself when all of them)."""
+    if width >= ids.shape[1]:
+        return ids
+    return _empty((ids.shape[0], width), ids.numpy().dtype, pin).copy_(ids[:, :width])
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype[Any], pin: bool) -> torch.Tensor:
-    """An uninitialized tensor of ``dtype`` (page-locked when ``pin``: fast async H2D copies)."""
-    kind = torch.from_numpy(np.empty(0, dtype)).dtype
-    return torch.empty(shape, dtype=kind, pin_memory=pin)
+    """An uninitialized tensor of ``dtype``: page-locked when ``pin`` (fast async H2D copies).
+
+    Otherwise from Arrow's memory pool, which keeps freed memory for the next batch: torch's
+    CPU allocator hands large blocks back to the kernel, and page-faulting a fresh 38 MB
+    batch (256 images of 224²) costs 19 ms, half the read (bench/RESULTS.md, Reader).
+    """
+    if pin:
+        kind = torch.from_numpy(np.empty(0, dtype)).dtype
+        return torch.empty(shape, dtype=kind, pin_memory=True)
+    count = int(np.prod(shape))
+    buffer = pa.allocate_buffer(count * dtype.itemsize)
+    return torch.from_numpy(np.frombuffer(buffer, dtype, count).reshape(shape))
 
 
 def _copy(src: np.ndarray, rows: np.ndarray | slice, dst: np.ndarray) -> None:
@@ -382,4 +488,4 @@ def _copy(src: np.ndarray, rows: np.ndarray | slice, dst: np.ndarray) -> None:
     if isinstance(rows, slice):
         dst[...] = src[rows]
     else:
-        np.take(src, rows, axis=0, out=dst, mode="clip")
+        src.take(rows, 0, dst, "clip")

@@ -37,8 +37,9 @@ and enter a window that fills and drains continuously (:class:`pipeline.data.pre
 pieces enter in stream order while the window's pieces hold at most ``S`` rows
 (``shuffle_buffer_rows``, or fewer so that they take at most ``shuffle_buffer_bytes`` of
 input columns — large images —; at least one piece, and always enough rows for the next
-batch); rows are drawn in chunks (up to 1,024 rows, half the window when it is smaller;
-never the batch size, so a batch of 32 holds the rows of two batches of 16) from the pieces
+batch); rows are drawn in chunks (1,024 rows, or about a MiB of inputs when rows are
+smaller than a KiB; at most half the window; never the batch size, so a batch of 32 holds
+the rows of two batches of 16) from the pieces
 in the window at random, in proportion to the rows each has left, each piece giving its rows
 in an order permuted by ``(seed, e, r, piece)``, and each chunk's rows are interleaved at
 random; a drained piece leaves and the next one enters. So a batch mixes
@@ -70,7 +71,11 @@ the rest of the read: ``bench/RESULTS.md``, Reader), a few pieces decoded ahead 
 thread pool, and ``prefetch_batches`` queued batches. Parquet tensor columns of
 ``format_version`` 2 decode into one buffer that numpy views without a copy; a batch's rows
 are copied once, straight from the pieces into the batch's tensors (``pin_memory=True``:
-page-locked, so that ``Tensor.to(cuda, non_blocking=True)`` overlaps the step).
+page-locked, so that ``Tensor.to(cuda, non_blocking=True)`` overlaps the step). Small batches
+(under a MiB or so: a tabular vector, token ids) are made and handed to the consumer in
+groups of up to 64 — one copy per run of a piece's rows and one thread hand-off per group,
+each batch a slice of the group's tensors — so the per-batch cost stays in microseconds;
+``prefetch_batches`` then counts batches rounded up to whole groups.
 
 Resume
 ------
@@ -111,6 +116,8 @@ from pipeline.data.prefetch import (
     Job,
     Piece,
     Producer,
+    chunk_rows,
+    group_batches,
     rng,
 )
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
@@ -209,6 +216,8 @@ class ShardReader:
         # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
         # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
         self._window_rows = max(1, window // batch_size) * batch_size
+        self._chunk_rows = chunk_rows(row_bytes)
+        self._group_batches = group_batches(row_bytes * batch_size, prefetch_batches)
         if self.rows_per_rank == 0 and self.num_rows:
             log.warning(
                 "split %r of %s has %d rows for %d ranks: no steps",
