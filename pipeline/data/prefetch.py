@@ -1,5 +1,7 @@
 """The prefetch thread of :class:`pipeline.data.reader.ShardReader`: an epoch plan → batches.
 
+It knows the reader only through a :class:`Stream` (a piece decoder and a few numbers).
+
 The reader plans which row-group pieces a rank reads in an epoch and in what order (a
 :class:`Job`). A :class:`Producer` thread draws each batch's rows from a window of pieces
 that fills and drains continuously (:class:`Draws`), has the pieces decoded ahead of need by
@@ -16,26 +18,24 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data.shardset import FEATURES_COLUMN as FEATURES
-
-if TYPE_CHECKING:
-    from pipeline.data.reader import ShardReader
+from pipeline.data.batch import Batch
 
 __all__ = [
     "Arrays",
-    "Batch",
     "Draws",
     "Job",
     "Piece",
     "Producer",
+    "Stream",
     "chunk_rows",
     "group_batches",
     "rng",
@@ -53,44 +53,6 @@ _READ_AHEAD: Final = _READ_THREADS + 1  # pieces decoded ahead of the window's n
 
 Arrays = dict[str, np.ndarray]
 """A piece's or window's input columns by name, each ``[n, *shape]``."""
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch: ``inputs`` (name → ``[B, *shape]`` tensor) and ``labels`` ``[B]``, contiguous.
-
-    Inputs keep the dtype and shape the manifest declares for their column: the tabular
-    ``features`` vector float32 ``[B, D]``, arrays as declared, images uint8 ``[B, H, W, C]``
-    (normalization and channels-first happen on the device: :mod:`pipeline.train.inputs`).
-    Text columns are int32 ids ``[B, L]``: ``L`` is the column's ``max_length``, or with the
-    reader's ``text_padding="batch"`` the last non-pad position of the batch's longest row.
-    Labels are int64 class codes for classification and float32 targets for regression.
-    ``Batch(tensor, labels)`` is a batch whose only input is ``features``.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if isinstance(self.inputs, torch.Tensor):
-            object.__setattr__(self, "inputs", {FEATURES: self.inputs})
-
-    @property
-    def features(self) -> torch.Tensor:
-        """The tabular ``features`` input (KeyError naming the inputs when there is none)."""
-        try:
-            return self.inputs[FEATURES]
-        except KeyError:
-            raise KeyError(
-                f"this batch has no {FEATURES!r} input (inputs: {', '.join(self.inputs)})"
-            ) from None
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
-        """A copy of the batch on ``device`` (dtypes and shapes unchanged)."""
-        return Batch(
-            {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()},
-            self.labels.to(device, non_blocking=non_blocking),
-        )
 
 
 # -- the plan of an epoch ---------------------------------------------------------------------
@@ -112,6 +74,25 @@ class Job:
     pieces: tuple[Piece, ...]
     first_batch: int
     batches: int  # how many to produce
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """What a :class:`Producer` needs of its reader: how to decode a piece, and the knobs."""
+
+    name: str  # the prefetch thread's name
+    read: Callable[[Piece], tuple[Arrays, np.ndarray]]  # a piece's inputs and labels
+    rank: int
+    seed: int
+    shuffle: bool
+    batch_size: int
+    rows_per_rank: int
+    window_rows: int  # Draws' window
+    chunk_rows: int  # Draws' chunk (:func:`chunk_rows`)
+    group_batches: int  # batches per hand-off (:func:`group_batches`)
+    prefetch_batches: int
+    pads: Mapping[str, int]  # text columns cut per batch → their pad id
+    pin_memory: bool
 
 
 def rng(*key: int) -> np.random.Generator:
@@ -257,17 +238,15 @@ class Producer:
 
     _END: Final = object()
 
-    def __init__(self, reader: ShardReader, job: Job) -> None:
-        self._reader, self._job = reader, job
-        self._pads: dict[str, int] = {}  # text columns cut per batch → their pad id
-        if reader.text_padding == "batch":
-            self._pads = {c.name: c.pad_id for c in reader.inputs if c.pad_id is not None}
-        self._group = reader._group_batches
-        depth = max(1, -(-reader.prefetch_batches // self._group))
+    def __init__(self, stream: Stream, job: Job) -> None:
+        self._reader, self._job = stream, job
+        self._pads = stream.pads
+        self._group = stream.group_batches
+        depth = max(1, -(-stream.prefetch_batches // self._group))
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._ready: collections.deque[Batch] = collections.deque()  # the consumer's group
         self._stop = threading.Event()
-        name = f"ShardReader-{reader.split}-rank{reader.rank}-epoch{job.epoch}"
+        name = f"{stream.name}-epoch{job.epoch}"
         self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix=f"{name}-read")
         self._reads: dict[int, Future[Read]] = {}  # piece → its decode, until it drains
         self._next_read = 0  # the next piece (stream order) to submit
@@ -336,7 +315,7 @@ class Producer:
         r, job = self._reader, self._job
         sizes = [p.stop - p.start for p in job.pieces]
         key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
-        draws = Draws(sizes, r._window_rows, key, r._chunk_rows)
+        draws = Draws(sizes, r.window_rows, key, r.chunk_rows)
         position = job.first_batch * r.batch_size
         draws.take(position)  # a resume: the draws replayed, nothing read
         # Pieces with rows drawn but not yet taken, those still in the window after the
@@ -384,7 +363,7 @@ class Producer:
 
     def _read(self, piece: Piece) -> Read:
         """Decode a piece (a read-pool thread); text columns: each row's used length."""
-        cols, labels = self._reader._read_piece(piece)
+        cols, labels = self._reader.read(piece)
         used = {}
         for name, pad in self._pads.items():
             mask = cols[name] != pad

@@ -107,15 +107,16 @@ import pyarrow as pa
 import torch
 
 from pipeline.data.arrays import InputColumn, features_to_numpy, input_columns, labels_to_numpy
+from pipeline.data.batch import Batch
 from pipeline.data.formats import RowGroupIndex, format_of
 from pipeline.data.prefetch import (
     PIECE_ORDER,
     SHARD_ORDER,
     Arrays,
-    Batch,
     Job,
     Piece,
     Producer,
+    Stream,
     chunk_rows,
     group_batches,
     rng,
@@ -315,7 +316,7 @@ class ShardReader:
     def _consume(self, job: Job, generation: int) -> Iterator[Batch]:
         # The thread starts on the first next(), so an iterator never advanced leaks nothing.
         self._check_current(generation)
-        producer = self._producer = Producer(self, job)
+        producer = self._producer = Producer(self._stream(), job)
         try:
             while True:
                 self._check_current(generation)
@@ -331,6 +332,26 @@ class ShardReader:
             producer.stop()
             if self._producer is producer:
                 self._producer = None
+
+    def _stream(self) -> Stream:
+        pads = {}
+        if self.text_padding == "batch":
+            pads = {c.name: c.pad_id for c in self.inputs if c.pad_id is not None}
+        return Stream(
+            name=f"ShardReader-{self.split}-rank{self.rank}",
+            read=self._read_piece,
+            rank=self.rank,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            batch_size=self.batch_size,
+            rows_per_rank=self.rows_per_rank,
+            window_rows=self._window_rows,
+            chunk_rows=self._chunk_rows,
+            group_batches=self._group_batches,
+            prefetch_batches=self.prefetch_batches,
+            pads=pads,
+            pin_memory=self.pin_memory,
+        )
 
     def _check_current(self, generation: int) -> None:
         if generation != self._generation:

@@ -7,7 +7,7 @@ driver), which later batches and later tasks in the same reused worker hit; a bu
 rewritten in place gets a new digest, hence a reload. Rows the validation flagged are not run
 through the model; their outputs are null.
 
-A batch's input columns become the training reader's :class:`~pipeline.data.prefetch.Batch`
+A batch's input columns become the training reader's :class:`~pipeline.data.batch.Batch`
 (name → ``[B, *stored shape]`` in the stored dtype: the ``features`` vector and arrays
 float32, images uint8 ``[B, H, W, C]`` from their decoded bytes), which goes through
 :func:`pipeline.train.engine.to_model` with the bundle's recorded inputs (the training
@@ -138,7 +138,7 @@ def _predict_batch(
     import pyarrow.compute as pc
     import torch
 
-    from pipeline.data.prefetch import Batch
+    from pipeline.data.batch import Batch
     from pipeline.train.engine import to_model
 
     ok = pc.is_null(batch.column(job.reason_column)).to_numpy(zero_copy_only=False)

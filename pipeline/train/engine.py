@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.core.compat import DEPRECATION_LOGGER, written_by
 from pipeline.core.configbase import to_dict
-from pipeline.data.prefetch import Batch
+from pipeline.data.batch import Batch
 from pipeline.data.shardset import ShardSet
 from pipeline.train import finetune
 from pipeline.train.checkpoint import CheckpointManager

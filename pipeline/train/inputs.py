@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from pipeline.data.arrays import InputColumn, Normalize, input_columns
+from pipeline.data.batch import Batch
 from pipeline.data.columns import ColumnSpec
-from pipeline.data.prefetch import Batch
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet
 
 __all__ = ["InputSpec", "ModelInput", "ModelInputs"]

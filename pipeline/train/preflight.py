@@ -241,7 +241,7 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
     """
     import torch
 
-    from pipeline.data.prefetch import Batch
+    from pipeline.data.batch import Batch
     from pipeline.train import engine, finetune
     from pipeline.train.models import BuilderError
 

@@ -23,7 +23,7 @@ import yaml
 
 from jobs.cli import main
 from pipeline.data.arrays import tensor_to_numpy
-from pipeline.data.prefetch import Batch
+from pipeline.data.batch import Batch
 from pipeline.data.shardset import SPLITS, ShardSet
 from pipeline.launch.fit import fit
 from pipeline.serve.score import score_table
