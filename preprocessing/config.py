@@ -176,6 +176,14 @@ class ImageConfig:
     image to ``size`` (``Image.resize``), distorting the aspect ratio."""
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     """Pillow resampling filter used by ``resize``."""
+    decode: Literal["exact", "fast"] = "exact"
+    """``exact``: every pixel decoded, then resized (Pillow's own result). ``fast``: a JPEG
+    larger than twice ``size`` is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (Pillow's ``Image.draft``; the largest reduction that still covers ``size`` after
+    ``resize``), then resized as with ``exact``: on JPEG photo tiles 256² → 64², 1.7–1.9×
+    faster per image, mean absolute difference 1.6–2.6 levels of 255 from ``exact``
+    (bench/RESULTS.md, Images). Other formats, and JPEGs under twice ``size``, decode
+    exactly either way. Scoring applies the bundle's setting."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images whose header claims more pixels (width × height) are quarantined
     (``image_too_large``) before any pixel is decoded: decompression-bomb protection."""

@@ -84,6 +84,7 @@ def image_spec(cfg: EtlConfig, column: str) -> ImageSpec:
         resize=img.resize,
         resample=img.resample,
         max_pixels=img.max_pixels,
+        decode=img.decode,
     )
 
 

@@ -98,13 +98,15 @@ def test_digits_folder(spark: Any, tmp_path: Path) -> None:
     np.testing.assert_allclose(norm["std"], [train.std()], rtol=1e-9)
 
 
-@pytest.mark.parametrize("policy", ["crop", "stretch"])
+@pytest.mark.parametrize(
+    ("policy", "decode"), [("crop", "exact"), ("stretch", "exact"), ("crop", "fast")]
+)
 def test_photo_tiles_match_pillow_for_the_resize_policy(
-    spark: Any, tmp_path: Path, policy: str
+    spark: Any, tmp_path: Path, policy: str, decode: str
 ) -> None:
     tiles = images.write_photo_tiles(tmp_path / "tiles")
     cfg = folder_config(
-        tmp_path / "tiles", tmp_path / "out", "string", size=[20, 24], resize=policy
+        tmp_path / "tiles", tmp_path / "out", "string", size=[20, 24], resize=policy, decode=decode
     )
     ss = ShardSet.open(run_etl(spark, cfg).output)
     assert ss.manifest["reconciliation"]["rows_ok"] == len(tiles)
@@ -121,7 +123,11 @@ def test_photo_tiles_match_pillow_for_the_resize_policy(
                 want = ImageOps.fit(rgb, (24, 20), method=Image.Resampling.BILINEAR)
             else:
                 want = rgb.resize((24, 20), Image.Resampling.BILINEAR)
-        np.testing.assert_array_equal(img, np.asarray(want))
+        if decode == "exact":  # Pillow's own pixels
+            np.testing.assert_array_equal(img, np.asarray(want))
+        else:  # 72×48 JPEGs decoded at half scale in the executors: close, not equal
+            diff = np.abs(img.astype(np.int16) - np.asarray(want))
+            assert 0 < diff.mean() < 6, (key, diff.mean())
     norm = ss.column("image")["normalize"]
     assert len(norm["mean"]) == len(norm["std"]) == 3
 
