@@ -42,13 +42,25 @@ def environment() -> str:
     )
 
 
+NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the ``## name`` section of RESULTS.md, leaving the others."""
+    """Replace (or append) the ``## name`` section of RESULTS.md, leaving the others.
+
+    The section's hand-written analysis — what a run means, where the time goes, what
+    changed since earlier runs — lies between ``<!-- notes -->`` and ``<!-- /notes -->``
+    and is kept at the section's end: benchmark history lives in RESULTS.md, not in code.
+    """
     header = f"## {name}"
-    text = f"{header}\n\n{body.strip()}\n"
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(header)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(old):
+    found = pattern.search(old)
+    notes = re.search(
+        rf"{re.escape(NOTES_START)}.*?{re.escape(NOTES_END)}", found.group(0) if found else "", re.S
+    )
+    text = f"{header}\n\n{body.strip()}\n" + (f"\n{notes.group(0)}\n" if notes else "")
+    if found:
         new = pattern.sub(lambda _: text + "\n", old, count=1)
     else:
         new = old.rstrip("\n") + "\n\n" + text

@@ -44,43 +44,10 @@ from bench._common import environment, spark_session, write_section  # noqa: E40
 WORK = REPO / "bench" / "_work"
 SECTION = "Images"
 SIZE = (64, 64)
+DECODE = "exact"  # etl.images.image.decode, and the same policy in the Pillow loop (--decode)
 TILE = 256
 CLASSES = 10
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-NOTES = (
-    "What changed since the first run (0.20×; `read_header_fingerprint` 62.7 s, "
-    "`read_validate_count` 67.9 s, `write_shards` 23.9 s): (1) the input listing and the "
-    "fingerprint are one `pyarrow.fs` recursive listing on the driver instead of several Py4J "
-    "calls per file (`preprocessing/read/listing.py`; also what Spark Connect needs); (2) the "
-    "`image_folder` rows come from that listing and the decoder reads each file itself, "
-    "instead of Spark's `binaryFile` source, which cost about 2 ms per file in the JVM and "
-    "sent every file's bytes to the Python worker and back (on 4,000 tiles, summing the "
-    "`binaryFile` lengths alone took 9 s, the path rows 1.2 s); (3) the decoder writes a "
-    "batch's pixels into one buffer that becomes the Arrow column without a copy and computes "
-    "the channel sums for a whole batch at once (they were 0.3 ms per image), and the encoded "
-    "bytes of good rows no longer travel back to the JVM. Each image is decoded once (the "
-    "validated rows, pixels included, are cached for the statistics and the shard write). "
-    "The resize policy is unchanged (full decode, `ImageOps.fit`, bilinear), so the Pillow "
-    "baseline is the same loop as before. Where the time still goes: the decode pass is "
-    "Pillow-bound — py-spy on the two Python workers during it: 58% of samples in Pillow's "
-    "JPEG decode and resize, 4% waiting for the JVM — and the two workers share the 2 cores "
-    "with the JVM's per-row work (Arrow → rows, the cache, the tally) and, here, with other "
-    "jobs (load average 5–8), which takes more from a 2-process pipeline than from a "
-    "1-process loop; `write_shards` moves every 12 KB row through "
-    "Spark's shuffle and sort and Arrow once more, and Parquet's dictionary encoding of the "
-    "`fixed_size_list<uint8>` column costs about 0.4 ms per image (measured on one 2,000-row "
-    "shard; without the dictionary the file doubles, uint8 being stored as int32)."
-)
-READER_NOTES = (
-    "What changed since the first run (0.57× shuffled, 0.65× in order): the reader "
-    "concatenated a whole shuffle window (here the whole split: the 1 GiB "
-    "`shuffle_buffer_bytes` holds 87,000 rows of 12 KB) and then permuted it as a whole "
-    "before the first batch, two copies of every row that cost as much as decoding the "
-    "Parquet; each batch is now copied once, straight from the decoded row groups "
-    "(`np.take`, or a slice in order). Timed inside the reader, nearly all of a shuffled "
-    "epoch is now spent waiting for the row groups to be read: a shuffled window needs every one of its row groups before "
-    "its first batch, so reading cannot overlap batching, while in order it streams."
-)
 
 
 def make_tiles(root: Path, n: int, seed: int = 0) -> Path:
@@ -128,7 +95,9 @@ def etl_config(raw: Path, out: Path):  # type: ignore[no-untyped-def]
             "schema": {"path": "string", "label": "int", "image": "binary"},
             "key": "path",
             "label": "label",
-            "images": {"image": {"size": list(SIZE), "channels": "RGB", "resize": "crop"}},
+            "images": {
+                "image": {"size": list(SIZE), "channels": "RGB", "resize": "crop", "decode": DECODE}
+            },
             "output": str(out),
         }
     )
@@ -152,6 +121,8 @@ def run_pillow(raw: Path, out: Path) -> float:
             continue
         for name in sorted(os.listdir(folder)):
             with Image.open(folder / name) as img:
+                if DECODE == "fast":  # what a user writes for Pillow's DCT-domain downscale
+                    img.draft("RGB", (SIZE[1], SIZE[0]))
                 rgb = img.convert("RGB")
             fitted = ImageOps.fit(rgb, (SIZE[1], SIZE[0]), Image.Resampling.BILINEAR)
             pixels.append(np.asarray(fitted))
@@ -194,8 +165,11 @@ def run_baseline(paths: list[str]) -> int:
     rows = 0
     for path in paths:
         table = pq.read_table(path, columns=["image", "label"])
-        for chunk in table.column("image").chunks:
-            pix = torch.from_numpy(chunk.flatten().to_numpy().reshape(-1, SIZE[0], SIZE[1], 3))
+        for chunk in table.column("image").chunks:  # fixed_size_binary: the bytes as they lie
+            flat = np.frombuffer(
+                chunk.buffers()[1], np.uint8, count=len(chunk) * SIZE[0] * SIZE[1] * 3
+            )
+            pix = torch.from_numpy(flat.reshape(-1, SIZE[0], SIZE[1], 3))
             rows += pix.shape[0]
         for chunk in table.column("label").chunks:
             torch.from_numpy(chunk.to_numpy())
@@ -274,11 +248,36 @@ def bench_bytes(uri: str, sample: int = 1000) -> dict[str, float]:
     }
 
 
-def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load: tuple) -> str:  # type: ignore[type-arg]
+def etl_rows(n: int, policy: str, etl: dict) -> list[str]:  # type: ignore[type-arg]
+    """Section a's table rows and verdict for one decode policy."""
     ratio = statistics.median(etl["ratios"])
     etl_rate = [n / s for s in etl["etl"]]
     pil_rate = [n / s for s in etl["pillow"]]
     phase_names = list(etl["phases"][0])
+    return [
+        f"**decode: {policy}**",
+        "",
+        "| path | images/s (median) | min | max | images/s per core | seconds (median) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| Pillow loop, 1 process | {statistics.median(pil_rate):,.0f} | {min(pil_rate):,.0f} | "
+        f"{max(pil_rate):,.0f} | {statistics.median(pil_rate):,.0f} | "
+        f"{statistics.median(etl['pillow']):.1f} |",
+        f"| ETL, local[2] | {statistics.median(etl_rate):,.0f} | {min(etl_rate):,.0f} | "
+        f"{max(etl_rate):,.0f} | {statistics.median(etl_rate) / 2:,.0f} | "
+        f"{statistics.median(etl['etl']):.1f} |",
+        "",
+        f"Per-pair ratios: {', '.join(f'{r:.2f}' for r in etl['ratios'])}. "
+        f"**ETL / Pillow = {ratio:.2f}× (target ≥ 1.6×: {'met' if ratio >= 1.6 else 'NOT met'})**. "
+        "ETL phases (s, median): "
+        + ", ".join(
+            f"{k} {statistics.median(p[k] for p in etl['phases']):.1f}" for k in phase_names
+        )
+        + ".",
+        "",
+    ]
+
+
+def report(args: argparse.Namespace, n: int, etls: dict, rd: dict, by: dict, load: tuple) -> str:  # type: ignore[type-arg]
     raw = SIZE[0] * SIZE[1] * 3
     base = rd["baseline"]
     rr = {k: statistics.median(v / b for v, b in zip(rd[k], base, strict=True)) for k in rd}
@@ -286,7 +285,8 @@ def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load
         "" if n >= 20000 else f" ({n:,} rather than 20,000 files: the machine is shared and loaded)"
     )
     lines = [
-        f"`python bench/images.py --images {n} --pairs {args.pairs} --repeats {args.repeats}`.",
+        f"`python bench/images.py --images {n} --pairs {args.pairs} --repeats {args.repeats} "
+        f"--decode {args.decode}`.",
         "",
         "### a. Image ETL throughput",
         "",
@@ -298,29 +298,14 @@ def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load
         "statistics, 8 balanced shards per split, manifest), one SparkSession warmed by a "
         "200-image ETL before the clock. **Pillow**: one Python process, for each file `open → "
         "convert('RGB') → ImageOps.fit((64, 64), BILINEAR)`, then one `np.save` of the stacked "
-        "[N, 64, 64, 3] array (and one of the labels). Alternating (order swapped every pair), "
-        f"{args.pairs} pairs; ratio = ETL images/s ÷ Pillow images/s, median of the pairs. "
-        "Target ≥ 1.6×.",
+        "[N, 64, 64, 3] array (and one of the labels). Each decode policy on both sides: "
+        "`etl.images.image.decode: fast` in the ETL, `img.draft('RGB', (64, 64))` before "
+        "`convert` in the loop (what a Pillow user writes for the same DCT-domain downscale). "
+        f"Alternating (order swapped every pair), {args.pairs} pairs; ratio = ETL images/s ÷ "
+        "Pillow images/s, median of the pairs. Target ≥ 1.6×. Per core: the ETL's figure over "
+        "the 2 cores of `local[2]`, the loop's over its one.",
         "",
-        "| path | images/s (median) | min | max | seconds (median) |",
-        "|---|---:|---:|---:|---:|",
-        f"| Pillow loop, 1 process | {statistics.median(pil_rate):,.0f} | {min(pil_rate):,.0f} | "
-        f"{max(pil_rate):,.0f} | {statistics.median(etl['pillow']):.1f} |",
-        f"| ETL, local[2] | {statistics.median(etl_rate):,.0f} | {min(etl_rate):,.0f} | "
-        f"{max(etl_rate):,.0f} | {statistics.median(etl['etl']):.1f} |",
-        "",
-        f"Per-pair ratios: {', '.join(f'{r:.2f}' for r in etl['ratios'])}. "
-        f"**ETL / Pillow = {ratio:.2f}× (target ≥ 1.6×: {'met' if ratio >= 1.6 else 'NOT met'})**.",
-        "",
-        "ETL phases (s, median over the runs, as `run_etl` reports them):",
-        "",
-        "| " + " | ".join(phase_names) + " |",
-        "|" + "---:|" * len(phase_names),
-        "| "
-        + " | ".join(f"{statistics.median(p[k] for p in etl['phases']):.1f}" for k in phase_names)
-        + " |",
-        "",
-        NOTES,
+        *(line for policy, etl in etls.items() for line in etl_rows(n, policy, etl)),
         "",
         "### b. Reader throughput on the image shards",
         "",
@@ -345,8 +330,6 @@ def report(args: argparse.Namespace, n: int, etl: dict, rd: dict, by: dict, load
             f"{rr[key]:.2f}× | {met} |"
         )
     lines += [
-        "",
-        READER_NOTES,
         "",
         "### c. Bytes on disk per image",
         "",
@@ -375,11 +358,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode", default="exact,fast", help="decode policies, in turn")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
+    global DECODE  # the policy both sides use (etl_config, run_pillow)
     raw = make_tiles(WORK / f"images-{args.images}", args.images)
     load_before = os.getloadavg()[0]
-    etl = bench_etl(raw, args.images, args.pairs)
+    etl = {}
+    for DECODE in args.decode.split(","):
+        etl[DECODE] = bench_etl(raw, args.images, args.pairs)
     uri = str(WORK / "images-etl-out")
     rd = bench_reader(uri, args.repeats)
     by = bench_bytes(uri)
