@@ -175,20 +175,26 @@ def input_columns(shards: ShardSet) -> tuple[InputColumn, ...]:
 
 
 def tensor_to_numpy(
-    column: pa.ChunkedArray | pa.Array, spec: ColumnSpec, *, where: str = ""
+    column: pa.ChunkedArray | pa.Array,
+    spec: ColumnSpec,
+    *,
+    where: str = "",
+    source: str = "the manifest",
 ) -> np.ndarray:
     """A tensor column as an ``[N, *spec.shape]`` array of ``spec``'s dtype.
 
     The column is in either layout of :func:`~pipeline.data.columns.arrow_type` — a
     ``fixed_size_binary`` of the row's little-endian bytes (``format_version`` 2) or a
     ``fixed_size_list`` (version 1) — or a regular ``list`` (as Spark writes vectors) with
-    exactly ``spec.size`` values per row. Zero-copy for a single chunk of values of that
+    exactly ``spec.size`` values per row, or ``binary`` with exactly the row's bytes per row
+    (as Spark holds decoded image pixels). Zero-copy for a single chunk of values of that
     dtype (the result is then a read-only view of the Arrow buffer); several chunks are
     concatenated once, other number types are cast once. Slice offsets are honoured.
-    ``where`` (e.g. the file) prefixes error messages.
+    ``where`` (e.g. the file) prefixes error messages, ``source`` names where ``spec`` comes
+    from in them (``"the model"`` when scoring).
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [_chunk_tensor(c, spec, where) for c in chunks if len(c)]
+    parts = [_chunk_tensor(c, spec, where, source) for c in chunks if len(c)]
     if not parts:
         return np.empty((0, *spec.shape), spec.numpy_dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -214,17 +220,17 @@ def labels_to_numpy(
     return out
 
 
-def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
+def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str, source: str) -> np.ndarray:
     kind, name, size = arr.type, spec.name, spec.size
     if arr.null_count:
         raise ShardSetError(f"{where}: column {name!r} has {arr.null_count} null rows")
-    if pa.types.is_fixed_size_binary(kind):
-        return _binary_tensor(arr, spec, where)
+    if _is_binary(kind):
+        return _binary_tensor(arr, spec, where, source)
     if pa.types.is_fixed_size_list(kind):
         if kind.list_size != size:
             raise ShardSetError(
                 f"{where}: column {name!r} has vectors of {kind.list_size} values, "
-                f"the manifest says {size}"
+                f"{source} says {size}"
             )
     elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
         lengths = np.diff(arr.offsets.to_numpy())
@@ -232,7 +238,7 @@ def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
             bad = int(np.flatnonzero(lengths != size)[0])
             raise ShardSetError(
                 f"{where}: column {name!r} row {bad} has {lengths[bad]} values, "
-                f"the manifest says {size}"
+                f"{source} says {size}"
             )
     else:
         what = "floats" if spec.numpy_dtype.kind == "f" else "numbers"
@@ -249,17 +255,40 @@ def _chunk_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
     return flat.reshape(len(arr), *spec.shape)
 
 
-def _binary_tensor(arr: pa.Array, spec: ColumnSpec, where: str) -> np.ndarray:
-    """A ``fixed_size_binary`` chunk as ``[n, *shape]``: a view of its data buffer."""
+def _is_binary(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    )
+
+
+def _binary_tensor(arr: pa.Array, spec: ColumnSpec, where: str, source: str) -> np.ndarray:
+    """A binary chunk of the rows' little-endian bytes as ``[n, *shape]``: a view of its data.
+
+    ``fixed_size_binary`` of the row's width, or ``binary`` / ``large_binary`` whose every
+    value has exactly that many bytes.
+    """
     dtype = spec.numpy_dtype.newbyteorder("<")
     width = spec.size * dtype.itemsize
-    if arr.type.byte_width != width:
-        raise ShardSetError(
-            f"{where}: column {spec.name!r} has values of {arr.type.byte_width} bytes, the "
-            f"manifest's {spec.dtype} {list(spec.shape)} takes {width}"
-        )
-    data = arr.buffers()[1]
-    flat = np.frombuffer(data, dtype, count=len(arr) * spec.size, offset=arr.offset * width)
+    takes = f"{source}'s {spec.dtype} {list(spec.shape)} takes {width}"
+    if pa.types.is_fixed_size_binary(arr.type):
+        if arr.type.byte_width != width:
+            raise ShardSetError(
+                f"{where}: column {spec.name!r} has values of {arr.type.byte_width} bytes, {takes}"
+            )
+        data, start = arr.buffers()[1], arr.offset * width
+    else:
+        kind = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+        offsets = np.frombuffer(arr.buffers()[1], kind)[arr.offset : arr.offset + len(arr) + 1]
+        lengths = np.diff(offsets)
+        if (lengths != width).any():
+            bad = int(np.flatnonzero(lengths != width)[0])
+            raise ShardSetError(
+                f"{where}: column {spec.name!r} row {bad} has {lengths[bad]} bytes, {takes}"
+            )
+        data, start = arr.buffers()[2], int(offsets[0])
+    flat = np.frombuffer(data, dtype, count=len(arr) * spec.size, offset=start)
     return flat.astype(spec.numpy_dtype, copy=False).reshape(len(arr), *spec.shape)
 
 

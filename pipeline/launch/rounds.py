@@ -34,7 +34,7 @@ from pipeline.train import bundle, engine
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import ResumeError
-from pipeline.train.metrics import EvalSums
+from pipeline.train.metrics import evaluate
 from pipeline.train.modes.average import (
     MODEL_PREFIX,
     OPTIMIZER_PREFIX,
@@ -437,20 +437,18 @@ class _Driver:
         )
         raise error
 
-    @torch.no_grad()
     def _evaluate(self) -> dict[str, float | None]:
         """Loss and accuracy / RMSE of the global model on the whole val split."""
-        sums = EvalSums(self.shards.task)
-        if self.val is None:
-            return sums.result(prefix="val_")
-        self.model.load_state_dict(self.weights)
-        self.model.eval()
-        self.val.set_epoch(0)
-        for batch in self.val:
-            if batch.labels.shape[0]:
-                x, y = engine.to_model(self.inputs, batch, _CPU)
-                with engine.autocast(self.cfg, _CPU):
-                    sums.add(self.model(x), y)
+        if self.val is not None:
+            self.model.load_state_dict(self.weights)
+        sums = evaluate(
+            self.model,
+            self.val,
+            self.inputs,
+            self.shards.task,
+            device=_CPU,
+            autocast=engine.autocast(self.cfg, _CPU),
+        )
         return sums.result(prefix="val_")
 
     def _checkpoint(self) -> None:

@@ -2,9 +2,9 @@
 
 Runs in one process without Spark or a process group: the bundle loads from safetensors,
 the split streams through the same :class:`~pipeline.data.reader.ShardReader` as training,
-and batches reach the model through the training engine's
-:func:`~pipeline.train.engine.to_model` with the input columns and normalization recorded in
-the bundle (:attr:`~pipeline.train.bundle.LoadedBundle.inputs`). The shard set must hold
+and the training run's own evaluation pass (:func:`pipeline.train.metrics.evaluate`) puts
+the batches through the training engine's :func:`~pipeline.train.engine.to_model` with the
+input columns and normalization recorded in the bundle (:attr:`~pipeline.train.bundle.LoadedBundle.inputs`). The shard set must hold
 those columns with the same dtypes and sizes (an old bundle: a ``features`` vector of as many
 values as its ``input_shape`` has elements, whatever that shape's layout).
 """
@@ -14,16 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import ShardSet
-from pipeline.train import engine
 from pipeline.train.bundle import BundleError, load_bundle
 from pipeline.train.inputs import ModelInputs
-from pipeline.train.metrics import EvalSums
-
-_CPU = torch.device("cpu")
+from pipeline.train.metrics import evaluate
 
 __all__ = ["evaluate_bundle"]
 
@@ -38,12 +33,9 @@ def evaluate_bundle(
     shards = ShardSet.open(uri)
     inputs = bundle.inputs
     _check_compatible(bundle.spec, inputs, shards, bundle_uri)
-    sums = EvalSums(bundle.spec["task"])
     reader = ShardReader(shards, split, rank=0, world_size=1, batch_size=batch_size, shuffle=False)
-    with reader, torch.inference_mode():
-        for batch in reader:
-            x, y = engine.to_model(inputs, batch, _CPU)
-            sums.add(bundle.model(x), y)
+    with reader:
+        sums = evaluate(bundle.model, reader, inputs, bundle.spec["task"], inference=True)
     return {
         "bundle": bundle_uri,
         "dataset": uri,

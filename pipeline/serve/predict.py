@@ -173,29 +173,23 @@ def _tensor(values: pa.Array, column: ModelInput, job: PredictJob) -> torch.Tens
     """``[rows, *stored shape]`` in the stored dtype, from one input column of a batch.
 
     ``list<float>`` (the ``features`` vector, arrays) or, for an image, the decoded pixels as
-    ``binary`` (``H * W * C`` bytes a row).
+    ``binary`` (``H * W * C`` bytes a row), read as the training reader reads shards
+    (:func:`pipeline.data.arrays.tensor_to_numpy`, every row checked); a row that does not
+    fit is a :class:`~pipeline.train.bundle.BundleError` naming the bundle, column and row.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import torch
 
+    from pipeline.data.arrays import tensor_to_numpy
+    from pipeline.data.shardset import ShardSetError
     from pipeline.train.bundle import BundleError
 
-    spec = column.column.spec
-    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
-        flat = np.frombuffer(b"".join(values.to_pylist()), dtype=np.uint8)
-    else:
-        flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
-    flat = flat.astype(spec.numpy_dtype, copy=False)
+    try:
+        flat = tensor_to_numpy(values, column.column.spec, where=job.uri, source="the network")
+    except ShardSetError as e:
+        raise BundleError(str(e)) from None
     if not flat.flags.writeable:  # a view of Arrow's buffer; torch wants writable memory
         flat = flat.copy()
-    if flat.size != len(values) * spec.size:
-        raise BundleError(
-            f"{job.uri}: column {spec.name!r} holds {flat.size} values for {len(values)} rows, "
-            f"but the network takes {spec.size} ({spec.dtype} {list(spec.shape)}) per row"
-        )
-    return torch.from_numpy(flat.reshape(len(values), *spec.shape))
+    return torch.from_numpy(flat)
 
 
 def _list_array(probs: np.ndarray, ok: np.ndarray) -> pa.Array:

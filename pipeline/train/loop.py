@@ -42,7 +42,7 @@ from pipeline.train.checkpoint import CheckpointManager, capture_rng_state, rest
 from pipeline.train.collectives import Collectives, SingleProcess, init_process_group
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import ResumeError
-from pipeline.train.metrics import EvalSums, loss_fn
+from pipeline.train.metrics import evaluate, loss_fn
 from pipeline.train.optim import build_scheduler
 from pipeline.train.preflight import check_training_data, resolve_defaults
 from pipeline.train.registry import BarrierMode, WrapContext, get_mode, register_mode
@@ -391,22 +391,17 @@ class _Trainer:
         return total / rows if rows > 0 else float("nan")
 
     # -- evaluation ------------------------------------------------------------
-    @torch.no_grad()
     def _evaluate(self) -> dict[str, float | None]:
         """Validation loss and accuracy (classification) or RMSE (regression), all ranks."""
-        if self.val_reader is None:
-            return EvalSums(self.shards.task).result(prefix="val_")
-        self.module.eval()
-        sums = EvalSums(self.shards.task, self.device)
-        self.val_reader.set_epoch(0)
-        for batch in self.val_reader:
-            x, y = engine.to_model(self.inputs, batch, self.device)
-            if y.shape[0] == 0:
-                continue
-            with self.autocast:
-                sums.add(self.module(x), y)
-        self.module.train()
-        self.comm.all_reduce(sums.values)
+        sums = evaluate(
+            self.module,
+            self.val_reader,
+            self.inputs,
+            self.shards.task,
+            device=self.device,
+            autocast=self.autocast,
+            reduce=self.comm.all_reduce,
+        )
         return sums.result(prefix="val_")
 
     # -- reporting and output --------------------------------------------------

@@ -236,6 +236,25 @@ def test_tensor_columns_use_the_spec_type_both_ways() -> None:
         to_shard_batch(short, schema)
 
 
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
+def test_binary_rows_of_exactly_the_rows_bytes_are_a_tensor(kind: pa.DataType) -> None:
+    """Decoded image pixels as Spark holds them (scoring's input): bytes a row, sliced too."""
+    pixels = np.arange(5 * 12, dtype=np.uint8).reshape(5, 2, 2, 3)
+    column = pa.array([row.tobytes() for row in pixels], kind)
+    image = ColumnSpec("image", "uint8", (2, 2, 3))
+    assert tensor_to_numpy(column, image).tolist() == pixels.tolist()
+    assert tensor_to_numpy(column.slice(2, 3), image).tolist() == pixels[2:].tolist()
+    floats = np.linspace(-1, 1, 6, dtype="<f4").reshape(2, 3)
+    wide = pa.array([row.tobytes() for row in floats], kind)
+    assert tensor_to_numpy(wide, ColumnSpec("v", "float32", (3,))).tolist() == floats.tolist()
+    ragged = pa.array([b"\0" * 12, b"\0" * 12, b"\0" * 11], kind)
+    with pytest.raises(
+        ShardSetError,
+        match=r"^m: column 'image' row 1 has 11 bytes, the model's uint8 \[2, 2, 3\] takes 12$",
+    ):
+        tensor_to_numpy(ragged.slice(1), image, where="m", source="the model")
+
+
 # -- tensor columns: named columns of any dtype, both formats ----------------------------------
 TENSORS = (
     ColumnSpec("emb", "float32", (2, 2)),

@@ -8,6 +8,7 @@ input spec and builders, bundles that record their inputs, and ``evaluate`` on t
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,28 @@ def test_evaluate_uses_the_bundles_inputs_on_an_image_and_tabular_set(
     plain = make_shardset(tmp_path / "plain", rows_per_shard={"val": [10]})
     with pytest.raises(BundleError, match="no column 'image'"):
         evaluate_bundle(uri, plain, split="val")
+
+
+def test_scoring_reads_spark_columns_as_the_reader_does_and_names_a_bad_row(tensors: str) -> None:
+    """Scoring's input columns (image pixels as binary, arrays as list<double>) → stored tensors."""
+    import pyarrow as pa
+
+    from pipeline.serve.predict import PredictJob, _tensor
+
+    columns = ModelInputs.from_shards(ShardSet.open(tensors)).columns
+    image, arr = (c for c in columns if c.name != "features")
+    job = PredictJob("mem://bundle", "sha", "classification", ("image", "arr"), 8, "reason", None)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about a read-only view of Arrow's buffer
+        got = _tensor(pa.array([p.tobytes() for p in pixels], pa.binary()), image, job)
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(pixels))
+    values = np.arange(18, dtype=np.float64).reshape(3, 6)
+    got = _tensor(pa.array(list(values), pa.list_(pa.float64())), arr, job)
+    assert got.dtype == torch.float32 and got.tolist() == values.reshape(3, 2, 3).tolist()
+    with pytest.raises(
+        BundleError, match=r"^mem://bundle: column 'arr' row 1 has 5 values, the network says 6$"
+    ):
+        _tensor(pa.array([[0.0] * 6, [0.0] * 5]), arr, job)
+    with pytest.raises(BundleError, match=r"column 'image' row 0 has 59 bytes, the network's"):
+        _tensor(pa.array([b"\0" * 59]), image, job)

@@ -199,3 +199,37 @@ def test_register_mode_replacing_a_taken_name_needs_replace(
             assert registry.get_mode("extra-unit-test") is first
     assert not caplog.records
     assert "extra-unit-test" not in registry.mode_names()
+
+
+def test_evaluate_runs_the_split_in_eval_mode_restores_the_mode_and_reduces_once(
+    tmp_path: Path,
+) -> None:
+    from pipeline.data.reader import ShardReader
+    from pipeline.train.inputs import ModelInputs
+    from pipeline.train.metrics import EvalSums, evaluate
+    from tests.shards import make_shardset
+
+    uri = make_shardset(tmp_path / "set", rows_per_shard={"train": [8], "val": [37, 0, 20]})
+    shards = ShardSet.open(uri)
+    inputs = ModelInputs.from_shards(shards)
+    torch.manual_seed(0)
+    model = mlp(input_shape=(8,), num_outputs=2, hidden=(16,), dropout=0.5)
+    expected = EvalSums("classification")
+    with ShardReader(shards, "val", rank=0, world_size=1, batch_size=16, shuffle=False) as reader:
+        model.eval()
+        with torch.no_grad():
+            for batch in reader:  # dropout off: eval mode, whatever the model came in
+                expected.add(model(batch.features), batch.labels)
+        reduced: list[torch.Tensor] = []
+        for training, inference in ((True, False), (False, True)):
+            model.train(training)
+            sums = evaluate(
+                model, reader, inputs, "classification", reduce=reduced.append, inference=inference
+            )
+            assert model.training is training and not sums.values.requires_grad
+            assert torch.equal(sums.values, expected.values) and sums.values[2] == 57
+            assert reduced[-1] is sums.values
+        assert len(reduced) == 2
+    empty = evaluate(model, None, inputs, "regression", reduce=reduced.append)
+    assert empty.result(prefix="val_") == {"val_loss": None, "val_rmse": None}
+    assert len(reduced) == 2  # no split, nothing to reduce
