@@ -323,6 +323,8 @@ def test_cli_score_formats_and_errors(
     assert len(err.splitlines()) == 1
     rc, _, err = cli("--input", str(tmp_path / "none"), "--output", str(out))
     assert rc == 2 and "'--input'" in err and str(tmp_path / "none") in err
+    rc, _, err = cli("--input", "no_such_view", "--output", str(out), "--format", "table")
+    assert rc == 2 and "'--input'" in err and "no_such_view" in err
     rc, _, err = cli("--input", str(pq_in), "--output", str(pq_in))
     assert rc == 2 and "'--output'" in err
     no_f3 = tmp_path / "no-f3"
