@@ -24,11 +24,10 @@ The result keeps every input column unchanged and adds ``prediction`` (classific
 class in the label's original values and type, e.g. ``0``/``1`` or ``"cat"``; regression: a
 double), ``probability`` (classification only: ``array<float>``, one entry per class in the
 order of ``model.json``'s ``classes``), ``score_error`` and ``score_error_column``. A row the
-ETL would quarantine for a feature reason (``malformed_record``, ``repeated_header``,
-``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``,
-``array_missing``, ``array_invalid``, ``image_missing``, ``image_unreadable``,
-``image_invalid``, ``image_too_large``, ``text_missing``, ``text_too_long``,
-``text_invalid``: same codes, same priority) gets a null prediction and the reason instead of failing the job.
+ETL would quarantine for a reason that scoring checks (those of
+:data:`preprocessing.read.reasons.REASONS` whose ``scored`` is true: every reason but the key's
+and the label's; same codes, same priority) gets a null prediction and the reason instead of
+failing the job.
 
 The ``etl`` section that built the training data comes from ``model.json`` (written there by
 training); bundles from before it was recorded fall back to the manifest of the shard set
