@@ -40,6 +40,7 @@ lint: $(STAMP)
 # Regenerate the README's config reference from the config dataclasses.
 docs: $(STAMP)
 	$(BIN)/python -m jobs.configref --write README.md
+	$(BIN)/python -m jobs.reasonsref --write README.md
 
 # Rebuild tests/compat/fixtures with the code of earlier releases (git worktrees under /tmp).
 compat-fixtures: $(STAMP)

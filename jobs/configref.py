@@ -32,7 +32,7 @@ from pipeline.core.configbase import to_dict
 from pipeline.train.config import TrainConfig
 from preprocessing.config import EtlConfig
 
-__all__ = ["END", "START", "keys", "main", "reference", "splice"]
+__all__ = ["END", "START", "keys", "main", "reference", "splice", "write_or_check"]
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -127,32 +127,52 @@ def reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def splice(text: str, generated: str) -> str:
+def splice(text: str, generated: str, start_marker: str = START, end_marker: str = END) -> str:
     """``text`` with the part between the markers replaced by ``generated``."""
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"the markers {START} ... {END} are missing")
-    return text[: start + len(START)] + "\n\n" + generated + "\n" + text[end:]
+        raise ValueError(f"the markers {start_marker} ... {end_marker} are missing")
+    return text[: start + len(start_marker)] + "\n\n" + generated + "\n" + text[end:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write or check the reference in a Markdown file; 1 when ``--check`` finds it stale."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.configref", description=__doc__)
+    return write_or_check(
+        argv,
+        prog="python -m jobs.configref",
+        description=__doc__,
+        generated=reference(),
+        markers=(START, END),
+        what="the config reference",
+    )
+
+
+def write_or_check(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    generated: str,
+    markers: tuple[str, str],
+    what: str,
+) -> int:
+    """The ``--write`` / ``--check MARKDOWN`` command of a generated README section.
+
+    Returns 1 when ``--check`` finds the part between ``markers`` differing from ``generated``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="rewrite the reference in place")
+    mode.add_argument("--write", action="store_true", help="rewrite the section in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if it is out of date")
     parser.add_argument("markdown", type=Path)
     args = parser.parse_args(argv)
     text = args.markdown.read_text(encoding="utf-8")
-    updated = splice(text, reference())
+    updated = splice(text, generated, *markers)
     if args.write:
         args.markdown.write_text(updated, encoding="utf-8")
         return 0
     if updated != text:
-        print(
-            f"{args.markdown}: the config reference is out of date; run `make docs`",
-            file=sys.stderr,
-        )
+        print(f"{args.markdown}: {what} is out of date; run `make docs`", file=sys.stderr)
         return 1
     return 0
 

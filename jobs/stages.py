@@ -89,15 +89,15 @@ def _connect_session(url: str, cfg: Config) -> SparkSession:
 
 
 def with_input_errors(fn: Callable[[], T]) -> T:
-    """Turn Spark's 'path does not exist' into a config error naming ``etl.input.path``."""
-    from pyspark.errors import AnalysisException  # lazy: see the module docstring
+    """``fn()``, a missing input (path or table) a config error naming ``etl.input.path``.
 
-    try:
+    See :func:`preprocessing.read.missing_input_as_config_error`; the whole stage is covered,
+    since under Spark Connect a missing path may surface only when the plan runs.
+    """
+    from preprocessing.read import missing_input_as_config_error  # lazy: imports pyspark
+
+    with missing_input_as_config_error("etl.input.path"):
         return fn()
-    except AnalysisException as e:
-        if getattr(e, "getCondition", lambda: None)() == "PATH_NOT_FOUND":
-            raise ConfigError("etl.input.path", str(e).splitlines()[0]) from e
-        raise
 
 
 def run_etl_stage(spark: SparkSession, cfg: EtlConfig, *, force: bool) -> EtlResult:

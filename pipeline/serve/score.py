@@ -24,11 +24,10 @@ The result keeps every input column unchanged and adds ``prediction`` (classific
 class in the label's original values and type, e.g. ``0``/``1`` or ``"cat"``; regression: a
 double), ``probability`` (classification only: ``array<float>``, one entry per class in the
 order of ``model.json``'s ``classes``), ``score_error`` and ``score_error_column``. A row the
-ETL would quarantine for a feature reason (``malformed_record``, ``repeated_header``,
-``value_invalid``, ``value_out_of_range``, ``value_not_finite``, ``value_missing``,
-``array_missing``, ``array_invalid``, ``image_missing``, ``image_unreadable``,
-``image_invalid``, ``image_too_large``, ``text_missing``, ``text_too_long``,
-``text_invalid``: same codes, same priority) gets a null prediction and the reason instead of failing the job.
+ETL would quarantine for a reason that scoring checks (those of
+:data:`preprocessing.read.reasons.REASONS` whose ``scored`` is true: every reason but the key's
+and the label's; same codes, same priority) gets a null prediction and the reason instead of
+failing the job.
 
 The ``etl`` section that built the training data comes from ``model.json`` (written there by
 training); bundles from before it was recorded fall back to the manifest of the shard set
@@ -52,7 +51,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -399,7 +398,7 @@ def score_table(
     ``--model`` / ``--input``.
     """
     from pipeline.train.bundle import require_bundle
-    from preprocessing.read import CORRUPT, SOURCE, read_raw
+    from preprocessing.read import CORRUPT, SOURCE, missing_input_as_config_error, read_raw
 
     require_driver("pipeline.serve.score.score_table")
     started = time.monotonic()
@@ -407,13 +406,15 @@ def score_table(
     _check_output(input, output)
     opened = _open_bundle(bundle)
     cfg = _input_config(opened.etl, input, fmt)
-    raw = _with_missing_input(lambda: read_raw(spark, cfg, for_scoring=True, source="--input"))
-    raw = dataclasses.replace(raw, df=raw.df.drop(SOURCE))
-    # An image folder's rows are (path, folder, bytes): the bytes are not copied to the output.
-    images = set(cfg.images) if cfg.input.format == "image_folder" else set()
-    keep = [c for c in raw.df.columns if c != CORRUPT and c not in images]
     counter = None if is_connect(spark) else spark.sparkContext.accumulator(0)
-    scored = _score_raw(spark, raw, opened, keep, batch_size, counter)
+    # not just the read: under Spark Connect a missing input surfaces when the plan is analysed
+    with missing_input_as_config_error("--input"):
+        raw = read_raw(spark, cfg, for_scoring=True, source="--input")
+        raw = dataclasses.replace(raw, df=raw.df.drop(SOURCE))
+        # An image folder's rows are (path, folder, bytes): the bytes are not copied out.
+        images = set(cfg.images) if cfg.input.format == "image_folder" else set()
+        keep = [c for c in raw.df.columns if c != CORRUPT and c not in images]
+        scored = _score_raw(spark, raw, opened, keep, batch_size, counter)
     _write_parquet(scored, output)
     counts = spark.read.parquet(output).groupBy(SCORE_ERROR).count().collect()
     errors = {str(r[SCORE_ERROR]): int(r["count"]) for r in counts if r[SCORE_ERROR] is not None}
@@ -437,19 +438,6 @@ def _input_config(etl: EtlConfig, path: str, fmt: str | None) -> EtlConfig:
         return dataclasses.replace(etl, input=new_input)
     except ConfigError as e:  # e.g. image_folder for a bundle whose columns it cannot make
         raise ConfigError("--format", f"{fmt} does not fit the bundle's etl section: {e}") from e
-
-
-def _with_missing_input(read: Callable[[], RawInput]) -> RawInput:
-    """Spark's 'path / table not found' as a :class:`ConfigError` naming ``--input``."""
-    from pyspark.errors import AnalysisException
-
-    try:
-        raw: RawInput = read()
-    except AnalysisException as e:
-        if e.getCondition() in ("PATH_NOT_FOUND", "TABLE_OR_VIEW_NOT_FOUND"):
-            raise ConfigError("--input", str(e).strip().splitlines()[0]) from e
-        raise
-    return raw
 
 
 def _check_output(input: str, output: str) -> None:

@@ -6,6 +6,7 @@ differently stored columns mean; :mod:`~preprocessing.read.validation` casts eve
 gives each row its quarantine reason. The ETL and scoring use the names exported here.
 """
 
+from preprocessing.read.missing import missing_input_as_config_error
 from preprocessing.read.raw import CORRUPT, SOURCE, RawInput, read_raw
 from preprocessing.read.schema_policy import SchemaMismatchError, require_columns
 from preprocessing.read.validation import (
@@ -23,6 +24,7 @@ __all__ = [
     "SOURCE",
     "RawInput",
     "SchemaMismatchError",
+    "missing_input_as_config_error",
     "quarantined_columns",
     "read_raw",
     "require_columns",

@@ -3,13 +3,7 @@
 A text input holds an array as JSON text (a JSON list, or a CSV field like ``"[1, 2.5]"``),
 parsed with ``from_json``; a typed input's ``array<…>`` column is cast element by element
 (Spark ML vectors were turned into arrays when read, :mod:`preprocessing.read.raw`). Reasons:
-
-=================  ==================================================================
-``array_missing``  the value is null (or an empty text field)
-``array_invalid``  not a flat list of numbers (nested, a string element, broken JSON),
-                   not exactly ``prod(shape)`` elements, or an element that is null, NaN,
-                   ±inf or beyond float32's range (values are stored as float32)
-=================  ==================================================================
+``array_missing`` and ``array_invalid`` (:mod:`preprocessing.read.reasons`).
 """
 
 from __future__ import annotations
@@ -23,11 +17,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig
+from preprocessing.read import reasons
 
 __all__ = ["ARRAY_INVALID", "ARRAY_MISSING", "array_checks", "typed_array"]
 
-ARRAY_MISSING: Final = "array_missing"
-ARRAY_INVALID: Final = "array_invalid"
+ARRAY_MISSING: Final = reasons.ARRAY_MISSING.code
+ARRAY_INVALID: Final = reasons.ARRAY_INVALID.code
 _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 
 

@@ -37,6 +37,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline.core import storage
+from preprocessing.read import reasons
 
 __all__ = [
     "IMAGE_INVALID",
@@ -50,12 +51,10 @@ __all__ = [
     "read_uri",
 ]
 
-IMAGE_UNREADABLE: Final = "image_unreadable"
-"""The path / URI could not be read (missing, a directory, no permission, bad URI)."""
-IMAGE_INVALID: Final = "image_invalid"
-"""The bytes are not a decodable image: empty, truncated, corrupt, not an image."""
-IMAGE_TOO_LARGE: Final = "image_too_large"
-"""The header claims more than ``max_pixels`` pixels (checked before decoding)."""
+# the codes of preprocessing.read.reasons (which says what each means)
+IMAGE_UNREADABLE: Final = reasons.IMAGE_UNREADABLE.code
+IMAGE_INVALID: Final = reasons.IMAGE_INVALID.code
+IMAGE_TOO_LARGE: Final = reasons.IMAGE_TOO_LARGE.code
 IMAGE_REASONS: Final = (IMAGE_UNREADABLE, IMAGE_INVALID, IMAGE_TOO_LARGE)
 """The reasons :func:`decode_image` gives, in the order the checks run."""
 

@@ -28,9 +28,13 @@ import pyarrow.fs as pafs
 
 from pipeline.core import storage
 
-__all__ = ["InputFile", "list_input_files"]
+__all__ = ["InputFile", "InputNotFoundError", "list_input_files"]
 
 _GLOB = frozenset("*?[")
+
+
+class InputNotFoundError(FileNotFoundError):
+    """The input path does not exist (a config mistake: see :mod:`preprocessing.read.missing`)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -92,14 +96,14 @@ def list_input_files(uri: str, options: Mapping[str, str] | None = None) -> list
     """Every file Spark's file sources read for ``uri`` (see the module docstring), sorted.
 
     ``options`` are the input's reader options; ``pathGlobFilter`` is honoured. A missing
-    path gives FileNotFoundError naming it.
+    path gives :class:`InputNotFoundError` (a FileNotFoundError) naming it.
     """
     fs, path, prefix = _resolve(uri)
     name_glob = (options or {}).get("pathGlobFilter")
     root, pattern = _split_glob(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input path {uri!r} does not exist")
+        raise InputNotFoundError(f"input path {uri!r} does not exist")
     if info.type == pafs.FileType.File and not pattern:
         return [InputFile(prefix + info.path, int(info.size), _mtime_ms(info))]
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))

@@ -23,10 +23,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipeline.core.configbase import ConfigError
 from preprocessing.config import EtlConfig
 from preprocessing.read.images import read_image_folder
 from preprocessing.read.listing import InputFile, list_input_files
+from preprocessing.read.missing import missing_input_as_config_error
 from preprocessing.read.schema_policy import check_stored_types, require_columns
 
 __all__ = ["CORRUPT", "SOURCE", "RawInput", "read_raw"]
@@ -53,18 +53,22 @@ def read_raw(
     ``for_scoring``: the input need not have the label (nor the key). CSV with a header,
     Parquet and tables are read with every column they have and must hold the feature
     columns; headerless CSV and JSON are read as the declared columns in declared order
-    without the label. ``source`` names the input in errors.
+    without the label. ``source`` names the input in errors: a missing path or table is a
+    :class:`~pipeline.core.configbase.ConfigError` for ``<source>.path`` (or for ``source``
+    itself when it is a CLI flag, ``--input``), see :mod:`preprocessing.read.missing`.
     """
+    key = source if source.startswith("--") else f"{source}.path"
+    with missing_input_as_config_error(key):
+        return _read_raw(spark, cfg, for_scoring=for_scoring, source=source)
+
+
+def _read_raw(spark: SparkSession, cfg: EtlConfig, *, for_scoring: bool, source: str) -> RawInput:
     inp = cfg.input
     need = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
     if not for_scoring:
         need = list(cfg.schema)
     if inp.format == "image_folder":
-        try:
-            files = tuple(list_input_files(inp.path, inp.options))
-        except FileNotFoundError as e:  # a config mistake (exit 2), as Spark's PATH_NOT_FOUND
-            key = source if source.startswith("--") else f"{source}.path"
-            raise ConfigError(key, str(e)) from e
+        files = tuple(list_input_files(inp.path, inp.options))
         df = read_image_folder(spark, cfg, files, SOURCE, CORRUPT)
         return RawInput(df, text=False, files=files)
     if inp.format in ("csv", "json"):

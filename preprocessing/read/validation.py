@@ -4,33 +4,10 @@ Each declared column is cast with ``try_cast`` (from the string a text input hol
 a typed input's stored type, see :mod:`preprocessing.read.schema_policy`): this is what lets
 a bad value be quarantined with the column it came from, instead of Spark silently nulling it.
 
-Each row gets ``_reason`` (null when the row is good) and ``_reason_column``. Reasons, in
-priority order (the first that applies wins):
-
-=====================  ===============================================================
-``malformed_record``   the parser could not split the line into the declared fields
-                       (too few / too many fields, unterminated quote, broken JSON)
-``repeated_header``    a header line in the middle of the data
-``key_missing``        the split key is null or empty
-``label_missing``      the label is null or empty
-``label_invalid``      the label does not parse as its type (``0.5`` for an int label),
-                       is not one of ``etl.classes``, or is not finite (regression)
-``value_invalid``      a feature value does not parse as its declared type
-``value_out_of_range`` a numeric feature with ``|x| > etl.max_abs_value``
-``value_not_finite``   NaN / ±inf in a numeric feature, with ``missing: quarantine``
-``value_missing``      a null numeric feature, with ``missing: quarantine``
-``array_missing``      a null array column (:mod:`preprocessing.read.arrays`)
-``array_invalid``      an array of the wrong length, nested, with a null, non-finite or
-                       non-numeric element
-``image_missing``      a null / empty path, or a null bytes value, in an image column
-``image_unreadable``   the image's path / URI cannot be read
-``image_invalid``      the file is not a decodable image (empty, truncated, not an image)
-``image_too_large``    its header claims more than ``max_pixels`` pixels
-``text_missing``       a null, empty or whitespace-only text, with ``empty: quarantine``
-``text_too_long``      a text of more than ``max_chars`` characters
-``text_invalid``       a text holding U+FFFD: the input's invalid UTF-8, as the reader
-                       decodes it (:mod:`preprocessing.read.raw`)
-=====================  ===============================================================
+Each row gets ``_reason`` (null when the row is good) and ``_reason_column``: the first
+reason of :data:`preprocessing.read.reasons.REASONS` (the table of codes, in priority order)
+that applies; the key and label checks first, then the tabular features, then the array,
+image and text checks column by column in ``etl.schema`` order.
 
 A text column holds a string of any content; a JSON number or object in its place is read as
 its JSON text (Spark's JSON reader), and a typed input's number is cast to its decimal text,
@@ -51,6 +28,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from preprocessing.config import EtlConfig, is_array
+from preprocessing.read import reasons as R
 from preprocessing.read.arrays import array_checks, typed_array
 from preprocessing.read.imagedecode import IMAGE_REASONS
 from preprocessing.read.images import decode_images, image_error, image_pixels, image_sums
@@ -230,29 +208,31 @@ def _checks(
     def blank(c: str) -> Column:
         return F.expr(_blank_sql(c, raw.trimmed))
 
-    checks: list[tuple[Column, str, str]] = [(F.col(CORRUPT).isNotNull(), "malformed_record", "")]
+    checks: list[tuple[Column, str, str]] = [
+        (F.col(CORRUPT).isNotNull(), R.MALFORMED_RECORD.code, "")
+    ]
     if raw.text:  # one comparison of two arrays: flat, however many columns
         values = ", ".join(quote(c) if raw.trimmed else f"trim({quote(c)})" for c in columns)
         names = ", ".join(sql_string(c) for c in columns)
-        checks.append((F.expr(f"array({values}) = array({names})"), "repeated_header", ""))
+        checks.append((F.expr(f"array({values}) = array({names})"), R.REPEATED_HEADER.code, ""))
     if targets:
-        checks.append((blank(cfg.key), "key_missing", cfg.key))
-        checks.append((typed(cfg.key).isNull(), "value_invalid", cfg.key))
-        checks.append((blank(cfg.label), "label_missing", cfg.label))
-        checks.append((_label_invalid(typed(cfg.label), cfg), "label_invalid", cfg.label))
+        checks.append((blank(cfg.key), R.KEY_MISSING.code, cfg.key))
+        checks.append((typed(cfg.key).isNull(), R.VALUE_INVALID.code, cfg.key))
+        checks.append((blank(cfg.label), R.LABEL_MISSING.code, cfg.label))
+        checks.append((_label_invalid(typed(cfg.label), cfg), R.LABEL_INVALID.code, cfg.label))
     # The tabular checks as SQL text: one Py4J call each instead of one per operator.
     checks += [
-        (F.expr(f"NOT {_blank_sql(c, raw.trimmed)} AND {quote(_TYPED + c)} IS NULL"), "value_invalid", c)
+        (F.expr(f"NOT {_blank_sql(c, raw.trimmed)} AND {quote(_TYPED + c)} IS NULL"), R.VALUE_INVALID.code, c)
         for c in (*cfg.numeric, *cfg.categorical)
     ]  # fmt: skip
     for c in cfg.numeric:
         x = f"CAST({quote(_TYPED + c)} AS DOUBLE)"
         finite = _finite_sql(x)
         too_large = f"{finite} AND abs({x}) > {sql_double(cfg.max_abs_value)}"
-        checks.append((F.expr(too_large), "value_out_of_range", c))
+        checks.append((F.expr(too_large), R.VALUE_OUT_OF_RANGE.code, c))
         if cfg.missing == "quarantine":
-            checks.append((F.expr(f"{x} IS NOT NULL AND NOT {finite}"), "value_not_finite", c))
-            checks.append((F.expr(f"{x} IS NULL"), "value_missing", c))
+            checks.append((F.expr(f"{x} IS NOT NULL AND NOT {finite}"), R.VALUE_NOT_FINITE.code, c))
+            checks.append((F.expr(f"{x} IS NULL"), R.VALUE_MISSING.code, c))
     checks += _tensor_checks(raw, cfg, columns)
     return checks
 
@@ -269,7 +249,7 @@ def _tensor_checks(
         elif c in cfg.images:
             # no pixels and no reason: the decoder got a null (a blank path is unreadable)
             missing = F.col(image_pixels(c)).isNull() & F.col(image_error(c)).isNull()
-            out.append((missing, "image_missing", c))
+            out.append((missing, R.IMAGE_MISSING.code, c))
             out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
         elif c in cfg.texts:
             out += _text_checks(cfg, c, F.col(_TYPED + c))
@@ -281,9 +261,9 @@ def _text_checks(cfg: EtlConfig, column: str, typed: Column) -> list[tuple[Colum
     text = cfg.texts[column]
     out = []
     if text.empty == "quarantine":  # Spark's trim removes spaces only; \s also tabs, newlines
-        out.append((typed.isNull() | typed.rlike(r"^\s*$"), "text_missing", column))
-    out.append((F.length(typed) > F.lit(text.max_chars), "text_too_long", column))
-    out.append((F.instr(typed, "\ufffd") > F.lit(0), "text_invalid", column))
+        out.append((typed.isNull() | typed.rlike(r"^\s*$"), R.TEXT_MISSING.code, column))
+    out.append((F.length(typed) > F.lit(text.max_chars), R.TEXT_TOO_LONG.code, column))
+    out.append((F.instr(typed, "\ufffd") > F.lit(0), R.TEXT_INVALID.code, column))
     return out
 
 

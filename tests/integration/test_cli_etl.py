@@ -92,6 +92,22 @@ def test_missing_input_names_the_path(spark: Any, tmp_path: Path, capsys: Any) -
     assert "etl.input.path" in err and str(missing) in err
 
 
+def test_missing_table_and_glob_name_the_key(spark: Any, tmp_path: Path, capsys: Any) -> None:
+    """A ``table`` input naming no table, a glob matching no file: exit 2 naming the key."""
+    out = str(tmp_path / "out")
+    table = {"input": {"path": "no_such_table_xyz", "format": "table"}}
+    cfg = _write_config(tmp_path / "t.yaml", corpus.etl_section("x", out, **table))
+    assert main(["etl", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "'etl.input.path'" in err and "no_such_table_xyz" in err and len(err.splitlines()) == 1
+    (tmp_path / "in").mkdir()
+    glob = tmp_path / "in" / "nothing-*.csv"
+    cfg = _write_config(tmp_path / "g.yaml", corpus.etl_section(str(glob), out))
+    assert main(["etl", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "'etl.input.path'" in err and str(glob) in err
+
+
 def test_missing_config_file_and_inspect_errors(tmp_path: Path, capsys: Any) -> None:
     assert main(["etl", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err

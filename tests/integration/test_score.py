@@ -32,6 +32,7 @@ from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from preprocessing.make_data import COLUMNS, demo_etl_section, make_data
 from preprocessing.read import SchemaMismatchError
+from preprocessing.read.reasons import REASONS
 from tests.conftest import spark_submit
 from tests.shards import tensor_values
 
@@ -40,14 +41,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.timeout(600)]
 ROWS = 3000
 # Quarantine reasons that concern features: scoring flags these rows. The others (key and
 # label checks) do not apply to scoring input, so those rows get a prediction.
-FEATURE_REASONS = {
-    "malformed_record",
-    "repeated_header",
-    "value_invalid",
-    "value_out_of_range",
-    "value_not_finite",
-    "value_missing",
-}
+FEATURE_REASONS = {r.code for r in REASONS if r.scored}
 
 
 @dataclass(frozen=True)
@@ -323,6 +317,8 @@ def test_cli_score_formats_and_errors(
     assert len(err.splitlines()) == 1
     rc, _, err = cli("--input", str(tmp_path / "none"), "--output", str(out))
     assert rc == 2 and "'--input'" in err and str(tmp_path / "none") in err
+    rc, _, err = cli("--input", "no_such_view", "--output", str(out), "--format", "table")
+    assert rc == 2 and "'--input'" in err and "no_such_view" in err
     rc, _, err = cli("--input", str(pq_in), "--output", str(pq_in))
     assert rc == 2 and "'--output'" in err
     no_f3 = tmp_path / "no-f3"
