@@ -29,6 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -161,16 +162,19 @@ def bench_etl(raw: Path, n: int, pairs: int) -> dict[str, object]:
     return {"etl": etl_s, "pillow": pil_s, "ratios": ratios, "phases": phases}
 
 
+def _pixels(chunk: Any) -> np.ndarray:
+    """``[n, H, W, 3]`` uint8 of an image column chunk (fixed_size_binary: the bytes as they lie)."""
+    return np.frombuffer(
+        chunk.buffers()[1], np.uint8, count=len(chunk) * SIZE[0] * SIZE[1] * 3
+    ).reshape(-1, SIZE[0], SIZE[1], 3)
+
+
 def run_baseline(paths: list[str]) -> int:
     rows = 0
     for path in paths:
         table = pq.read_table(path, columns=["image", "label"])
-        for chunk in table.column("image").chunks:  # fixed_size_binary: the bytes as they lie
-            flat = np.frombuffer(
-                chunk.buffers()[1], np.uint8, count=len(chunk) * SIZE[0] * SIZE[1] * 3
-            )
-            pix = torch.from_numpy(flat.reshape(-1, SIZE[0], SIZE[1], 3))
-            rows += pix.shape[0]
+        for chunk in table.column("image").chunks:
+            rows += torch.from_numpy(_pixels(chunk)).shape[0]
         for chunk in table.column("label").chunks:
             torch.from_numpy(chunk.to_numpy())
     return rows
@@ -225,7 +229,7 @@ def bench_bytes(uri: str, sample: int = 1000) -> dict[str, float]:
         if have >= sample:
             break
         col = pq.read_table(shards.shard_path(s), columns=["image"]).column("image")
-        parts.append(col.combine_chunks().flatten().to_numpy().reshape(-1, SIZE[0], SIZE[1], 3))
+        parts.append(_pixels(col.combine_chunks()))
         have += len(parts[-1])
     pix = np.concatenate(parts)[:sample]
     enc = {"png": 0, "jpeg90": 0, "jpeg75": 0}
@@ -282,7 +286,7 @@ def report(args: argparse.Namespace, n: int, etls: dict, rd: dict, by: dict, loa
     base = rd["baseline"]
     rr = {k: statistics.median(v / b for v, b in zip(rd[k], base, strict=True)) for k in rd}
     note = (
-        "" if n >= 20000 else f" ({n:,} rather than 20,000 files: the machine is shared and loaded)"
+        "" if n >= 20000 else f" ({n:,} rather than the default 20,000 files)"
     )
     lines = [
         f"`python bench/images.py --images {n} --pairs {args.pairs} --repeats {args.repeats} "
