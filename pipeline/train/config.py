@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pipeline.core.compat import canonical_builder
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
-from pipeline.train.registry import mode_names
+from pipeline.train.modetable import mode_names
 
 __all__ = [
     "AveragingConfig",

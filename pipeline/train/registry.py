@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from pipeline.core.compat import deprecated
 from pipeline.core.configbase import ConfigError
+from pipeline.train.modetable import BUILTIN, REGISTERED, mode_names
 
 if TYPE_CHECKING:
     import torch
@@ -142,13 +143,9 @@ class BarrierMode(Mode):
         return module if rank == 0 else None
 
 
-# name -> "module:attribute" of a built-in mode instance, imported on first use
-_BUILTIN: dict[str, str] = {
-    "ddp": "pipeline.train.modes.ddp:MODE",
-    "fsdp": "pipeline.train.modes.fsdp:MODE",
-    "average": "pipeline.train.modes.average:MODE",
-}
-_REGISTERED: dict[str, Mode] = {}
+# The name table lives in pipeline.train.modetable, which TrainConfig checks train.mode with.
+_BUILTIN: Final = BUILTIN
+_REGISTERED: Final[dict[str, Mode]] = REGISTERED
 
 
 def register_mode(mode: Mode, *, replace: bool = False) -> Mode:
@@ -180,11 +177,6 @@ def register_mode(mode: Mode, *, replace: bool = False) -> Mode:
 
 def _taken(name: str) -> bool:
     return name in _REGISTERED or name in _BUILTIN
-
-
-def mode_names() -> list[str]:
-    """Every name ``train.mode`` accepts, built-in first."""
-    return [*_BUILTIN, *(n for n in _REGISTERED if n not in _BUILTIN)]
 
 
 def get_mode(name: str) -> Mode:

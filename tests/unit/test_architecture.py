@@ -1,8 +1,9 @@
 """The architecture rules hold, and the tool that enforces them catches a break.
 
 ``make lint`` runs ``lint-imports`` with the contracts in pyproject.toml (layers, Spark-free
-rank side, no cycles). Here: a copy of the tree with one forbidden import and one cycle added
-must fail those contracts by name; private names stay inside their module; modules and
+rank side, no cycles — type-only and function-level imports counted). Here: a copy of the tree
+with one forbidden import, one layer break and one type-only cycle added must fail those
+contracts by name; private names stay inside their module; modules and
 functions stay small.
 """
 
@@ -45,12 +46,20 @@ def test_lint_imports_fails_on_a_spark_import_and_a_cycle(tmp_path: Path) -> Non
     reader.write_text(reader.read_text() + "\nimport pyspark  # noqa\n")
     base = tmp_path / "pipeline" / "core" / "configbase.py"
     base.write_text(base.read_text() + "\nimport pipeline.train.loop  # noqa\n")
+    # A circle through a type-only import counts: shardset ← reader, and now reader ← shardset.
+    shardset = tmp_path / "pipeline" / "data" / "shardset.py"
+    shardset.write_text(
+        shardset.read_text()
+        + "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        + "    from pipeline.data.reader import ShardReader  # noqa\n"
+    )
     proc = _lint(tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:]
     out = " ".join(proc.stdout.split())
     assert "imports no pyspark BROKEN" in out
     assert "pipeline.data.reader -> pyspark" in out
     assert "pipeline.core.configbase -> pipeline.train.loop" in out  # the layers contract
+    assert "No cycles are allowed in pipeline.data" in out and ".shardset -> .reader" in out
 
 
 def _imported_private_names(path: Path) -> list[str]:
