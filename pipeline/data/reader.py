@@ -190,8 +190,7 @@ class ShardReader:
             raise ValueError(f"verify must be one of {', '.join(_VERIFY_MODES)}, got {verify!r}")
         self.shardset = ShardSet.open(shardset) if isinstance(shardset, str) else shardset
         self.split = split
-        self._shards = self.shardset.split(split).shards
-        self._check_manifest_rows()
+        self._shards = self.shardset.check_split_rows(split).shards
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.verify: Verify = verify
@@ -433,11 +432,7 @@ class ShardReader:
             metadata = fmt.index(self.shardset.fs, path, self.shardset.row_group_rows, where=where)
         except (OSError, pa.ArrowException) as e:
             raise ShardSetError(f"shard {where}: cannot read the {part}: {e}") from e
-        if metadata.num_rows != shard.rows:
-            raise ShardSetError(
-                f"shard {where} has {metadata.num_rows} rows in its {part}, the manifest "
-                f"says {shard.rows}"
-            )
+        self.shardset.check_shard_rows(shard, metadata.num_rows, part)
         self._metadata[index] = metadata
 
     def _read_piece(self, piece: Piece) -> tuple[Arrays, np.ndarray]:
@@ -454,15 +449,6 @@ class ShardReader:
         )
         rows = slice(piece.start, piece.stop)
         return {k: v[rows] for k, v in cols.items()}, labels[rows]
-
-    def _check_manifest_rows(self) -> None:
-        declared = self.shardset.split(self.split).rows
-        total = sum(s.rows for s in self._shards)
-        if declared != total:
-            raise ShardSetError(
-                f"{self.shardset.uri}: split {self.split!r} declares {declared} rows but its "
-                f"shards hold {total}"
-            )
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

@@ -193,6 +193,25 @@ class ShardSet:
         return storage.join(self.uri, shard.path)
 
     # -- verification ---------------------------------------------------------
+    def check_split_rows(self, name: str) -> SplitInfo:
+        """The split, once its declared rows equal its shards' (``ShardSetError`` otherwise)."""
+        split = self.split(name)
+        listed = sum(s.rows for s in split.shards)
+        if listed != split.rows:
+            raise ShardSetError(
+                f"{self.uri}/manifest.json: split {name!r} says {split.rows} rows but its "
+                f"shards add up to {listed}"
+            )
+        return split
+
+    def check_shard_rows(self, shard: ShardInfo, rows: int, counted_by: str) -> None:
+        """``rows``, as the file's ``counted_by`` (footer, index) says, match the manifest's."""
+        if rows != shard.rows:
+            raise ShardSetError(
+                f"shard {self.shard_uri(shard)} has {rows} rows in its {counted_by}, the "
+                f"manifest says {shard.rows} (the manifest does not match the files)"
+            )
+
     def verify_shards(
         self, shards: list[ShardInfo] | tuple[ShardInfo, ...], mode: str = "auto"
     ) -> None:

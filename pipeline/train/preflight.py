@@ -193,12 +193,7 @@ def _check_label(cfg: TrainConfig, shards: ShardSet) -> None:
 
 
 def _check_split(shards: ShardSet, split: SplitInfo, verify: str) -> None:
-    listed = sum(s.rows for s in split.shards)
-    if listed != split.rows:
-        raise ShardSetError(
-            f"{shards.uri}/manifest.json: split {split.name!r} says {split.rows} rows but its "
-            f"shards add up to {listed}"
-        )
+    shards.check_split_rows(split.name)
     for shard in split.shards:
         _check_path(shards, shard)
     if verify != "none":
@@ -224,11 +219,7 @@ def _check_footer(shards: ShardSet, shard: ShardInfo) -> None:
         raise ShardSetError(f"shard {shown} is missing (listed in the manifest)") from e
     except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid is a ValueError
         raise ShardSetError(f"shard {shown} is not a readable {fmt.name} file: {e}") from e
-    if rows != shard.rows:
-        raise ShardSetError(
-            f"shard {shown} has {rows} rows, the manifest says {shard.rows} "
-            "(the manifest does not match the files)"
-        )
+    shards.check_shard_rows(shard, rows, fmt.index_source)
 
 
 def check_model(cfg: TrainConfig, shards: ShardSet) -> None:

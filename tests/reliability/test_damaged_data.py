@@ -120,7 +120,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], str], str]] = {
     "bit_flip": (_bit_flip, "is corrupt: sha256"),
     "truncated": (_truncate, "bytes, the manifest says"),
     "missing_shard": (_delete, "is missing"),
-    "manifest_rows_differ": (_rows_differ, "rows, the manifest says"),
+    "manifest_rows_differ": (_rows_differ, "rows in its Parquet footer, the manifest says"),
     "manifest_split_total": (_split_total_differs, "add up to"),
     "manifest_path_escapes": (_path_escapes, "outside the shard set"),
     "manifest_not_json": (_not_json, "is not valid JSON"),

@@ -341,7 +341,7 @@ def test_manifest_rows_must_add_up(fresh: str) -> None:
     manifest = json.loads(manifest_path.read_text())
     manifest["splits"]["train"]["rows"] = 71
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ShardSetError, match="declares 71 rows but its shards hold 70"):
+    with pytest.raises(ShardSetError, match="says 71 rows but its shards add up to 70"):
         ShardReader(fresh, "train", rank=0, world_size=1, batch_size=4)
 
 
