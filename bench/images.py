@@ -285,9 +285,7 @@ def report(args: argparse.Namespace, n: int, etls: dict, rd: dict, by: dict, loa
     raw = SIZE[0] * SIZE[1] * 3
     base = rd["baseline"]
     rr = {k: statistics.median(v / b for v, b in zip(rd[k], base, strict=True)) for k in rd}
-    note = (
-        "" if n >= 20000 else f" ({n:,} rather than the default 20,000 files)"
-    )
+    note = "" if n >= 20000 else f" ({n:,} rather than the default 20,000 files)"
     lines = [
         f"`python bench/images.py --images {n} --pairs {args.pairs} --repeats {args.repeats} "
         f"--decode {args.decode}`.",
