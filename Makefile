@@ -41,6 +41,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m jobs.configref --write README.md
 	$(BIN)/python -m jobs.reasonsref --write README.md
+	$(BIN)/python -m jobs.treeref --write README.md
 
 # Rebuild tests/compat/fixtures with the code of earlier releases (git worktrees under /tmp).
 compat-fixtures: $(STAMP)

@@ -1,0 +1,1 @@
+"""The shard-set format and its reader (Spark-free): manifest, column specs, file formats, ShardReader."""

@@ -1,0 +1,1 @@
+"""What a rank process has around it, whoever started it: rank environment, driver channel, heartbeats and watchdog, progress, threads."""

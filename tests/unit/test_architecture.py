@@ -116,3 +116,21 @@ def test_importing_the_api_loads_neither_spark_nor_torch() -> None:
         "sys.exit(int(any(m in sys.modules for m in ('pyspark', 'torch'))))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_readme_tree_and_layers_are_current(tmp_path: Path) -> None:
+    from jobs import treeref
+
+    assert treeref.main(["--check", str(REPO / "README.md")]) == 0, "run `make docs`"
+    # A new module shows up in the generated tree (and so fails --check until make docs).
+    assert "shardset.py" in treeref.reference()
+    copy = tmp_path / "repo"
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", copy)
+    (copy / "pipeline" / "data" / "newkind.py").write_text('"""A new module."""\n')
+    assert "newkind.py" in treeref.reference(copy)
+    assert [layer[0] for layer in treeref.layers(copy / "pyproject.toml")][:2] == [
+        "jobs",
+        "pipeline.estimator",
+    ]
