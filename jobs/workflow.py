@@ -28,6 +28,7 @@ from jobs.clierrors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, UsageError
 from jobs.runsummary import RunSummary, default_summary_path
 from jobs.stages import run_etl_stage, run_train_stage, spark_session
 from pipeline.config import Config, ConfigError
+from pipeline.data.manifest import Manifest
 
 __all__ = ["FORCEABLE", "STAGES", "etl_counts", "exit_status", "parse_force", "run_workflow"]
 
@@ -135,15 +136,17 @@ def _etl_stage(summary: RunSummary, spark: Any, etl: Any, *, force: bool) -> Non
 
 def etl_counts(manifest: dict[str, Any]) -> dict[str, Any]:
     """Row and shard counts of a shard-set manifest, for the run summary."""
-    rec, splits = manifest["reconciliation"], manifest["splits"]
+    info = Manifest.from_json(manifest)
+    rec, quarantine = info.reconciliation, info.quarantine
+    rows = sum(s.rows for s in info.splits.values())
     return {
-        "rows_in": rec["rows_in"],
-        "rows_ok": rec["rows_ok"],
-        "rows_quarantined": rec["rows_quarantined"],
-        "quarantined_by_reason": dict(manifest["quarantine"]["by_reason"]),
-        "rows_by_split": {name: s["rows"] for name, s in splits.items()},
-        "shards": sum(len(s["shards"]) for s in splits.values()),
-        "generation": manifest.get("generation"),
+        "rows_in": rec.rows_in if rec else rows,
+        "rows_ok": rec.rows_ok if rec else rows,
+        "rows_quarantined": rec.rows_quarantined if rec else 0,
+        "quarantined_by_reason": dict(quarantine.by_reason) if quarantine else {},
+        "rows_by_split": {name: s.rows for name, s in info.splits.items()},
+        "shards": sum(len(s.shards) for s in info.splits.values()),
+        "generation": info.generation,
     }
 
 

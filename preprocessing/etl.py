@@ -31,6 +31,7 @@ from pipeline.core.outputs import check_disjoint, check_output_dir
 from pipeline.core.redact import redact
 from pipeline.data.columns import arrow_schema
 from pipeline.data.formats import get_format
+from pipeline.data.manifest import Label, Manifest, Quarantine, Reconciliation
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS
 from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
@@ -230,7 +231,9 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     with timer("cleanup"):
         removed = mf.cleanup_generations(cfg.output, generation)
     log.info("committed generation %s; removed %d old entries", generation, removed)
-    return EtlResult(cfg.output, "built", manifest, time.monotonic() - started, timer.seconds)
+    return EtlResult(
+        cfg.output, "built", manifest.to_json(), time.monotonic() - started, timer.seconds
+    )
 
 
 def _build(
@@ -241,7 +244,7 @@ def _build(
     cfg_dict: dict[str, Any],
     fp: dict[str, str],
     timer: _PhaseTimer,
-) -> dict[str, Any]:
+) -> Manifest:
     with timer("read_validate_count"):
         tally = _tally(validated, cfg)
     quarantine_rel = f"quarantine/{generation}"
@@ -278,22 +281,18 @@ def _build(
         fingerprint=fp,
         schema=[c.to_manifest() for c in columns],
         feature_names=fitted.names,
-        label={"column": cfg.label, "task": cfg.resolved_task, "classes": classes},
+        label=Label(cfg.label, cfg.resolved_task, None if classes is None else tuple(classes)),
         row_group_rows=cfg.row_group_rows,
-        quarantine={
-            "rows": tally.rows_quarantined,
-            "by_reason": dict(sorted(tally.by_reason.items())),
-            "by_column": dict(sorted(tally.by_column.items())),
-            "path": quarantine_rel if tally.rows_quarantined else None,
-        },
-        reconciliation={
-            "rows_in": tally.rows_in,
-            "rows_ok": rows_ok,
-            "rows_quarantined": tally.rows_quarantined,
-        },
+        quarantine=Quarantine(
+            rows=tally.rows_quarantined,
+            by_reason=dict(sorted(tally.by_reason.items())),
+            by_column=dict(sorted(tally.by_column.items())),
+            path=quarantine_rel if tally.rows_quarantined else None,
+        ),
+        reconciliation=Reconciliation(tally.rows_in, rows_ok, tally.rows_quarantined),
         feature_stats=fitted.stats,
         features_model=features_rel,
-        **({"text": {c: {"truncated": n} for c, n in truncated.items()}} if texts else {}),
+        text={c: {"truncated": n} for c, n in truncated.items()} if texts else None,
         timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
         splits=splits,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +18,8 @@ from pyspark.sql import types as T
 from pipeline.core import storage
 from pipeline.core.version import __version__
 from pipeline.data.formats import DEFAULT_FORMAT
-from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardInfo
+from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
+from pipeline.data.shardset import FORMAT_VERSION, MANIFEST_NAME, SPLITS
 from preprocessing.config import EtlConfig
 from preprocessing.read import RawInput
 from preprocessing.read.listing import list_input_files
@@ -110,42 +112,41 @@ def is_up_to_date(output: str, manifest: dict[str, Any] | None, combined: str) -
     """True when ``manifest`` has this fingerprint and every shard it lists has its size."""
     if manifest is None or manifest.get("fingerprint", {}).get("combined") != combined:
         return False
+    try:
+        splits = Manifest.from_json(manifest).splits
+    except (KeyError, TypeError, ValueError):  # malformed: rebuilt
+        return False
     fs, root = storage.resolve(output)
-    for split in manifest.get("splits", {}).values():
-        for sh in split["shards"]:
-            info = fs.get_file_info(storage.join(root, sh["path"]))
-            if info.size != sh["bytes"]:
+    for split in splits.values():
+        for shard in split.shards:
+            if fs.get_file_info(storage.join(root, shard.path)).size != shard.bytes:
                 return False
     return True
 
 
-def build_manifest(*, generation: str, **parts: Any) -> dict[str, Any]:
-    """The manifest document (see DESIGN.md, "Shard set")."""
-    splits: dict[str, list[ShardInfo]] = parts.pop("splits")
-    return {
-        "format_version": FORMAT_VERSION,
-        "created_by": f"spark-train {__version__} (pyspark {pyspark.__version__})",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "generation": generation,
-        "file_format": parts.pop("file_format", DEFAULT_FORMAT),
+def build_manifest(
+    *,
+    generation: str,
+    splits: Mapping[str, list[ShardInfo]],
+    file_format: str = DEFAULT_FORMAT,
+    **parts: Any,
+) -> Manifest:
+    """The manifest of a build: its generation, shards and ``parts`` (:class:`Manifest` fields)."""
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        created_by=f"spark-train {__version__} (pyspark {pyspark.__version__})",
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        generation=generation,
+        file_format=file_format,
+        splits={s: SplitInfo(s, sum(x.rows for x in splits[s]), tuple(splits[s])) for s in SPLITS},
         **parts,
-        "splits": {
-            s: {
-                "rows": sum(x.rows for x in splits[s]),
-                "shards": [
-                    {"path": x.path, "rows": x.rows, "bytes": x.bytes, "sha256": x.sha256}
-                    for x in splits[s]
-                ],
-            }
-            for s in SPLITS
-        },
-    }
+    )
 
 
-def commit_manifest(output: str, manifest: dict[str, Any]) -> None:
+def commit_manifest(output: str, manifest: Manifest) -> None:
     """Write ``manifest.json`` atomically: the single commit point of a build."""
     fs, root = storage.resolve(output)
-    data = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    data = json.dumps(manifest.to_json(), indent=2, sort_keys=False).encode()
     storage.atomic_write_bytes(fs, storage.join(root, MANIFEST_NAME), data)
 
 

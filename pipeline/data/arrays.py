@@ -158,9 +158,8 @@ def input_columns(shards: ShardSet) -> tuple[InputColumn, ...]:
     when the set has no input column at all.
     """
     where = f"{shards.uri}/{MANIFEST_NAME}"
-    entries = shards.manifest.get("schema")
+    entries = shards.info.schema
     shards.columns  # noqa: B018 - validates every entry (ShardSetError naming the manifest)
-    assert isinstance(entries, list | tuple)
     try:
         out = tuple(
             InputColumn.from_manifest(e)

@@ -11,14 +11,19 @@ a reader holding the previous manifest still finds every file it names until cle
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from pipeline.core import storage
 from pipeline.core.compat import NewerFormatError, check_format_version, written_by
-from pipeline.data.columns import ColumnSpec, columns_from_manifest
+from pipeline.data.columns import ColumnSpec
+from pipeline.data.manifest import (
+    DEFAULT_FILE_FORMAT,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+)
 
 __all__ = [
     "DEFAULT_FILE_FORMAT",
@@ -39,10 +44,6 @@ SPLITS = ("train", "val", "test")
 FEATURES_COLUMN = "features"
 LABEL_COLUMN = "label"
 KEY_COLUMN = "key"
-# The shard file format of a manifest that names none (see :mod:`pipeline.data.formats`).
-DEFAULT_FILE_FORMAT: Final = "parquet"
-# Rows per row group (Parquet) or reader piece (TFRecord) when the manifest does not say.
-DEFAULT_ROW_GROUP_ROWS: Final = 65536
 # Files under this size are sha256-verified by default (``verify: auto``).
 FULL_VERIFY_LIMIT_BYTES = 1 << 30
 
@@ -53,25 +54,6 @@ class ShardSetError(RuntimeError):
 
 class ShardSetTooNew(ShardSetError, NewerFormatError):
     """The manifest was written by a newer spark-train (a higher ``format_version``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ShardInfo:
-    """One shard file as the manifest records it (``path`` is relative to the root)."""
-
-    path: str
-    rows: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class SplitInfo:
-    """All shards of one split."""
-
-    name: str
-    rows: int
-    shards: tuple[ShardInfo, ...]
 
 
 class ShardSet:
@@ -90,14 +72,14 @@ class ShardSet:
             newer=ShardSetTooNew,
             invalid=ShardSetError,
         )
-        self.splits: dict[str, SplitInfo] = {
-            name: SplitInfo(
-                name=name,
-                rows=int(s["rows"]),
-                shards=tuple(ShardInfo(**sh) for sh in s["shards"]),
-            )
-            for name, s in manifest["splits"].items()
-        }
+        try:
+            self.info: Manifest = Manifest.from_json(manifest)
+            """The manifest, typed (:class:`~pipeline.data.manifest.Manifest`)."""
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardSetError(
+                f"{storage.join(uri, MANIFEST_NAME)} is malformed: {type(e).__name__}: {e}"
+            ) from e
+        self.splits: dict[str, SplitInfo] = dict(self.info.splits)
 
     @classmethod
     def open(cls, uri: str) -> ShardSet:
@@ -119,18 +101,18 @@ class ShardSet:
     @property
     def file_format(self) -> str:
         """The name of the shard file format (its code: :func:`pipeline.data.formats.format_of`)."""
-        return str(self.manifest.get("file_format", DEFAULT_FILE_FORMAT))
+        return self.info.shard_format
 
     @property
     def row_group_rows(self) -> int:
         """Rows per row group as the ETL wrote them (TFRecord readers cut pieces of this size)."""
-        return int(self.manifest.get("row_group_rows", DEFAULT_ROW_GROUP_ROWS))
+        return self.info.group_rows
 
     @property
     def columns(self) -> tuple[ColumnSpec, ...]:
         """Every column of the shard files, from the manifest's ``schema``."""
         try:
-            return columns_from_manifest(self.manifest.get("schema"))
+            return self.info.columns
         except ValueError as e:
             raise ShardSetError(f"{storage.join(self.uri, MANIFEST_NAME)}: {e}") from e
 
@@ -159,22 +141,24 @@ class ShardSet:
     @property
     def feature_names(self) -> list[str]:
         """Name of each position of the feature vector."""
-        return list(self.manifest.get("feature_names", []))
+        return list(self.info.feature_names)
 
     @property
     def task(self) -> str:
         """``classification`` or ``regression``."""
-        return str(self.manifest["label"]["task"])
+        return self.info.label.task
 
     @property
     def classes(self) -> list[Any]:
         """Original class values, in the order of the integer codes stored in shards."""
-        return list(self.manifest["label"].get("classes") or [])
+        return list(self.info.label.classes or [])
 
     @property
     def features_model_uri(self) -> str:
         """URI of the fitted Spark ML ``PipelineModel``."""
-        return storage.join(self.uri, self.manifest["features_model"])
+        if self.info.features_model is None:
+            raise ShardSetError(f"{self.uri}: the manifest names no features_model")
+        return storage.join(self.uri, self.info.features_model)
 
     def split(self, name: str) -> SplitInfo:
         """One split; a clear error names the splits that exist."""

@@ -196,7 +196,7 @@ def _etl_section(uri: str, spec: dict[str, Any]) -> dict[str, Any]:
             "scoring needs the etl schema"
         ) from e
     log.warning("%s has no etl section; using the one in %s's manifest", uri, shards_uri)
-    return dict(shards.manifest["config"])
+    return dict(shards.info.config)
 
 
 def score(

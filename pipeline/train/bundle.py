@@ -137,7 +137,7 @@ def model_spec(
 
 def features_source(shards: ShardSet) -> str | None:
     """URI of the shard set's fitted feature ``PipelineModel``; None (with a warning) if absent."""
-    if not shards.manifest.get("features_model"):
+    if not shards.info.features_model:
         log.warning(
             "shard set %s has no features model; the bundle will have no features/", shards.uri
         )

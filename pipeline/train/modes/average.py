@@ -53,6 +53,7 @@ own steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -66,7 +67,7 @@ from torch import nn
 from pipeline.core import storage
 from pipeline.core.configbase import check
 from pipeline.data.reader import ShardReader
-from pipeline.data.shardset import ShardSet
+from pipeline.data.shardset import ShardSet, SplitInfo
 from pipeline.runtime import distenv
 from pipeline.runtime.faults import Fault, parse_fault
 from pipeline.runtime.rankrun import scoped_environ
@@ -412,10 +413,10 @@ def _train_reader(cfg: TrainConfig, shards: ShardSet, worker: int) -> ShardReade
 
 def shard_view(shards: ShardSet, worker: int, workers: int) -> ShardSet:
     """``shards`` with its train split cut to shard files ``worker, worker + workers, …``."""
-    splits = shards.manifest["splits"]
-    mine = list(splits["train"]["shards"])[worker::workers]
-    train = {"rows": sum(int(s["rows"]) for s in mine), "shards": mine}
-    return ShardSet(shards.uri, {**shards.manifest, "splits": {**splits, "train": train}})
+    mine = shards.split("train").shards[worker::workers]
+    train = SplitInfo("train", sum(s.rows for s in mine), mine)
+    view = dataclasses.replace(shards.info, splits={**shards.info.splits, "train": train})
+    return ShardSet(shards.uri, view.to_json())
 
 
 class _LocalLoop:
