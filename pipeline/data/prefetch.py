@@ -324,21 +324,21 @@ class Producer:
         self._wanted = [*pending, *draws.window, *range(draws.entered, len(sizes))]
         end = job.first_batch + job.batches
         for first in range(job.first_batch, end, self._group):
-            sizes = [
+            counts = [  # rows of each batch of the group
                 min(r.batch_size, r.rows_per_rank - b * r.batch_size)
                 for b in range(first, min(first + self._group, end))
             ]
-            ids, rows = draws.take(sum(sizes))
+            ids, rows = draws.take(sum(counts))
             self._submit(draws.entered)
             try:
-                group = self._batches(first, ids, rows, sizes)
+                group = self._batches(first, ids, rows, counts)
             except _Stopped:
                 raise
             except Exception:
-                self._until_failure(first, ids, rows, sizes)
+                self._until_failure(first, ids, rows, counts)
                 raise
             self._put(group)
-            position += sum(sizes)
+            position += sum(counts)
             for j in [j for j, at in draws.last_at.items() if at < position]:
                 del draws.last_at[j]
                 self._reads.pop(j, None)  # drained: its memory goes
