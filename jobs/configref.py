@@ -72,6 +72,8 @@ def _type_name(tp: Any) -> str:
         return "mapping"
     if origin in (tuple, list, Sequence):
         return "list"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -110,6 +112,9 @@ def _rows(cls: type, prefix: str) -> Iterator[tuple[str, str, str, str]]:
             and dataclasses.is_dataclass(args[1])
         ):
             yield from _rows(args[1], f"{key}.<column>")  # type: ignore[arg-type]
+        if get_origin(tp) in (typing.Union, types.UnionType):  # a value or a section
+            for section in (a for a in args if dataclasses.is_dataclass(a)):
+                yield from _rows(section, key)  # type: ignore[arg-type]
 
 
 def keys() -> list[str]:

@@ -79,6 +79,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, Mapping):  # a section: its own errors name its keys
+            sections = [o for o in options if dataclasses.is_dataclass(o)]
+            if len(sections) == 1:
+                return build(sections[0], value, key)  # type: ignore[arg-type]
         for opt in options:
             if opt is type(None):
                 continue
@@ -134,6 +138,10 @@ def _scalar(tp: Any, value: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(t) for t in get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -336,7 +336,7 @@ class _Driver:
     def _settings(self) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint for its rounds to make sense."""
         return {
-            "train.num_workers": self.cfg.num_workers,
+            "train.num_workers": self.cfg.max_workers,
             "train.averaging.partition": self.avg.partition,
             "train.averaging.optimizer_state": self.avg.optimizer_state,
         }
@@ -394,7 +394,7 @@ class _Driver:
         record.update(
             samples=total.samples,
             local_steps=total.steps,
-            bytes_sent=len(payload) * self.cfg.num_workers,
+            bytes_sent=len(payload) * self.cfg.max_workers,
             bytes_received=total.nbytes,
             attempts=attempts,
             seconds=seconds,
@@ -416,9 +416,9 @@ class _Driver:
             )
             try:
                 if isinstance(payload, bytes):
-                    total = _run_job_connect(self.spark, spec, payload, self.cfg.num_workers)
+                    total = _run_job_connect(self.spark, spec, payload, self.cfg.max_workers)
                 else:
-                    total = _run_job(self.spark.sparkContext, spec, payload, self.cfg.num_workers)
+                    total = _run_job(self.spark.sparkContext, spec, payload, self.cfg.max_workers)
                 return total, attempt + 1
             except Exception as err:
                 failure = _task_error(err, attempt)
@@ -479,7 +479,7 @@ class _Driver:
             "epochs": [*self.history, *self.rounds],
             "rounds": self.rounds,
             "steps": steps,
-            "world_size": cfg.num_workers,
+            "world_size": cfg.max_workers,
             "attempts": attempt + 1,
             "resumed_from": self.resumed_from,
             "synchronizations": self.ddp_steps + len(self.rounds),
@@ -496,7 +496,7 @@ class _Driver:
             steps=steps,
             attempt=attempt,
             resumed_from=self.resumed_from,
-            world_size=cfg.num_workers,
+            world_size=cfg.max_workers,
             rounds=list(self.rounds),
         )
 

@@ -30,6 +30,7 @@ __all__ = [
     "PowerSGDConfig",
     "TrackingConfig",
     "TrainConfig",
+    "WorkersConfig",
 ]
 
 
@@ -405,6 +406,36 @@ class AveragingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkersConfig:
+    """An elastic ``train.num_workers``: as many ranks as the cluster has slots, within a range.
+
+    A launch or relaunch takes ``min(max, barrier slots now)`` ranks, rounded down to a
+    world size that divides the global batch (``train.batch_size × max``); with fewer than
+    ``min`` slots it waits up to ``wait_s`` for more, then fails naming the slots. When
+    slots come back the run grows at its next checkpoint boundary. See README, "Elastic
+    training and preemption".
+    """
+
+    min: int = 1
+    """Fewest ranks worth running (the job waits, then fails, below this)."""
+
+    max: int = 2
+    """Most ranks; the global batch is ``train.batch_size × max`` at every world size."""
+
+    wait_s: float = 300.0
+    """How long a launch waits for ``min`` barrier slots before it fails."""
+
+    def __post_init__(self) -> None:
+        check(self.min >= 1, "train.num_workers.min", f"must be >= 1, got {self.min}")
+        check(
+            self.max >= self.min,
+            "train.num_workers.max",
+            f"must be >= train.num_workers.min ({self.min}), got {self.max}",
+        )
+        check(self.wait_s >= 0, "train.num_workers.wait_s", f"must be >= 0, got {self.wait_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The ``train`` section: data, model, optimisation, fault tolerance and output."""
 
@@ -430,14 +461,18 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """Frozen parameters."""
 
-    num_workers: int = 2
-    """Number of training processes (ranks)."""
+    num_workers: int | WorkersConfig = 2
+    """Number of training processes (ranks); or a range ``{min, max, wait_s}``: elastic
+    training, with as many ranks as the cluster has barrier slots (``ddp`` and ``fsdp``;
+    ``average`` runs ``max`` tasks per round, in waves when the cluster has fewer slots).
+    README, "Elastic training and preemption"."""
 
     epochs: int = 5
     """Passes over the training split."""
 
     batch_size: int = 512
-    """Rows per micro-batch per worker."""
+    """Rows per micro-batch per worker (with a ``num_workers`` range: per worker at ``max``
+    workers; the global batch stays ``batch_size × max`` at every world size)."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer."""
@@ -474,7 +509,8 @@ class TrainConfig:
 
     max_attempts: int = 3
     """Launches of the whole job in total; after a failure the job is relaunched and
-    resumes from the latest checkpoint."""
+    resumes from the latest checkpoint. Relaunches after a planned stop (a preemption
+    notice, growing an elastic run) do not count."""
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
@@ -503,9 +539,15 @@ class TrainConfig:
         check(bool(self.dataset), "train.dataset", "must not be empty")
         check(bool(self.output), "train.output", "must not be empty")
         check_output_uri("train.output", self.output)
-        for key in ("num_workers", "epochs", "batch_size", "grad_accum_steps", "max_attempts"):
+        for key in ("epochs", "batch_size", "grad_accum_steps", "max_attempts"):
             value = getattr(self, key)
             check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+        if not self.elastic:
+            check(
+                self.num_workers >= 1,  # type: ignore[operator]
+                "train.num_workers",
+                f"must be >= 1, got {self.num_workers}",
+            )
         check(self.timeout_s > 0, "train.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.grad_clip is not None:
             check(
@@ -526,6 +568,45 @@ class TrainConfig:
             )
         # The chosen mode's own checks (fsdp and comm_hook, average and accumulation, ...)
         # run in the training preflight: a mode module imports torch, a config does not.
+
+    @property
+    def elastic(self) -> bool:
+        """True when ``num_workers`` is a range (:class:`WorkersConfig`)."""
+        return isinstance(self.num_workers, WorkersConfig)
+
+    @property
+    def max_workers(self) -> int:
+        """``num_workers``, or the range's ``max``."""
+        n = self.num_workers
+        return n.max if isinstance(n, WorkersConfig) else n
+
+    @property
+    def min_workers(self) -> int:
+        """``num_workers``, or the range's ``min``."""
+        n = self.num_workers
+        return n.min if isinstance(n, WorkersConfig) else n
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per micro-batch over all ranks at ``max_workers``."""
+        return self.batch_size * self.max_workers
+
+    def world_sizes(self) -> tuple[int, ...]:
+        """The world sizes a launch may take, largest first.
+
+        An int ``num_workers``: that one. A range: each size from ``max`` down to ``min``
+        that divides the global batch, so that every rank takes the same share of it.
+        """
+        if not self.elastic:
+            return (self.max_workers,)
+        top, low = self.max_workers, self.min_workers
+        return tuple(w for w in range(top, low - 1, -1) if self.global_batch % w == 0)
+
+    def rank_batch(self, world_size: int) -> int:
+        """Rows per micro-batch per rank at ``world_size`` (``batch_size`` unless elastic)."""
+        if not self.elastic:
+            return self.batch_size
+        return self.global_batch // world_size
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, prefix: str = "train") -> TrainConfig:

@@ -116,7 +116,7 @@ def check_training_data(
     mode = mode or get_mode(cfg.mode)
     mode.check_config(cfg)
     _check_label(cfg, shards)
-    workers = cfg.num_workers if workers is None else workers
+    workers = cfg.max_workers if workers is None else workers
     train = shards.split("train")
     if train.rows < workers:
         what = "no rows" if train.rows == 0 else f"only {train.rows} row(s)"

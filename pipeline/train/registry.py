@@ -92,7 +92,7 @@ class BarrierMode(Mode):
 
     def check_config(self, cfg: TrainConfig) -> None:
         """Without a process group there is one rank."""
-        if not self.process_group and cfg.num_workers != 1:
+        if not self.process_group and cfg.max_workers != 1:
             raise ConfigError(
                 "train.num_workers",
                 f"must be 1 with train.mode {self.name!r} (it runs without a process group), "

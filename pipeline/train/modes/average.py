@@ -327,7 +327,7 @@ def train_round(
             raise ValueError(
                 f"worker {worker} has no training rows in {cfg.dataset} "
                 f"(train.averaging.partition={cfg.averaging.partition!r}, "
-                f"train.num_workers={cfg.num_workers})"
+                f"train.num_workers={cfg.max_workers})"
             )
         device, _ = distenv.device_and_backend()
         engine.seed_from(cfg.seed, spec.round, worker)
@@ -395,7 +395,7 @@ def _worker_checkpoints(cfg: TrainConfig, worker: int) -> CheckpointManager:
 
 def _train_reader(cfg: TrainConfig, shards: ShardSet, worker: int) -> ShardReader:
     """Worker ``worker``'s training data (see ``train.averaging.partition``)."""
-    workers = cfg.num_workers
+    workers = cfg.max_workers
     if cfg.averaging.partition == "shards":
         shards, worker, workers = shard_view(shards, worker, workers), 0, 1
     return ShardReader(
@@ -503,7 +503,7 @@ class AverageMode(Mode):
         """With ``partition: shards`` every worker must get at least one shard with rows."""
         if cfg.averaging.partition != "shards":
             return
-        split, workers = shards.split("train"), cfg.num_workers
+        split, workers = shards.split("train"), cfg.max_workers
         rows = [sum(s.rows for s in split.shards[i::workers]) for i in range(workers)]
         empty = [i for i, n in enumerate(rows) if n == 0]
         if empty:
