@@ -6,16 +6,17 @@ task's part and answers all at once (a network round trip), or, when some task c
 the driver, through ``BarrierTaskContext.allGather`` (which costs about a second: Spark
 polls its barrier coordinator every 1000 ms). Then each task runs the target with the
 torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``) plus ``SPARK_TRAIN_ATTEMPT`` and ``SPARK_TRAIN_RUN_TOKEN``,
-so ``init_process_group("env://")`` works unchanged. A callable
-runs inside the Python worker itself (torch stays imported in reused workers); a script runs
-as a child process of it.
+``MASTER_ADDR``, ``MASTER_PORT``) plus ``SPARK_TRAIN_ATTEMPT``, ``SPARK_TRAIN_RUN_TOKEN`` and
+``SPARK_TRAIN_LAUNCH_REASON``, so ``init_process_group("env://")`` works unchanged. A
+callable runs inside the Python worker itself (torch stays imported in reused workers); a
+script runs as a child process of it.
 
-The driver supervises: it checks the cluster has enough barrier slots before launching,
-serves a token-authenticated log channel (ranks' log records, output and progress reach the
-driver's log as ``[rank N] …``), bounds the job by ``timeout_s``, reports the first real
-cause of a failure (:class:`DistributedError`), and relaunches the whole job up to
-``max_attempts`` times.
+The driver supervises: it checks the cluster has enough barrier slots before launching
+(with an :class:`Elastic` range, it takes what there is), serves a token-authenticated log
+channel (ranks' log records, output and progress reach the driver's log as ``[rank N] …``),
+bounds the job by ``timeout_s``, reports the first real cause of a failure
+(:class:`DistributedError`), and relaunches the whole job until ``max_attempts`` attempts
+failed, or when the ranks stopped on purpose (:mod:`pipeline.launch.elastic`).
 
 On a Spark Connect session the "driver" is the client: the job is
 ``mapInArrow(barrier=True)`` over ``spark.range(n)``, tagged and interrupted with
@@ -23,12 +24,13 @@ On a Spark Connect session the "driver" is the client: the job is
 ranks rendezvous through ``allGather`` and each failure report reaches the client inside
 Spark's error (:func:`pipeline.runtime.rankrun.report_failure`).
 
-This is the only ``pipeline`` module that imports pyspark, and it does so lazily; the task
-side lives in the Spark-free :mod:`pipeline.runtime.rankrun`.
+It imports pyspark lazily; the task side lives in the Spark-free
+:mod:`pipeline.runtime.rankrun`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -39,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.launch.elastic import Elastic, Launch, can_grow, launch_size, planned_stop
 from pipeline.launch.errors import (
     SECONDARY,
     DistributedError,
@@ -55,12 +58,11 @@ from pipeline.launch.session import (
     active_session,
     barrier_job,
     barrier_slots,
-    check_slots,
     job_tags,
     log_server_address,
     require_driver,
 )
-from pipeline.runtime import logchannel, rankrun
+from pipeline.runtime import distenv, logchannel, preempt, rankrun
 from pipeline.runtime.progress import ProgressDisplay
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ __all__ = [
     "BarrierSlots",
     "DistributedError",
     "DistributedTimeoutError",
+    "Elastic",
     "barrier_slots",
     "run_distributed",
 ]
@@ -103,6 +106,7 @@ def run_distributed(
     env: Mapping[str, str] | None = None,
     show_progress: bool | None = None,
     heartbeat_timeout_s: float | None = None,
+    elastic: Elastic | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``target`` on ``num_workers`` ranks in one Spark barrier job; return per-rank results.
@@ -113,9 +117,11 @@ def run_distributed(
             ``args`` as its argv by the executors' Python interpreter.
         *args: positional arguments of a callable target, or a script's argv (as strings).
         num_workers: number of ranks (barrier tasks); at most the cluster's barrier slots.
+            With ``elastic``, the largest world size (``elastic.sizes[0]``).
         spark: the session to use; default the active one.
-        max_attempts: relaunch the whole job after a failure until this many attempts ran.
-            The target resumes from its own checkpoint (``SPARK_TRAIN_ATTEMPT`` counts from 0).
+        max_attempts: relaunch the whole job after a failure until this many attempts
+            failed. The target resumes from its own checkpoint (``SPARK_TRAIN_ATTEMPT``
+            counts launches from 0; ``SPARK_TRAIN_LAUNCH_REASON`` says why this one).
         timeout_s: bound on the whole call, relaunches included; the job is cancelled and
             :class:`DistributedTimeoutError` raised when it passes. None: no bound.
         env: extra environment variables for every rank.
@@ -124,6 +130,11 @@ def run_distributed(
         heartbeat_timeout_s: cancel the attempt (and relaunch, if attempts are left) when a
             rank that sends heartbeats (:func:`pipeline.runtime.timeouts.watchdog`) goes this long
             without any message: it is frozen (SIGSTOP, a paused VM) or cut off. None: off.
+        elastic: the world sizes a launch may take (the largest the barrier slots hold
+            then; rank 0 may ask to grow, :func:`pipeline.runtime.preempt.more_slots`), the
+            wait for the smallest, and how to tell ranks that stopped on purpose (a
+            preemption notice, growing): they are relaunched without counting a failure
+            (:mod:`pipeline.launch.elastic`). None: ``num_workers`` ranks, no planned stops.
         **kwargs: keyword arguments for a callable target.
 
     Returns:
@@ -139,29 +150,41 @@ def run_distributed(
     _check_counts(num_workers, max_attempts, timeout_s)
     if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
         raise ValueError(f"heartbeat_timeout_s must be > 0 or None, got {heartbeat_timeout_s!r}")
+    elastic = elastic or Elastic(sizes=(num_workers,))
+    if elastic.sizes[0] != num_workers:
+        raise ValueError(f"num_workers ({num_workers}) must be elastic.sizes[0] {elastic.sizes}")
     session = active_session(spark)
-    check_slots(session, num_workers)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     limits = _Limits(deadline=deadline, timeout_s=timeout_s, heartbeat_s=heartbeat_timeout_s)
     display = ProgressDisplay(enabled=show_progress)
     failures: list[DistributedError] = []
+    launch, planned, reason = 0, 0, "first launch"
     try:
-        for attempt in range(max_attempts):
-            if attempt:  # a lost executor may still be coming back: wait for it, or fail fast
-                check_slots(session, num_workers, failures)
+        while len(failures) < max_attempts:
+            # A lost executor may still be coming back: wait for it, or fail fast.
+            size = launch_size(session, elastic, failures)
             try:
-                return _run_attempt(session, spec, num_workers, attempt, limits, display)
+                results = _run_attempt(
+                    session, spec, Launch(size, launch, reason, elastic), limits, display
+                )
             except DistributedTimeoutError as err:
                 raise with_history(err, failures) from None
             except DistributedError as err:
                 failures.append(err)
-                if attempt + 1 < max_attempts:
+                launch, reason = launch + 1, f"failure: {headline(err)}"
+                if len(failures) < max_attempts:
                     log.warning(
                         "attempt %d of %d failed, relaunching: %s",
-                        attempt + 1,
+                        len(failures),
                         max_attempts,
                         headline(err),
                     )
+                continue
+            planned, stopped = planned_stop(elastic, results, planned)
+            if stopped is None:
+                return results
+            log.warning("the %d ranks stopped at a step boundary (%s): relaunching", size, stopped)
+            launch, reason = launch + 1, stopped
     finally:
         display.close()
     raise all_failed(failures)
@@ -254,8 +277,11 @@ class _Rendezvous:
 class _Collector:
     """Driver side of the channel for one attempt: rendezvous, logs, progress, failures."""
 
-    def __init__(self, display: ProgressDisplay, ranks: int) -> None:
+    def __init__(
+        self, display: ProgressDisplay, ranks: int, grow: Callable[[], bool] = lambda: False
+    ) -> None:
         self._display = display
+        self._grow = grow  # rank 0's question at a checkpoint boundary
         self.ranks = ranks
         self._rendezvous = _Rendezvous(ranks)
         self._lock = threading.Lock()
@@ -280,6 +306,8 @@ class _Collector:
                 self._heard[rank] = time.monotonic()
         if kind == "rendezvous":
             return {"t": "rendezvous", "parts": self._rendezvous.join(rank, str(msg["part"]))}
+        if kind == preempt.GROW_REQUEST:
+            return {"t": "grow", "more": rank == 0 and self._grow()}
         if kind in ("log", "out"):
             text = str(msg.get("msg" if kind == "log" else "line", ""))
             log.log(int(msg.get("level", logging.INFO)), "[rank %d] %s", rank, text)
@@ -304,20 +332,25 @@ class _Collector:
 def _run_attempt(
     spark: SparkSession,
     spec: rankrun.RankSpec,
-    num_workers: int,
-    attempt: int,
+    launch: Launch,
     limits: _Limits,
     display: ProgressDisplay,
 ) -> list[Any]:
     from pyspark import cloudpickle
 
+    num_workers, attempt = launch.size, launch.number
+    spec = dataclasses.replace(spec, env={**spec.env, distenv.LAUNCH_REASON: launch.reason})
     token = secrets.token_hex(16)
-    collector = _Collector(display, num_workers)
+    collector = _Collector(
+        display, num_workers, lambda: can_grow(spark, launch.elastic, num_workers)
+    )
     bind, host = log_server_address(spark)
     tag = f"spark-train-{token[:12]}"
     with logchannel.ChannelServer(bind, token, collector.on_message, advertise=host) as server:
         task = _rank_task(spec, attempt, token, server.address)
-        log.info("launching %d ranks (attempt %d, tag %s)", num_workers, attempt, tag)
+        log.info(
+            "launching %d ranks (attempt %d, tag %s; %s)", num_workers, attempt, tag, launch.reason
+        )
         job = barrier_job(spark, task, num_workers)
         rows, error, timed_out, silent = _collect(spark, job, tag, limits, collector)
         ranked = (

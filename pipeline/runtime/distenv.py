@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ATTEMPT",
     "DEVICE",
+    "LAUNCH_REASON",
     "LOG_ADDR",
     "RUN_TOKEN",
     "TORCHRUN_VARS",
@@ -40,6 +41,9 @@ TORCHRUN_VARS = (
 )
 ATTEMPT = "SPARK_TRAIN_ATTEMPT"
 """0-based attempt number of the barrier job; a relaunch after a failure increments it."""
+LAUNCH_REASON = "SPARK_TRAIN_LAUNCH_REASON"
+"""Why the launcher started this attempt: ``first launch``, ``failure: …`` (the previous
+attempt's cause), or why the ranks stopped on purpose (``preempted: …``, ``grow: …``)."""
 RUN_TOKEN = "SPARK_TRAIN_RUN_TOKEN"
 """Random per-attempt token; also authenticates log/progress messages to the driver."""
 LOG_ADDR = "SPARK_TRAIN_LOG_ADDR"

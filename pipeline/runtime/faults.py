@@ -17,6 +17,9 @@ Kinds that fire right after optimizer step ``K`` completes (before any checkpoin
     SIGKILL this process (as the OOM killer does);
 ``sigstop``
     SIGSTOP this process (a frozen rank: it holds its sockets but never answers);
+``sigterm``
+    SIGTERM this process (a preemption notice: the ranks checkpoint at this step boundary
+    and stop; :mod:`pipeline.runtime.preempt`);
 ``hang``
     block the training loop for ``seconds`` (default 3600), outside any collective;
 ``kill-executor``
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV: Final = "SPARK_TRAIN_FAULT"
 EXIT_CODE: Final = 17
 FaultKind = Literal[
-    "raise", "exit", "sigkill", "sigstop", "hang", "kill-executor", "checkpoint-exit"
+    "raise", "exit", "sigkill", "sigstop", "sigterm", "hang", "kill-executor", "checkpoint-exit"
 ]
 _KINDS: Final = get_args(FaultKind)
 _STEP_KINDS: Final = frozenset(_KINDS) - {"checkpoint-exit"}
@@ -88,8 +91,9 @@ class Fault:
         log.warning("%s: injecting %s on %s (pid %d)", FAULT_ENV, self.kind, where, os.getpid())
         if self.kind == "exit":
             os._exit(EXIT_CODE)
-        elif self.kind in ("sigkill", "sigstop"):
-            os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGSTOP)
+        elif self.kind in ("sigkill", "sigstop", "sigterm"):
+            sig = {"sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP}.get(self.kind)
+            os.kill(os.getpid(), sig or signal.SIGTERM)
         elif self.kind == "hang":
             threading.Event().wait(self.seconds)  # never set: only the timeout ends it
         elif self.kind == "kill-executor":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,16 @@ class Collectives(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Leave the group."""
+
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag OR-ed over the ranks.
+
+        A sum through :meth:`all_reduce` of a CPU tensor; :class:`ProcessGroup` keeps it on
+        the CPU under any backend.
+        """
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+        self.all_reduce(t)
+        return [bool(v > 0) for v in t.tolist()]
 
     def sum_floats(self, *values: torch.Tensor | float, device: torch.device) -> list[float]:
         """Sum scalars over all ranks (in float64)."""
@@ -74,6 +84,22 @@ class ProcessGroup(Collectives):
 
     def __init__(self) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._cpu_group: Any = None  # gloo, for any_of under another backend
+
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        """``dist.all_reduce`` (max) of the flags as a CPU tensor, over gloo.
+
+        Under NCCL a side gloo group (made by every rank at its first call) carries it, so
+        reading the answer never waits for the GPU's queue.
+        """
+        if self._cpu_group is None:
+            default = dist.get_backend()
+            self._cpu_group = (
+                dist.group.WORLD if default == "gloo" else dist.new_group(backend="gloo")
+            )
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return [bool(v) for v in t.tolist()]
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """``dist.all_reduce`` (sum)."""
@@ -114,6 +140,10 @@ class SingleProcess(Collectives):
 
     def close(self) -> None:
         """No group to leave."""
+
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        """The flags themselves."""
+        return [bool(f) for f in flags]
 
 
 def init_process_group(backend: str, timeout: timedelta) -> ProcessGroup:
