@@ -127,7 +127,9 @@ def train_summary(result: TrainResult) -> str:
     resumed = (
         f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
     )
+    sizes = [str(r["from"]) for r in result.resizes] + [str(result.world_size)]
+    workers = "→".join(sizes) if result.resizes else str(result.world_size)
     return (
-        f"trained {len(result.epochs)} epoch(s), {result.steps} steps on {result.world_size} "
+        f"trained {len(result.epochs)} epoch(s), {result.steps} steps on {workers} "
         f"workers (attempt {result.attempt + 1}{resumed})\n  final: {shown}\n  bundle: {result.bundle}"
     )

@@ -167,6 +167,7 @@ def _train_stage(summary: RunSummary, spark: Any, train: Any, *, force: bool) ->
             "world_size": result.world_size,
             "attempt": result.attempt,
             "resumed_from": result.resumed_from,
+            "resizes": result.resizes,
         }
         stage.metrics = {k: v for k, v in result.final.items() if v is not None}
 

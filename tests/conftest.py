@@ -67,6 +67,16 @@ def spark_submit(
     master: str, job: str, *args: str, conf: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run ``spark-submit --master MASTER jobs/JOB.py ARGS`` with this venv; output captured."""
+    cmd, env = spark_submit_command(master, job, *args, conf=conf)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+
+
+def spark_submit_command(
+    master: str, job: str, *args: str, conf: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of :func:`spark_submit` (to start it yourself)."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
@@ -83,6 +93,4 @@ def spark_submit(
     for k, v in settings.items():
         cmd += ["--conf", f"{k}={v}"]
     cmd += [str(REPO / "jobs" / f"{job}.py"), *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
-    )
+    return cmd, env

@@ -35,8 +35,18 @@ MARKER = "\x1espark-train-progress "
 _local_last = -math.inf
 
 
-def report(*, epoch: int, step: int, steps: int, samples_per_s: float, loss: float) -> None:
+def report(
+    *,
+    epoch: int,
+    step: int,
+    steps: int,
+    samples_per_s: float,
+    loss: float,
+    world_size: int | None = None,
+) -> None:
     """Report rank 0's progress: ``step`` of ``steps`` in ``epoch``, throughput and loss.
+
+    ``world_size``, when given, is shown too (it changes in an elastic run).
 
     Calls from other ranks are ignored. Never raises on a lost driver connection.
     """
@@ -51,6 +61,8 @@ def report(*, epoch: int, step: int, steps: int, samples_per_s: float, loss: flo
         "samples_per_s": float(samples_per_s),
         "loss": float(loss),
     }
+    if world_size is not None:
+        msg["ranks"] = int(world_size)
     client = logchannel.active_client()
     if client is not None:
         client.send(msg)
@@ -65,10 +77,11 @@ def report(*, epoch: int, step: int, steps: int, samples_per_s: float, loss: flo
 
 
 def format_progress(msg: Mapping[str, Any]) -> str:
-    """One line: ``epoch 2 step 40/100 loss 0.4312 1234.5 samples/s``."""
+    """One line: ``epoch 2 step 40/100 loss 0.4312 1234.5 samples/s`` (``on 3 ranks``)."""
+    ranks = f" on {msg['ranks']} ranks" if "ranks" in msg else ""
     return (
         f"epoch {msg['epoch']} step {msg['step']}/{msg['steps']} "
-        f"loss {msg['loss']:.4g} {msg['samples_per_s']:.1f} samples/s"
+        f"loss {msg['loss']:.4g} {msg['samples_per_s']:.1f} samples/s{ranks}"
     )
 
 
@@ -112,7 +125,10 @@ class ProgressDisplay:
             self._bar = tqdm(total=msg["steps"], desc=f"epoch {msg['epoch']}", unit="step")
             self._bar_epoch = msg["epoch"]
         self._bar.n = msg["step"]
-        self._bar.set_postfix(loss=f"{msg['loss']:.4g}", samples_s=f"{msg['samples_per_s']:.1f}")
+        extra = {"ranks": msg["ranks"]} if "ranks" in msg else {}
+        self._bar.set_postfix(
+            loss=f"{msg['loss']:.4g}", samples_s=f"{msg['samples_per_s']:.1f}", **extra
+        )
 
     def close(self) -> None:
         """Close the bar, if one is shown."""

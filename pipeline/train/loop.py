@@ -33,11 +33,11 @@ import torch
 from pipeline.core.configbase import ConfigError
 from pipeline.data.reader import ShardReader
 from pipeline.data.shardset import ShardSet
-from pipeline.runtime import distenv
+from pipeline.runtime import distenv, preempt
 from pipeline.runtime.faults import parse_fault
 from pipeline.runtime.progress import report
 from pipeline.runtime.timeouts import naming_timeout, watchdog
-from pipeline.train import bundle, engine, finetune
+from pipeline.train import bundle, elastic, engine, finetune
 from pipeline.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pipeline.train.collectives import Collectives, SingleProcess, init_process_group
 from pipeline.train.config import TrainConfig
@@ -91,8 +91,9 @@ def train_worker(
             engine.deterministic(),
             naming_timeout(rank, cfg.timeout_s),
             watchdog(rank, cfg.timeout_s),
+            preempt.notice() as notice,
         ):
-            trainer = _Trainer(cfg, mode, comm, WrapContext(cfg, device, backend))
+            trainer = _Trainer(cfg, mode, comm, WrapContext(cfg, device, backend), notice)
             return trainer.run()
     finally:
         if trainer is not None:
@@ -116,17 +117,35 @@ def _barrier_mode(cfg: TrainConfig) -> BarrierMode:
     return mode
 
 
+class _Stop(Exception):
+    """The ranks agreed to stop at this step boundary (the checkpoint is written)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class _Trainer:
     """One rank's training state; methods are the phases of :func:`train_worker`."""
 
     def __init__(
-        self, cfg: TrainConfig, mode: BarrierMode, comm: Collectives, ctx: WrapContext
+        self,
+        cfg: TrainConfig,
+        mode: BarrierMode,
+        comm: Collectives,
+        ctx: WrapContext,
+        notice: preempt.Notice,
     ) -> None:
         self.shards = ShardSet.open(cfg.dataset)
         check_training_data(cfg, self.shards, workers=comm.world_size)
+        elastic.check_world_size(cfg, comm.world_size)
         cfg = resolve_defaults(cfg, self.shards)
         self.cfg, self.mode, self.comm, self.device = cfg, mode, comm, ctx.device
         self.rank, self.world_size = comm.rank, comm.world_size
+        self.batch_size = cfg.rank_batch(self.world_size)  # the global batch is constant
+        self.stopper = elastic.Stopper(
+            comm, notice, can_grow=self.world_size < cfg.world_sizes()[0]
+        )
         self.attempt = distenv.current().attempt
         self.fault = parse_fault()
         engine.seed_everything(cfg.seed)  # identical model initialisation on every rank
@@ -148,7 +167,10 @@ class _Trainer:
         model, self.init_record = engine.initial_model(cfg, self.shards)
         self.module = mode.place(model, self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
-        steps_per_epoch = math.ceil(self.train_reader.steps_per_epoch / cfg.grad_accum_steps)
+        micro_per_epoch = elastic.schedule_steps(
+            cfg, self.shards.split("train").rows, self.train_reader.steps_per_epoch
+        )
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
         scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch)
         self.stepper = engine.Stepper(
             cfg, self.module, self.optimizer, clip=mode.clip_grad_norm, scheduler=scheduler
@@ -161,6 +183,8 @@ class _Trainer:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_rows = 0  # rows behind loss_sum (known on the host: no device sync)
         self._resume_rank_state: dict[str, Any] = {}  # this rank's entry of the checkpoint
+        self._reader_state: dict[str, Any] | None = None  # a mid-epoch checkpoint's position
+        self.resizes: list[dict[str, Any]] = []  # changes of world size, from the checkpoint
         self.ctx, self.unfrozen = ctx, False
         self.resumed_from = self._resume()
         self.model = mode.wrap(self.module, ctx)
@@ -168,6 +192,8 @@ class _Trainer:
         # is identical everywhere, and replaced by the checkpoint's streams on resume.
         if self.resumed_from is None:
             engine.seed_everything(cfg.seed + engine.RANK_SEED_STRIDE * (self.rank + 1))
+        elif self._resume_rank_state["rng"] is None:  # resumed at another world size
+            elastic.reseed(cfg.seed, self.resumed_from, self.rank)
         else:
             restore_rng_state(self._resume_rank_state["rng"])
         self.autocast = engine.autocast(cfg, self.device)
@@ -183,7 +209,7 @@ class _Trainer:
             split,
             rank=self.rank,
             world_size=self.world_size,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.batch_size,
             seed=self.cfg.seed,
             shuffle=shuffle,
             drop_last=False,
@@ -209,7 +235,7 @@ class _Trainer:
         if state is None:
             raise ResumeError(f"checkpoint step {step} vanished from {self.cfg.checkpoint.dir}")
         ranks = state["ranks"]
-        if len(ranks) != self.world_size:
+        if len(ranks) != self.world_size and not self.cfg.elastic:
             raise ResumeError(
                 f"checkpoint step {step} in {self.cfg.checkpoint.dir} was written by "
                 f"{len(ranks)} workers; this run has {self.world_size} (train.num_workers): "
@@ -231,8 +257,24 @@ class _Trainer:
         self.stepper.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         self.epoch, self.micro, self.stepper.steps = state["epoch"], state["micro"], state["step"]
         self.history = list(state["history"])
-        mine = ranks[self.rank]
+        self.resizes = list(state.get("resizes", []))
+        mine = elastic.rank_entry(ranks, self.rank, self.world_size)
+        if len(ranks) != self.world_size:  # the reader starts a segment over the rest
+            self.micro = 0
+            self.resizes.append(
+                elastic.resize_record(
+                    step=step, epoch=self.epoch, old=len(ranks), new=self.world_size
+                )
+            )
+            log.info(
+                "rank %d: resized %d → %d ranks at step %d",
+                self.rank,
+                len(ranks),
+                self.world_size,
+                step,
+            )
         self._resume_rank_state = mine
+        self._reader_state = mine["reader"]
         self.loss_sum.fill_(mine["loss_sum"])
         self.loss_rows = int(mine["loss_rows"])
         self.epoch_seconds = float(mine["epoch_seconds"])
@@ -270,30 +312,45 @@ class _Trainer:
             "step": self.step,
             "ranks": gathered,
             "history": self.history,
+            "resizes": self.resizes,
             "finished": epoch_end and self.epoch + 1 == self.cfg.epochs,
         }
         self.ckpt.save(self.step, state)
 
     # -- training --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train the remaining epochs, then write the bundle from rank 0."""
-        while self.epoch < self.cfg.epochs:
-            frozen_for = self.cfg.freeze.epochs
-            if frozen_for is not None and self.epoch >= frozen_for and not self.unfrozen:
-                self._unfreeze()
-                del self.model
-                gc.collect()  # DDP's reducer (and its hooks) goes before the new one exists
-                self.model = self.mode.wrap(self.module, self.ctx)
-            self._run_epoch()
-            self.epoch, self.micro, self.epoch_seconds = self.epoch + 1, 0, 0.0
-        uri = self._write_bundle()
-        return {
+        """Train the remaining epochs, then write the bundle from rank 0.
+
+        Ranks that agree to stop on purpose (:class:`pipeline.train.elastic.Stopper`) return
+        early, with ``stopped`` (why) in the summary and their checkpoint written.
+        """
+        summary = {
             "rank": self.rank,
             "world_size": self.world_size,
             "attempt": self.attempt,
-            "steps": self.step,
             "resumed_from": self.resumed_from,
+        }
+        try:
+            while self.epoch < self.cfg.epochs:
+                frozen_for = self.cfg.freeze.epochs
+                if frozen_for is not None and self.epoch >= frozen_for and not self.unfrozen:
+                    self._unfreeze()
+                    del self.model
+                    gc.collect()  # DDP's reducer (and its hooks) goes before the new one exists
+                    self.model = self.mode.wrap(self.module, self.ctx)
+                self._run_epoch()
+                self.epoch, self.micro, self.epoch_seconds = self.epoch + 1, 0, 0.0
+                if self.epoch < self.cfg.epochs and (why := self.stopper.check(boundary=True)):
+                    raise _Stop(why)
+        except _Stop as stop:
+            log.warning("rank %d stops at step %d: %s", self.rank, self.step, stop.why)
+            return {**summary, "steps": self.step, "stopped": stop.why}
+        uri = self._write_bundle()
+        return {
+            **summary,
+            "steps": self.step,
             "epochs": self.history,
+            "resizes": self.resizes,
             "bundle": uri,
         }
 
@@ -329,8 +386,9 @@ class _Trainer:
         start = time.perf_counter() - self.epoch_seconds
         reader = self.train_reader
         reader.set_epoch(self.epoch)
-        if self.micro:
-            reader.load_state_dict(self._resume_rank_state["reader"])
+        if self._reader_state is not None:  # the first epoch after a mid-epoch resume
+            reader.load_state_dict(self._reader_state, elastic=self.cfg.elastic)
+            self._reader_state = None
         train_loss = self._train_epoch(start)
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"epoch": self.epoch, "train_loss": train_loss}
@@ -361,7 +419,7 @@ class _Trainer:
 
     def _rows(self, first: int, end: int) -> int:
         """Rows in micro-batches ``[first, end)`` of an epoch (only the last one is short)."""
-        size, per_rank = self.cfg.batch_size, self.train_reader.rows_per_rank
+        size, per_rank = self.train_reader.batch_size, self.train_reader.rows_per_rank
         return min(end * size, per_rank) - min(first * size, per_rank)
 
     def _train_epoch(self, start: float) -> float:
@@ -380,8 +438,13 @@ class _Trainer:
             self.stepper()
             if self.fault is not None:
                 self.fault.maybe_fire(rank=self.rank, step=self.step, attempt=self.attempt)
-            if every and self.step % every == 0 and self.micro < steps:
-                self._save_checkpoint(epoch_end=False, epoch_start_time=start)
+            if self.micro < steps:  # (the epoch's last step: its end checkpoints, then checks)
+                due = bool(every) and self.step % every == 0
+                why = self.stopper.check(boundary=due)
+                if due or why:
+                    self._save_checkpoint(epoch_end=False, epoch_start_time=start)
+                if why:
+                    raise _Stop(why)
             if self.rank == 0 and time.perf_counter() - last_report >= _PROGRESS_EVERY_S:
                 last_report = time.perf_counter()
                 self._report_step(start)
@@ -416,6 +479,7 @@ class _Trainer:
             * self.world_size
             / max(time.perf_counter() - start, 1e-9),
             loss=float(self.loss_sum) / n if n else float("nan"),
+            world_size=self.world_size,
         )
 
     def _report(self, metrics: dict[str, Any]) -> None:
@@ -429,6 +493,7 @@ class _Trainer:
             steps=steps,
             samples_per_s=self._rows(0, steps) * self.world_size / max(metrics["seconds"], 1e-9),
             loss=metrics["train_loss"],
+            world_size=self.world_size,
         )
         log.info("epoch %d: %s", self.epoch, metrics)
 
@@ -451,6 +516,7 @@ class _Trainer:
                     "world_size": self.world_size,
                     "attempts": self.attempt + 1,
                     "resumed_from": self.resumed_from,
+                    "resizes": self.resizes,
                 },
                 init=self.init_record,
             )

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +114,58 @@ class Standalone:
                 pass
         raise AssertionError(f"{count} workers did not register in {timeout_s:.0f}s: {last}")
 
+    def start(self, name: str, args: Sequence[str] = ()) -> None:
+        """Start the master (``args``: its command line) or a worker (``name`` "workerN",
+        one core, 1 GiB, registering with :attr:`url`) in its own session."""
+        spark_home = _spark_home()
+        env = dict(
+            os.environ,
+            SPARK_HOME=str(spark_home),
+            SPARK_LOCAL_IP="127.0.0.1",
+            SPARK_LOG_DIR=str(self.root / "logs"),
+            PYSPARK_PYTHON=sys.executable,
+        )
+        args = list(args)
+        if name.startswith("worker"):
+            work = self.root / f"work{name.removeprefix('worker')}"
+            env["SPARK_WORKER_DIR"] = str(work)
+            args = [
+                WORKER_CLASS,
+                "--host",
+                "127.0.0.1",
+                "--cores",
+                "1",
+                "--memory",
+                "1g",
+                "--webui-port",
+                "0",
+                "--work-dir",
+                str(work),
+                self.url,
+            ]
+        with open(self.root / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [str(spark_home / "bin" / "spark-class"), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,  # its own session: stop() finds every descendant
+            )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a worker and everything it started (its executors, their Python workers),
+        and wait until they are gone: a node lost for good."""
+        proc = self.procs.pop(name)
+        for pid in _session_members(proc.pid):
+            _signal(pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)  # not our children: nothing to wait on but /proc
+        assert not _session_members(proc.pid), f"{name}'s processes outlived SIGKILL"
+
     def stop(self) -> list[int]:
         """SIGTERM every process of every session (workers first), then SIGKILL what is left.
 
@@ -151,67 +203,18 @@ class Standalone:
 def standalone_cluster(root: Path, workers: int = 2) -> Iterator[Standalone]:
     """Start a master and ``workers`` workers on 127.0.0.1; stop them all on exit."""
     root.mkdir(parents=True)
-    spark_home = _spark_home()
     port, ui_port = _free_port(), _free_port()
     cluster = Standalone(
         url=f"spark://127.0.0.1:{port}", ui=f"http://127.0.0.1:{ui_port}", root=root
     )
-    base_env = dict(
-        os.environ,
-        SPARK_HOME=str(spark_home),
-        SPARK_LOCAL_IP="127.0.0.1",
-        SPARK_LOG_DIR=str(root / "logs"),
-        PYSPARK_PYTHON=sys.executable,
-    )
-    spark_class = str(spark_home / "bin" / "spark-class")
-    commands = {
-        "master": [
-            MASTER_CLASS,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--webui-port",
-            str(ui_port),
-        ],
-        **{
-            f"worker{i}": [
-                WORKER_CLASS,
-                "--host",
-                "127.0.0.1",
-                "--cores",
-                "1",
-                "--memory",
-                "1g",
-                "--webui-port",
-                "0",
-                "--work-dir",
-                str(root / f"work{i}"),
-            ]
-            for i in range(1, workers + 1)
-        },
-    }
+    master = [MASTER_CLASS, "--host", "127.0.0.1", "--port", str(port)]
     try:
-        for name, args in commands.items():
-            if name == "worker1":
-                # The master moves to the next port when its chosen one was taken meanwhile
-                # (Spark's port retries): workers connect to the URL it actually reports.
-                cluster.url = str(cluster.wait_for_workers(0, REGISTER_TIMEOUT_S)["url"])
-            if name.startswith("worker"):
-                args = [*args, cluster.url]
-            env = dict(base_env)
-            if name.startswith("worker"):
-                env["SPARK_WORKER_DIR"] = str(root / f"work{name.removeprefix('worker')}")
-            with open(root / f"{name}.log", "wb") as log:
-                cluster.procs[name] = subprocess.Popen(
-                    [spark_class, *args],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    cwd=root,
-                    start_new_session=True,  # its own session: stop() finds every descendant
-                )
+        cluster.start("master", [*master, "--webui-port", str(ui_port)])
+        # The master moves to the next port when its chosen one was taken meanwhile (Spark's
+        # port retries): workers connect to the URL it actually reports.
+        cluster.url = str(cluster.wait_for_workers(0, REGISTER_TIMEOUT_S)["url"])
+        for i in range(1, workers + 1):
+            cluster.start(f"worker{i}")
         cluster.wait_for_workers(workers, REGISTER_TIMEOUT_S)
         yield cluster
     finally:

@@ -157,6 +157,19 @@ CASES: dict[str, Case] = {
         2,
         "'train.num_workers'",
     ),
+    "train_fewer_slots_than_min": lambda e: (  # elastic: waits wait_s, then a runtime error
+        [
+            "train",
+            "--config",
+            str(e.config),
+            "--set",
+            f"train.dataset={e.dataset}",
+            "--set",
+            "train.num_workers={min: 3, max: 4, wait_s: 1}",
+        ],
+        1,
+        "needs at least 4 ranks (the world sizes it allows: 4), but the cluster has 2 barrier",
+    ),
     "evaluate_no_model": lambda e: (
         ["evaluate", "--config", str(e.write("s.yaml", "spark: {master: 'local[2]'}\n"))],
         2,

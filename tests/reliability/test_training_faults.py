@@ -91,3 +91,26 @@ def test_a_fault_in_every_attempt_fails_with_each_attempts_cause(
     assert [e.attempt for e in err.attempts] == [0, 1]
     assert all(e.rank == 1 and e.exc_type == "InjectedFault" for e in err.attempts)
     assert "Traceback" in "\n".join(err.tail)
+
+
+def test_sigterm_checkpoints_at_the_next_step_boundary_and_resumes_bitwise(
+    spark: Any,
+    base: tuple[TrainConfig, TrainResult],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A preemption notice: SIGTERM to rank 1's process right after optimizer step 6.
+
+    Both ranks agree at that step boundary, rank 0 writes a checkpoint of step 6 (not a
+    regular one: those are every 4 steps), every rank returns, and the launcher relaunches
+    without counting a failed attempt (``max_attempts: 1``); the run ends bitwise equal to
+    the uninterrupted one, with no step lost.
+    """
+    caplog.set_level(logging.INFO, logger="pipeline")
+    cfg = fault_cfg(tmp_path, base[0].dataset, max_attempts=1)
+    result = fit(cfg, spark, env={FAULT_ENV: "rank=1,step=6,kind=sigterm"}, show_progress=False)
+    assert (result.attempt, result.resumed_from) == (1, 6)
+    assert_same_run(cfg, base, result.epochs)
+    stops = [m for m in _messages(caplog) if "stopped at a step boundary" in m]
+    assert len(stops) == 1 and "preempted: SIGTERM" in stops[0], stops
+    assert result.resizes == []  # the same two ranks came back
