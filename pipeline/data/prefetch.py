@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "chunk_rows",
     "group_batches",
     "rng",
+    "stream_key",
 ]
 
 log = logging.getLogger("pipeline.data.reader")  # the reader's messages
@@ -58,12 +59,22 @@ Arrays = dict[str, np.ndarray]
 # -- the plan of an epoch ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Rows ``[start, stop)`` of one row group of one shard: a unit of the rank's stream."""
+    """Rows ``[start, stop)`` of one row group of one shard: a unit of the rank's stream.
+
+    ``rows``, when given, are the piece's rows instead: sorted row-group-local indices within
+    ``[start, stop)``, not all of them (an elastic segment's rows: :mod:`pipeline.data.segments`).
+    """
 
     shard: int  # index into the split's shards
     row_group: int
     start: int
     stop: int
+    rows: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def size(self) -> int:
+        """How many rows the piece gives."""
+        return self.stop - self.start if self.rows is None else len(self.rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,7 @@ class Job:
     pieces: tuple[Piece, ...]
     first_batch: int
     batches: int  # how many to produce
+    segment: int = 0  # the epoch's segment (elastic resume): part of the draws' key
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,11 @@ class Stream:
 def rng(*key: int) -> np.random.Generator:
     """A generator seeded by ``key`` (seed, epoch, stream tag, …)."""
     return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+def stream_key(seed: int, epoch: int, tag: int, rank: int, segment: int) -> tuple[int, ...]:
+    """The key of a rank's stream ``tag`` (piece order, draws): segment 0 keeps 0.2.0's key."""
+    return (seed, epoch, tag, rank) if segment == 0 else (seed, epoch, tag, rank, segment)
 
 
 # -- which rows make each batch ------------------------------------------------------------------
@@ -313,8 +330,10 @@ class Producer:
 
     def _produce(self) -> None:
         r, job = self._reader, self._job
-        sizes = [p.stop - p.start for p in job.pieces]
-        key = (r.seed, job.epoch, WINDOW_ORDER, r.rank) if r.shuffle else None
+        sizes = [p.size for p in job.pieces]
+        key = (
+            stream_key(r.seed, job.epoch, WINDOW_ORDER, r.rank, job.segment) if r.shuffle else None
+        )
         draws = Draws(sizes, r.window_rows, key, r.chunk_rows)
         position = job.first_batch * r.batch_size
         draws.take(position)  # a resume: the draws replayed, nothing read

@@ -85,6 +85,25 @@ the same on every rank. The draws depend only on the pieces' sizes and the seeds
 yielded without reading any data: pieces drained before the resume point are not read at
 all. The remaining batches are bit-identical to an uninterrupted run.
 
+Elastic resume
+--------------
+``load_state_dict(state, elastic=True)`` at another world or batch size continues the epoch
+exactly, in a new *segment* (:mod:`pipeline.data.segments`): the state's segment ends
+(``state_dict()["segments"]`` lists the epoch's finished ones as ``[world_size, batch_size,
+batches]``) and the new one reads the rows of the previous segment's row space (segment 0:
+all ``N`` rows of the epoch's shard order, its dropped tail included) that it did not
+consume, in the same order; which rows were consumed is replayed from the draws, nothing is
+read. Segment ``s >= 1`` splits its ``N_s`` rows as above: contiguous slices of
+``P_s = N_s // W_s`` rows, pieces (now any subset of a row group) and draws keyed by
+``(seed, e, r, s)``. Guarantee: every row of the epoch is read at most once across its
+segments, and all are read except, in the segment that ends the epoch, the last
+``N_s - W_s*P_s`` rows of its row space (at most ``W_s - 1``, as without a resize) and, with
+``drop_last``, each rank's partial last batch; an interrupted segment drops nothing, its
+unread rows pass on. The same sequence of world sizes, batch sizes and resize points gives
+the same batches. The plan assumes the same ``shuffle``, ``drop_last`` and shuffle buffer
+settings as the states' (the seed is checked); it reads every shard's index (not its
+sha256; a TFRecord shard is scanned) and replays every rank of every finished segment.
+
 Verification
 ------------
 Before a rank first reads a shard, :meth:`ShardSet.verify_shards` checks it against the
@@ -100,7 +119,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -121,6 +140,8 @@ from pipeline.data.prefetch import (
     group_batches,
     rng,
 )
+from pipeline.data.segments import Knobs, Layout, Segment, rank_pieces, remaining, resume, steps
+from pipeline.data.segments import window_rows as whole_batches
 from pipeline.data.shardset import FEATURES_COLUMN, ShardSet, ShardSetError
 from pipeline.runtime import timeouts
 
@@ -208,15 +229,21 @@ class ShardReader:
             np.int64 if self.shardset.task == "classification" else np.float32
         )
         self.num_rows = sum(s.rows for s in self._shards)
-        self.rows_per_rank: int = self.num_rows // world_size
-        full, rest = divmod(self.rows_per_rank, batch_size)
-        self.steps_per_epoch: int = full + (1 if rest and not drop_last else 0)
+        self.rows_per_rank: int = 0
+        """This rank's rows in the current segment of the epoch (all of it unless resized)."""
+        self.steps_per_epoch: int = 0
+        """This rank's batches in the current segment of the epoch (all of it unless resized)."""
+        self._segments: tuple[Segment, ...] = ()  # the epoch's finished segments
+        self._space: np.ndarray | None = None  # the current segment's rows (None: segment 0)
+        self._enter((), None)
         row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
         window = min(shuffle_buffer_rows, shuffle_buffer_bytes // max(row_bytes, 1))
         # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
         # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
-        self._window_rows = max(1, window // batch_size) * batch_size
+        self._window_rows = whole_batches(window, batch_size)
         self._chunk_rows = chunk_rows(row_bytes)
+        self._knobs = Knobs(seed, shuffle, drop_last, window, self._chunk_rows)
+        self._layout: tuple[int, Layout] | None = None  # (epoch, its row space), once needed
         self._group_batches = group_batches(row_bytes * batch_size, prefetch_batches)
         if self.rows_per_rank == 0 and self.num_rows:
             log.warning(
@@ -226,8 +253,9 @@ class ShardReader:
                 self.num_rows,
                 world_size,
             )
-        # shard index → its row groups (Parquet footer, TFRecord index), once checked
+        # shard index → its row groups (Parquet footer, TFRecord index), once read
         self._metadata: dict[int, RowGroupIndex] = {}
+        self._verified: set[int] = set()  # shards checked against the manifest
         self._epoch = 0
         self._done = 0  # batches of the current epoch already yielded
         self._generation = 0  # bumped whenever the position jumps; stale iterators stop
@@ -240,27 +268,40 @@ class ShardReader:
         """The epoch the next batch belongs to."""
         return self._epoch
 
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The finished segments of the current epoch: ``(world_size, batch_size, batches)``."""
+        return self._segments
+
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of ``epoch``; a no-op when it is the current epoch."""
         _check_int("epoch", epoch, 0)
         if epoch != self._epoch:
             self._jump(epoch, 0)
 
-    def state_dict(self) -> dict[str, int]:
-        """The position (plain ints, identical on every rank) plus what it depends on."""
+    def state_dict(self) -> dict[str, Any]:
+        """The position (plain ints and lists, identical on every rank) and what it depends on.
+
+        ``batches_in_epoch``, ``world_size`` and ``batch_size`` are those of the current
+        segment; ``segments`` lists the epoch's finished ones (``[]`` unless resized).
+        """
         return {
             "epoch": self._epoch,
             "batches_in_epoch": self._done,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "segments": [list(s) for s in self._segments],
         }
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, elastic: bool = False) -> None:
         """Continue from ``state``; exact when world size, batch size and seed are the same.
 
-        Otherwise (a warning is logged) the position is mapped to the same number of samples
-        seen by all ranks together, rounded down to a whole step.
+        ``elastic=True`` with another world or batch size: exact too — the state's segment
+        ends and this reader starts a new one over the epoch's rows not yet read (module
+        docstring, "Elastic resume"); the seed must be the same. Otherwise, for a state of a
+        segment 0 (a warning is logged), the position is mapped to the same number of
+        samples seen by all ranks together, rounded down to a whole step.
         """
         missing = [k for k in ("epoch", "batches_in_epoch") if k not in state]
         if missing:
@@ -268,9 +309,7 @@ class ShardReader:
         epoch, done = int(state["epoch"]), int(state["batches_in_epoch"])
         _check_int("state['epoch']", epoch, 0)
         mine = self.state_dict()
-        changed = [
-            k for k in ("world_size", "batch_size", "seed") if int(state.get(k, mine[k])) != mine[k]
-        ]
+        segments, done, changed = resume(state, mine, elastic=elastic)
         if changed:
             log.warning(
                 "reader state was saved with %s; this reader has %s: resuming near the same "
@@ -278,25 +317,38 @@ class ShardReader:
                 {k: state[k] for k in changed},
                 {k: mine[k] for k in changed},
             )
-            seen = (
-                done
-                * int(state.get("batch_size", self.batch_size))
-                * int(state.get("world_size", self.world_size))
-            )
-            done = min(seen // (self.batch_size * self.world_size), self.steps_per_epoch)
-        if not 0 <= done <= self.steps_per_epoch:
+            seen = done * int(state.get("batch_size", self.batch_size))
+            seen *= int(state.get("world_size", self.world_size))
+            first = steps(self.num_rows // self.world_size, self.batch_size, self.drop_last)
+            done = min(seen // (self.batch_size * self.world_size), first)
+        space = None
+        if segments:
+            space = remaining(self._layout_of(epoch), epoch, segments, self._knobs)
+        n = self.num_rows if space is None else len(space)
+        most = steps(n // self.world_size, self.batch_size, self.drop_last)
+        if not 0 <= done <= most:
             raise ValueError(
-                f"reader state batches_in_epoch={done} is outside 0..{self.steps_per_epoch} "
-                f"(steps per epoch of split {self.split!r})"
+                f"reader state batches_in_epoch={done} is outside 0..{most} "
+                f"(steps of segment {len(segments)} of epoch {epoch} of split {self.split!r})"
             )
         self._jump(epoch, done)
-        if done == self.steps_per_epoch and done:
+        self._enter(segments, space)
+        if done == most and done:
             self._jump(epoch + 1, 0)
 
     def _jump(self, epoch: int, done: int) -> None:
         self._stop_producer()
         self._generation += 1
+        if epoch != self._epoch:
+            self._enter((), None)
         self._epoch, self._done = epoch, done
+
+    def _enter(self, segments: tuple[Segment, ...], space: np.ndarray | None) -> None:
+        """Make a segment of the epoch current: its finished ones and its row space."""
+        self._segments, self._space = segments, space
+        n = self.num_rows if space is None else len(space)
+        self.rows_per_rank = n // self.world_size
+        self.steps_per_epoch = steps(self.rows_per_rank, self.batch_size, self.drop_last)
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -309,7 +361,7 @@ class ShardReader:
         if remaining <= 0:
             self._jump(epoch + 1, 0)
             return iter(())
-        job = Job(epoch, self._plan(epoch), self._done, remaining)
+        job = Job(epoch, self._plan(epoch), self._done, remaining, len(self._segments))
         return self._consume(job, generation)
 
     def _consume(self, job: Job, generation: int) -> Iterator[Batch]:
@@ -326,6 +378,7 @@ class ShardReader:
                 self._done += 1
                 if self._done == self.steps_per_epoch:
                     self._epoch, self._done = self._epoch + 1, 0
+                    self._enter((), None)
                 yield batch
         finally:
             producer.stop()
@@ -384,6 +437,14 @@ class ShardReader:
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, epoch: int) -> tuple[Piece, ...]:
         """The pieces of this rank's stream for ``epoch``, verifying shards read the first time."""
+        if self._space is not None:  # a segment after a resize
+            segment = len(self._segments)
+            layout = self._layout_of(epoch)
+            args = (self.world_size, self.rank, epoch, segment, self._knobs)
+            pieces = rank_pieces(layout, self._space, *args)
+            for index in dict.fromkeys(p.shard for p in pieces):
+                self._check_shard(index)
+            return tuple(pieces)
         ranges = self._rank_ranges(epoch)
         for index, _, _ in ranges:
             self._check_shard(index)
@@ -393,11 +454,26 @@ class ShardReader:
             pieces = [pieces[i] for i in order]
         return tuple(pieces)
 
+    def _shard_order(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            return rng(self.seed, epoch, SHARD_ORDER).permutation(len(self._shards)).tolist()
+        return list(range(len(self._shards)))
+
+    def _layout_of(self, epoch: int) -> Layout:
+        """The epoch's row space over every shard (their indexes read, not verified)."""
+        if self._layout is None or self._layout[0] != epoch:
+            sizes = [s.rows for s in self._shards]
+            layout = Layout(self._shard_order(epoch), sizes, self._row_groups)
+            self._layout = (epoch, layout)
+        return self._layout[1]
+
+    def _row_groups(self, index: int) -> list[int]:
+        metadata = self._index(index)
+        return [metadata.row_group(rg).num_rows for rg in range(metadata.num_row_groups)]
+
     def _rank_ranges(self, epoch: int) -> list[tuple[int, int, int]]:
         """``(shard index, first row, end row)`` of the shards overlapping this rank's slice."""
-        order = range(len(self._shards))
-        if self.shuffle:
-            order = rng(self.seed, epoch, SHARD_ORDER).permutation(len(self._shards)).tolist()
+        order = self._shard_order(epoch)
         lo, hi = self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank
         out, pos = [], 0
         for index in order:
@@ -421,11 +497,18 @@ class ShardReader:
 
     def _check_shard(self, index: int) -> None:
         """Verify a shard and read its row groups (footer / index), once per reader."""
-        if index in self._metadata:
+        if index in self._verified:
             return
-        shard, fmt = self._shards[index], self._format
         if self.verify != "none":
-            self.shardset.verify_shards([shard], self.verify)
+            self.shardset.verify_shards([self._shards[index]], self.verify)
+        self._index(index)
+        self._verified.add(index)
+
+    def _index(self, index: int) -> RowGroupIndex:
+        """A shard's row groups (footer / index), its row count checked; not its sha256."""
+        if index in self._metadata:
+            return self._metadata[index]
+        shard, fmt = self._shards[index], self._format
         where = self.shardset.shard_uri(shard)
         path, part = self.shardset.shard_path(shard), fmt.index_source
         try:
@@ -434,6 +517,7 @@ class ShardReader:
             raise ShardSetError(f"shard {where}: cannot read the {part}: {e}") from e
         self.shardset.check_shard_rows(shard, metadata.num_rows, part)
         self._metadata[index] = metadata
+        return metadata
 
     def _read_piece(self, piece: Piece) -> tuple[Arrays, np.ndarray]:
         """Inputs and labels of a piece (runs in the read pool; opens its own file handle)."""
@@ -447,8 +531,10 @@ class ShardReader:
             label_dtype=self._label_dtype,
             where=self.shardset.shard_uri(shard),
         )
-        rows = slice(piece.start, piece.stop)
-        return {k: v[rows] for k, v in cols.items()}, labels[rows]
+        if piece.rows is None:
+            rows = slice(piece.start, piece.stop)
+            return {k: v[rows] for k, v in cols.items()}, labels[rows]
+        return {k: v.take(piece.rows, 0) for k, v in cols.items()}, labels.take(piece.rows)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

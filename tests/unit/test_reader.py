@@ -224,8 +224,9 @@ def test_resume_mid_epoch_is_exact(uneven: str, consumed: int) -> None:
         "world_size": 2,
         "batch_size": 8,
         "seed": 11,
+        "segments": [],  # no resize: no finished segment (test_reader_elastic.py)
     }
-    assert all(type(v) is int for v in state.values())
+    assert all(type(v) is int for k, v in state.items() if k != "segments")
     with ShardReader(uneven, "train", **kw) as r:  # type: ignore[arg-type]
         r.load_state_dict(state)
         r.set_epoch(2)  # what a training loop does after loading: keeps the position
