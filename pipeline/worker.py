@@ -11,6 +11,10 @@ section, exactly as the Spark launcher does; rank 0 writes the bundle and prints
 summary as JSON.
 ``torchrun --max-restarts=N`` relaunches after a failure, and the relaunched ranks resume
 from the latest checkpoint (torchrun's restart count plays the launcher's attempt number).
+Ranks that stopped on purpose — SIGTERM, a preemption notice — checkpoint at the step
+boundary and exit :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL``): run again with
+``--set train.resume=true`` (with an elastic ``train.num_workers``, on another number of
+processes if need be), or let ``--max-restarts`` do it.
 This module must not import pyspark: GPU machines have none.
 """
 
@@ -31,7 +35,10 @@ from pipeline.data.shardset import ShardSetError
 from pipeline.train.loop import train_worker
 from pipeline.train.preflight import check_training_inputs
 
-__all__ = ["main"]
+__all__ = ["EXIT_STOPPED", "main"]
+
+EXIT_STOPPED = 75
+"""The ranks checkpointed and stopped on purpose (a preemption notice): resume to go on."""
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -69,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = train_worker(cfg)
+    if summary.get("stopped"):
+        print(
+            f"rank {rank}: stopped at step {summary['steps']} ({summary['stopped']}), "
+            "checkpointed: run again with --set train.resume=true to go on",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     if summary["rank"] == 0:
         print(json.dumps(summary, default=str))
     return 0

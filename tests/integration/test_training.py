@@ -10,6 +10,7 @@ executor killed, the run resumed) must end bitwise equal to the ``local[2]`` bas
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from pipeline.train.bundle import load_bundle
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.config import TrainConfig
 from pipeline.train.models import mlp
+from pipeline.worker import EXIT_STOPPED
 from tests.shards import make_shardset, read_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,6 +196,33 @@ def test_torchrun_restart_resumes_exactly(
     assert resumed["attempt"] == 1 and resumed["resumed_from"] == 12
     _assert_same_weights(_weights(cfg), _weights(base))
     assert _untimed(resumed["epochs"]) == _untimed(summary["epochs"])
+
+
+def test_an_elastic_run_preempted_and_resumed_on_fewer_ranks_is_reproducible(
+    shards: str, tmp_path: Path
+) -> None:
+    """SIGTERM to rank 1 after step 6: both ranks checkpoint there and exit 75; the run then
+    resumes on one process (an elastic range allows it). Done twice, the two runs end with
+    bitwise equal weights, and both record the resize 2 → 1 at step 6."""
+    runs = []
+    for name in ("first", "second"):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        cfg = _cfg(tmp, shards, num_workers={"min": 1, "max": 2}, epochs=2)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        stopped = _torchrun(cfg, tmp, {**env, FAULT_ENV: "rank=1,step=6,kind=sigterm"})
+        # torchrun exits 1 and reports the rank(s) it saw end first: each with 75
+        codes = set(re.findall(r"exitcode\s*:\s*(\d+)", stopped.stderr))
+        assert codes == {str(EXIT_STOPPED)}, stopped.stderr[-3000:]
+        for rank in (0, 1):
+            assert f"rank {rank}: stopped at step 6 (preempted: SIGTERM" in stopped.stderr
+        summary = _summary(_torchrun(cfg.replace(resume=True), tmp, env, nproc=1))
+        assert (summary["world_size"], summary["resumed_from"]) == (1, 6)
+        [resize] = summary["resizes"]
+        assert (resize["from"], resize["to"], resize["step"]) == (2, 1, 6)
+        assert summary["steps"] == 2 * STEPS_PER_EPOCH  # the global batch stayed 64 rows
+        runs.append(cfg)
+    _assert_same_weights(_weights(runs[0]), _weights(runs[1]))
 
 
 def test_torchrun_shows_the_failing_ranks_traceback(shards: str, tmp_path: Path) -> None:

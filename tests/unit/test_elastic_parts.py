@@ -107,7 +107,7 @@ def test_planned_stops_are_counted_and_bounded(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("sizes", [(), (2, 3), (2, 2), (0,)])
 def test_elastic_sizes_are_distinct_positive_and_largest_first(sizes: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match="Elastic.sizes"):
+    with pytest.raises(ValueError, match=r"Elastic\.sizes"):
         Elastic(sizes=sizes)
 
 
