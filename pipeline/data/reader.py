@@ -26,8 +26,7 @@ shards; ``text_padding="batch"`` (the default) cuts each batch's ids after the l
 any of its rows uses, so a batch of short texts carries no columns of padding — measured in
 ``bench/text.py`` (bench/RESULTS.md, "Text"); ``"fixed"`` keeps ``max_length``. Which rows
 make a batch does not change, so equal steps, shuffle and resume hold alike. All columns of a
-row move together, so the row policy, shuffle and resume
-below hold for every column alike.
+row move together, so the row policy, shuffle and resume below hold for every column alike.
 
 Shuffle
 -------
@@ -236,13 +235,7 @@ class ShardReader:
         self._segments: tuple[Segment, ...] = ()  # the epoch's finished segments
         self._space: np.ndarray | None = None  # the current segment's rows (None: segment 0)
         self._enter((), None)
-        row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
-        window = min(shuffle_buffer_rows, shuffle_buffer_bytes // max(row_bytes, 1))
-        # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
-        # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
-        self._window_rows = whole_batches(window, batch_size)
-        self._chunk_rows = chunk_rows(row_bytes)
-        self._knobs = Knobs(seed, shuffle, drop_last, window, self._chunk_rows)
+        row_bytes = self._window(shuffle_buffer_rows, shuffle_buffer_bytes)
         self._layout: tuple[int, Layout] | None = None  # (epoch, its row space), once needed
         self._group_batches = group_batches(row_bytes * batch_size, prefetch_batches)
         if self.rows_per_rank == 0 and self.num_rows:
@@ -261,6 +254,17 @@ class ShardReader:
         self._generation = 0  # bumped whenever the position jumps; stale iterators stop
         self._producer: Producer | None = None
         self._closed = False
+
+    def _window(self, buffer_rows: int, buffer_bytes: int) -> int:
+        """Set the shuffle window and draw chunk from the buffer limits; a row's input bytes."""
+        row_bytes = sum(c.size * c.numpy_dtype.itemsize for c in self._columns)
+        window = min(buffer_rows, buffer_bytes // max(row_bytes, 1))
+        # Whole batches, at least one (as in 0.1.0): the window, and so the order, is then the
+        # same for batch sizes that divide it (a batch of 32 = two of 16; prefetch.Draws).
+        self._window_rows = whole_batches(window, self.batch_size)
+        self._chunk_rows = chunk_rows(row_bytes)
+        self._knobs = Knobs(self.seed, self.shuffle, self.drop_last, window, self._chunk_rows)
+        return row_bytes
 
     # -- position ---------------------------------------------------------------------------
     @property

@@ -2,13 +2,13 @@
 
 Built from plain YAML data with :func:`pipeline.core.configbase.build`; every section validates
 its own values in ``__post_init__`` and names the dotted key of a bad value
-(``train.optimizer.lr``).
+(``train.optimizer.lr``). The fine-tuning sections live in :mod:`pipeline.train.tuneconfig` and
+the elastic ``num_workers`` in :mod:`pipeline.train.workers`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +18,8 @@ from pipeline.core.compat import canonical_builder
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
 from pipeline.train.modetable import mode_names
+from pipeline.train.tuneconfig import FreezeConfig, InitConfig
+from pipeline.train.workers import WorkersConfig
 
 __all__ = [
     "AveragingConfig",
@@ -199,113 +201,6 @@ class CheckpointConfig:
         check(self.keep >= 1, "train.checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
-def _regex_problem(pattern: str) -> str | None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        return str(e)
-    return None
-
-
-def _replacement_problem(pattern: str, replacement: str) -> str | None:
-    """Why ``replacement`` cannot replace ``pattern`` (a group it does not have), or None."""
-    try:
-        re.sub(pattern, replacement, "")  # the template is checked even without a match
-    except (re.error, TypeError) as e:
-        return str(e)
-    return None
-
-
-@dataclass(frozen=True, kw_only=True)
-class InitConfig:
-    """Initial weights from a file or directory (``train.init``), instead of random ones."""
-
-    uri: str | None = None
-    """Where the initial weights are (any storage URI): a ``.safetensors`` file, a torch
-    state dict (``.pt`` / ``.pth`` / ``.bin``, loaded with ``weights_only=True``), a model
-    bundle of ours, or a Hugging Face model directory (``model.safetensors`` or
-    ``pytorch_model.bin``, sharded ones through their index). Null: random initialisation.
-    The driver checks it against the model before any rank starts; the bundle records it
-    and its sha256 (``model.json`` ``init``)."""
-
-    format: Literal["auto", "safetensors", "torch", "bundle", "huggingface"] = "auto"
-    """How to read ``uri``: ``auto`` decides by its name (``.safetensors``; ``.pt``,
-    ``.pth``, ``.bin``, ``.ckpt``; a directory with ``model.json`` is a bundle, one with
-    ``config.json`` a Hugging Face model)."""
-
-    rename: Mapping[str, str] = field(default_factory=_frozen_mapping)
-    """``{regex: replacement}`` applied to every key of the file, in the order written
-    (``re.sub``; e.g. ``{"^backbone\\.": ""}``), before ``skip`` and before matching the
-    model's keys."""
-
-    skip: tuple[str, ...] = ()
-    """Glob patterns (``fnmatch``) of keys, after ``rename``, not to load: e.g. ``fc.*`` for
-    a head that gets another number of outputs."""
-
-    strict: bool = False
-    """``true``: every model key must be loaded and every key of the file used (after
-    ``skip``); ``false``: keys that are missing or unexpected are counted in the summary
-    line and the model keeps its initialisation for them. A shape mismatch that no ``skip``
-    covers is an error either way."""
-
-    def __post_init__(self) -> None:
-        check(
-            self.uri is None or bool(self.uri.strip()),
-            "train.init.uri",
-            "must be a URI or null",
-        )
-        for pattern, replacement in self.rename.items():
-            problem = _regex_problem(pattern)
-            check(
-                problem is None,
-                f"train.init.rename.{pattern}",
-                f"is not a regular expression: {problem}",
-            )
-            problem = _replacement_problem(pattern, replacement)
-            check(
-                problem is None,
-                f"train.init.rename.{pattern}",
-                f"replacement {replacement!r} does not fit the pattern: {problem}",
-            )
-        for i, pattern in enumerate(self.skip):
-            check(bool(pattern.strip()), f"train.init.skip[{i}]", "must not be empty")
-        if self.uri is None:
-            check(
-                not (self.rename or self.skip or self.strict),
-                "train.init.uri",
-                "is null, but train.init has rename / skip / strict: set the URI",
-            )
-
-
-@dataclass(frozen=True, kw_only=True)
-class FreezeConfig:
-    """Parameters that do not train (``train.freeze``), e.g. a pretrained backbone."""
-
-    patterns: tuple[str, ...] = ()
-    """Glob patterns (``fnmatch``) of parameter names (as in the model's ``state_dict``,
-    e.g. ``conv1.*``, ``layer*``, ``bert.embeddings.*``): matching parameters get
-    ``requires_grad = False`` and are left out of the optimizer, so they end the run
-    bitwise as they started. A pattern that matches no parameter is an error. Buffers
-    (BatchNorm running statistics) are not parameters: they still update in training."""
-
-    epochs: int | None = None
-    """Keep them frozen for this many epochs, then train them too, in parameter groups of
-    their own that follow the schedule (null: the whole run). ``train.mode: ddp`` only."""
-
-    def __post_init__(self) -> None:
-        for i, pattern in enumerate(self.patterns):
-            check(bool(pattern.strip()), f"train.freeze.patterns[{i}]", "must not be empty")
-        if self.epochs is not None:
-            check(
-                self.epochs >= 1, "train.freeze.epochs", f"must be >= 1 or null, got {self.epochs}"
-            )
-            check(
-                bool(self.patterns),
-                "train.freeze.epochs",
-                "is set but train.freeze.patterns is empty",
-            )
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     """Experiment tracking (``train.tracking``); both integrations are off by default."""
@@ -403,36 +298,6 @@ class AveragingConfig:
         if self.local_steps is not None:
             return None
         return self.local_epochs or 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkersConfig:
-    """An elastic ``train.num_workers``: as many ranks as the cluster has slots, within a range.
-
-    A launch or relaunch takes ``min(max, barrier slots now)`` ranks, rounded down to a
-    world size that divides the global batch (``train.batch_size × max``); with fewer than
-    ``min`` slots it waits up to ``wait_s`` for more, then fails naming the slots. When
-    slots come back the run grows at its next checkpoint boundary. See README, "Elastic
-    training and preemption".
-    """
-
-    min: int = 1
-    """Fewest ranks worth running (the job waits, then fails, below this)."""
-
-    max: int = 2
-    """Most ranks; the global batch is ``train.batch_size × max`` at every world size."""
-
-    wait_s: float = 300.0
-    """How long a launch waits for ``min`` barrier slots before it fails."""
-
-    def __post_init__(self) -> None:
-        check(self.min >= 1, "train.num_workers.min", f"must be >= 1, got {self.min}")
-        check(
-            self.max >= self.min,
-            "train.num_workers.max",
-            f"must be >= train.num_workers.min ({self.min}), got {self.max}",
-        )
-        check(self.wait_s >= 0, "train.num_workers.wait_s", f"must be >= 0, got {self.wait_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

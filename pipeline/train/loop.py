@@ -167,13 +167,8 @@ class _Trainer:
         model, self.init_record = engine.initial_model(cfg, self.shards)
         self.module = mode.place(model, self.device)
         self.optimizer = engine.new_optimizer(self.module, cfg)
-        micro_per_epoch = elastic.schedule_steps(
-            cfg, self.shards.split("train").rows, self.train_reader.steps_per_epoch
-        )
-        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
-        scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch)
         self.stepper = engine.Stepper(
-            cfg, self.module, self.optimizer, clip=mode.clip_grad_norm, scheduler=scheduler
+            cfg, self.module, self.optimizer, clip=mode.clip_grad_norm, scheduler=self._schedule()
         )
         # Progress through the run; replaced by a checkpoint's values on resume.
         self.epoch = 0
@@ -197,6 +192,15 @@ class _Trainer:
         else:
             restore_rng_state(self._resume_rank_state["rng"])
         self.autocast = engine.autocast(cfg, self.device)
+
+    def _schedule(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule over the run's steps (laid out at ``max`` workers)."""
+        cfg = self.cfg
+        micro_per_epoch = elastic.schedule_steps(
+            cfg, self.shards.split("train").rows, self.train_reader.steps_per_epoch
+        )
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+        return build_scheduler(self.optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch)
 
     @property
     def step(self) -> int:
