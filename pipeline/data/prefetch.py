@@ -112,9 +112,18 @@ def rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
+_SEGMENT: Final = 3  # marks the keys of segments after the first
+
+
 def stream_key(seed: int, epoch: int, tag: int, rank: int, segment: int) -> tuple[int, ...]:
-    """The key of a rank's stream ``tag`` (piece order, draws): segment 0 keeps 0.2.0's key."""
-    return (seed, epoch, tag, rank) if segment == 0 else (seed, epoch, tag, rank, segment)
+    """The key of a rank's stream ``tag`` (piece order, draws): segment 0 keeps 0.2.0's key.
+
+    A later segment's key has two more words, so it never equals segment 0's per-piece keys
+    (the draws' key plus the piece's index).
+    """
+    if segment == 0:
+        return (seed, epoch, tag, rank)
+    return (seed, epoch, tag, rank, _SEGMENT, segment)
 
 
 # -- which rows make each batch ------------------------------------------------------------------
