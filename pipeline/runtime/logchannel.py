@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 Message = dict[str, Any]
 _MAX_LINE = 1 << 20
 _SEND_TIMEOUT_S = 10.0
+_BACKLOG = 4096
+"""Pending connections the server's listen queue holds (ranks connect all at once)."""
 _HELLO_TIMEOUT_S = 30.0
 """A connection must prove the run token this fast (a rank sends it right after connecting);
 a silent or slow stray connection is dropped instead of holding a server thread."""
@@ -134,6 +136,10 @@ class ChannelServer:
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Every rank connects at the start of a launch: socketserver's default backlog of 5
+    # overflows from about 16 ranks on, and the kernel then resets or delays connections
+    # (the listen queue is capped at net.core.somaxconn, 4096 on current kernels).
+    request_queue_size = _BACKLOG
     channel: ChannelServer
 
 

@@ -209,6 +209,34 @@ def test_rendezvous_answers_every_rank_with_all_parts_in_rank_order() -> None:
     assert answers == {r: ["p0", "p1", "p2"] for r in range(3)}
 
 
+def test_channel_rendezvous_of_512_ranks_connecting_at_once() -> None:
+    # socketserver's default listen backlog (5) reset connections from ~16 simultaneous
+    # ranks on: those ranks' tasks failed and the rest fell back to allGather after 30 s.
+    ranks = 512
+    collector = launcher._Collector(progress.ProgressDisplay(enabled=False), ranks)
+    answers: dict[int, Any] = {}
+    start = threading.Barrier(ranks)
+
+    def rank(r: int, address: str) -> None:
+        start.wait()
+        try:
+            client = logchannel.ChannelClient(address, "secret", r)
+            answers[r] = client.request({"t": "rendezvous", "part": f"p{r}"}, timeout_s=60)
+            client.close()
+        except OSError as err:
+            answers[r] = err
+
+    with logchannel.ChannelServer("127.0.0.1", "secret", collector.on_message) as server:
+        threads = [threading.Thread(target=rank, args=(r, server.address)) for r in range(ranks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert server.wait_finished(ranks=ranks, timeout_s=30)
+    expected = {"t": "rendezvous", "parts": [f"p{r}" for r in range(ranks)]}
+    assert [r for r in range(ranks) if answers.get(r) != expected] == []
+
+
 def test_rendezvous_falls_back_to_allgather_when_a_rank_is_missing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
