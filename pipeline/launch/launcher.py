@@ -53,6 +53,7 @@ from pipeline.launch.errors import (
     timeout_error,
     with_history,
 )
+from pipeline.launch.rendezvous import Rendezvous
 from pipeline.launch.session import (
     BarrierSlots,
     active_session,
@@ -86,9 +87,6 @@ _CANCEL_WAIT_S = 30.0
 """How long a cancelled job may take to wind down before the driver stops waiting."""
 _WATCH_S = 1.0
 """How often the driver checks the deadline and the ranks' heartbeats while a job runs."""
-_RENDEZVOUS_WAIT_S = 30.0
-"""How long the driver waits for every rank to join its rendezvous before all fall back to
-``BarrierTaskContext.allGather``."""
 _SECONDARY_DELAY_S = 5.0
 """Without the log channel, how long a rank whose failure looks like a peer's consequence
 waits before failing its task (Spark's error then names the peer that failed first)."""
@@ -234,46 +232,6 @@ class _Failure:
     tail: list[str]
 
 
-class _Rendezvous:
-    """Driver side of the rendezvous: gathers every rank's part and answers all ranks at once.
-
-    When not every rank joined within ``_RENDEZVOUS_WAIT_S`` (one could not reach the
-    driver), every rank is answered None and uses ``BarrierTaskContext.allGather`` — the
-    ones that never connected use it anyway, so all ranks take the same path.
-    """
-
-    def __init__(self, ranks: int) -> None:
-        self._ranks = ranks
-        self._parts: dict[int, str] = {}
-        self._cond = threading.Condition()
-        self._deadline: float | None = None
-        self._done = False
-        self._result: list[str] | None = None
-
-    def join(self, rank: int, part: str) -> list[str] | None:
-        """Add ``rank``'s part and wait for the answer: all parts in rank order, or None."""
-        with self._cond:
-            if self._done:
-                return self._result
-            if self._deadline is None:
-                self._deadline = time.monotonic() + _RENDEZVOUS_WAIT_S
-            self._parts[rank] = part
-            if len(self._parts) == self._ranks:
-                self._result = [self._parts[r] for r in range(self._ranks)]
-            elif not self._cond.wait_for(
-                lambda: self._done, timeout=max(self._deadline - time.monotonic(), 0.0)
-            ):
-                log.warning(
-                    "only ranks %s reached the driver within %.0f s; every rank "
-                    "rendezvouses through BarrierTaskContext.allGather instead",
-                    sorted(self._parts),
-                    _RENDEZVOUS_WAIT_S,
-                )
-            self._done = True
-            self._cond.notify_all()
-            return self._result
-
-
 class _Collector:
     """Driver side of the channel for one attempt: rendezvous, logs, progress, failures."""
 
@@ -283,7 +241,7 @@ class _Collector:
         self._display = display
         self._grow = grow  # rank 0's question at a checkpoint boundary
         self.ranks = ranks
-        self._rendezvous = _Rendezvous(ranks)
+        self._rendezvous = Rendezvous(ranks)
         self._lock = threading.Lock()
         self.failures: list[_Failure] = []
         self.outputs: dict[int, deque[str]] = defaultdict(lambda: deque(maxlen=rankrun.TAIL_LINES))
@@ -297,7 +255,7 @@ class _Collector:
         with self._lock:
             return sorted(r for r, t in self._heard.items() if now - t > limit_s)
 
-    def on_message(self, rank: int, msg: dict[str, Any]) -> dict[str, Any] | None:
+    def on_message(self, rank: int, msg: dict[str, Any]) -> dict[str, Any] | bytes | None:
         kind = msg.get("t")
         with self._lock:
             if kind == "alive" and msg.get("done"):
@@ -305,7 +263,7 @@ class _Collector:
             elif kind == "alive" or rank in self._heard:
                 self._heard[rank] = time.monotonic()
         if kind == "rendezvous":
-            return {"t": "rendezvous", "parts": self._rendezvous.join(rank, str(msg["part"]))}
+            return self._rendezvous.answer(rank, str(msg["part"]))
         if kind == preempt.GROW_REQUEST:
             return {"t": "grow", "more": rank == 0 and self._grow()}
         if kind in ("log", "out"):

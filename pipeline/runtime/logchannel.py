@@ -26,6 +26,7 @@ __all__ = [
     "ChannelClient",
     "ChannelServer",
     "active_client",
+    "encode",
     "install_client",
 ]
 
@@ -46,8 +47,8 @@ class ChannelServer:
 
     ``advertise`` is the host name ranks connect to (default ``host``; Spark's
     ``spark.driver.host`` where ``host`` is ``spark.driver.bindAddress``). ``on_message`` runs
-    on the connection's thread, so it must be thread-safe; a message it returns is sent back
-    to that connection as the answer to a request. Use as a context manager: leaving it
+    on the connection's thread, so it must be thread-safe; a message it returns (or its
+    :func:`encode` d bytes) is sent back to that connection as the answer to a request. Use as a context manager: leaving it
     closes the listener and every open connection.
     """
 
@@ -55,7 +56,7 @@ class ChannelServer:
         self,
         host: str,
         token: str,
-        on_message: Callable[[int, Message], Message | None],
+        on_message: Callable[[int, Message], Message | bytes | None],
         advertise: str | None = None,
     ) -> None:
         self._advertise = advertise or host
@@ -126,7 +127,7 @@ class ChannelServer:
                     break
                 reply = self._on_message(rank, msg)
                 if reply is not None:
-                    sock.sendall(_encode(reply))
+                    sock.sendall(reply if isinstance(reply, bytes) else _encode(reply))
         finally:
             with self._lock:
                 self._open.discard(sock)
@@ -150,8 +151,12 @@ class _Handler(socketserver.StreamRequestHandler):
         self.server.channel._serve(self.request, self.rfile)
 
 
-def _encode(msg: Message) -> bytes:
+def encode(msg: Message) -> bytes:
+    """``msg`` as it travels: one JSON line (an answer the same for many ranks, once)."""
     return (json.dumps(msg, default=str) + "\n").encode()
+
+
+_encode = encode
 
 
 def _read(reader: Any) -> Message | None:

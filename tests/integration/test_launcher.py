@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.launch import launcher
+from pipeline.launch import rendezvous as rendezvous_module
 from pipeline.launch.launcher import (
     DistributedError,
     DistributedTimeoutError,
@@ -133,7 +133,7 @@ def test_callable_allreduce_returns_rank_order_and_restores_env(spark: Any) -> N
 def test_rendezvous_falls_back_to_allgather(spark: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # As when a rank cannot reach the driver: the driver stops waiting at once and every
     # rank uses BarrierTaskContext.allGather.
-    monkeypatch.setattr(launcher, "_RENDEZVOUS_WAIT_S", 0.0)
+    monkeypatch.setattr(rendezvous_module, "RENDEZVOUS_WAIT_S", 0.0)
     results = run_distributed(allreduce_rank, 1.0, num_workers=2, spark=spark)
     assert [r["sum"] for r in results] == [3.0, 3.0]
     assert [r["env"]["RANK"] for r in results] == ["0", "1"]

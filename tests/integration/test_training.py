@@ -10,8 +10,8 @@ executor killed, the run resumed) must end bitwise equal to the ``local[2]`` bas
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from pipeline.launch import errors, launcher
+from pipeline.launch import rendezvous as rendezvous_module
+from pipeline.launch.rendezvous import Rendezvous
 from pipeline.runtime import distenv, logchannel, progress, rankrun
 from pipeline.runtime.rankrun import RankInfo
 
@@ -191,7 +193,7 @@ def test_channel_request_gets_the_answer() -> None:
         assert server.wait_finished(ranks=1, timeout_s=10)
 
 
-def _join_all(rendezvous: launcher._Rendezvous, ranks: list[int]) -> dict[int, Any]:
+def _join_all(rendezvous: Rendezvous, ranks: list[int]) -> dict[int, Any]:
     answers: dict[int, Any] = {}
     threads = [
         threading.Thread(target=lambda r=r: answers.update({r: rendezvous.join(r, f"p{r}")}))
@@ -205,7 +207,7 @@ def _join_all(rendezvous: launcher._Rendezvous, ranks: list[int]) -> dict[int, A
 
 
 def test_rendezvous_answers_every_rank_with_all_parts_in_rank_order() -> None:
-    answers = _join_all(launcher._Rendezvous(3), [2, 0, 1])
+    answers = _join_all(Rendezvous(3), [2, 0, 1])
     assert answers == {r: ["p0", "p1", "p2"] for r in range(3)}
 
 
@@ -240,8 +242,8 @@ def test_channel_rendezvous_of_512_ranks_connecting_at_once() -> None:
 def test_rendezvous_falls_back_to_allgather_when_a_rank_is_missing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(launcher, "_RENDEZVOUS_WAIT_S", 0.2)
-    rendezvous = launcher._Rendezvous(3)
+    monkeypatch.setattr(rendezvous_module, "RENDEZVOUS_WAIT_S", 0.2)
+    rendezvous = Rendezvous(3)
     assert _join_all(rendezvous, [0, 1]) == {0: None, 1: None}
     assert rendezvous.join(2, "late") is None  # a late rank takes the same path
 
