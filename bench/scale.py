@@ -23,9 +23,10 @@ Then the log channel under a flood (ours only): every rank logs as fast as it ca
 ``--flood-s`` seconds; the driver counts what reached its log. TorchDistributor has no log
 channel of its kind (torchrun's output is streamed to the driver's stdout): n/a.
 
-A TorchDistributor run needs two torch processes per rank (``torchrun`` and its child, about
-0.3 GiB of private memory each): a rank count whose estimate exceeds the memory available
-is skipped and says so.
+A TorchDistributor run needs three processes per rank (the barrier task's Python worker,
+``torchrun`` and its child, counted at 0.3 GiB each: at 32 ranks the two-process estimate,
+21 GiB, fit the 23 GiB available and the kernel then killed the driver JVM): a rank count
+whose estimate exceeds the memory available is skipped and says so.
 
 Data part: a synthetic shard set of ``--shards`` train shards, each a hard link to one tiny
 Parquet file (10 rows), so every file exists with the manifest's size and row count and the
@@ -152,10 +153,10 @@ def _jvm_cpu_s(pid: int) -> float:
 @contextmanager
 def _rendezvous_times() -> Iterator[list[float]]:
     """Record (first arrival, last answer) of the launcher's driver-side rendezvous."""
-    from pipeline.launch import launcher
+    from pipeline.launch.rendezvous import Rendezvous
 
     times: list[float] = []
-    original = launcher._Rendezvous.join
+    original = Rendezvous.join
 
     def join(self: Any, rank: int, part: str) -> Any:
         times.append(time.perf_counter())
@@ -163,11 +164,11 @@ def _rendezvous_times() -> Iterator[list[float]]:
         times.append(time.perf_counter())
         return out
 
-    launcher._Rendezvous.join = join  # type: ignore[method-assign]
+    Rendezvous.join = join  # type: ignore[method-assign]
     try:
         yield times
     finally:
-        launcher._Rendezvous.join = original  # type: ignore[method-assign]
+        Rendezvous.join = original  # type: ignore[method-assign]
 
 
 def _session(n: int) -> Any:
@@ -286,7 +287,7 @@ def launch_table(ranks: list[int], reps: int) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     for n in ranks:
         results[n] = {}
-        for name, processes in ((RD, n), (TD, 2 * n)):
+        for name, processes in ((RD, n), (TD, 3 * n)):  # TD: task worker, torchrun, child
             need, have = processes * TORCH_PROCESS_GIB + 1.5, _available_gib()
             if need > have:
                 results[n][name] = {"skipped": f"needs ~{need:.0f} GiB, {have:.0f} GiB available"}

@@ -82,7 +82,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FINISH_WAIT_S = 10.0
-"""How long the driver waits, after the job ended, for ranks' last log messages."""
+"""After the job ended, the driver waits for the ranks' last log messages until none came
+for this long."""
 _CANCEL_WAIT_S = 30.0
 """How long a cancelled job may take to wind down before the driver stops waiting."""
 _WATCH_S = 1.0
@@ -320,7 +321,8 @@ def _run_attempt(
         said_bye = None if ranked is None else sum(connected for _, connected, _ in ranked)
         if not server.wait_finished(ranks=said_bye, timeout_s=_FINISH_WAIT_S):
             log.warning(
-                "some ranks' last log messages did not arrive within %.0f s", _FINISH_WAIT_S
+                "some ranks' last log messages did not arrive (none came for %.0f s)",
+                _FINISH_WAIT_S,
             )
     if timed_out:
         raise timeout_error(limits.timeout_s, attempt, tag, display)

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,34 @@ def test_channel_delivers_messages_in_order_and_counts_byes(
     assert server.wait_finished(ranks=2, timeout_s=10)
     for rank in (0, 1):
         assert [m["line"] for r, m in inbox.messages if r == rank] == ["line 0", "line 1", "line 2"]
+
+
+def test_the_wait_for_last_messages_lasts_while_they_arrive(
+    channel: tuple[logchannel.ChannelServer, _Inbox],
+) -> None:
+    """The bound is on silence, not on the whole drain: a rank still sending its last
+    records (a backlog after the job ended) for 3 s is waited for with a 1 s bound."""
+    server, inbox = channel
+    client = logchannel.ChannelClient(server.address, "secret", 0)
+
+    def trickle() -> None:
+        for i in range(30):
+            client.send({"t": "out", "line": f"late {i}"})
+            time.sleep(0.1)  # a slow drain: each record 0.1 s after the last
+        client.close()
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    start = time.monotonic()
+    assert server.wait_finished(ranks=1, timeout_s=1.0)
+    assert time.monotonic() - start > 2.0
+    sender.join()
+    assert len(inbox.messages) == 30
+    silent = logchannel.ChannelClient(server.address, "secret", 1)  # open, says nothing
+    start = time.monotonic()
+    assert not server.wait_finished(ranks=2, timeout_s=0.5)
+    assert 0.4 < time.monotonic() - start < 3.0
+    silent.close()
 
 
 def test_channel_rejects_a_wrong_token(channel: tuple[logchannel.ChannelServer, _Inbox]) -> None:
