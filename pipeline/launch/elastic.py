@@ -126,11 +126,13 @@ def can_grow(spark: SparkSession, elastic: Elastic, size: int) -> bool:
     except Exception as err:  # py4j / Connect trouble must not end a run that trains fine
         log.warning("could not count barrier slots (%s); not growing", err)
         return False
-    larger = None if found is None else elastic.fit(found.slots)
-    if larger is not None and larger > size:
-        log.info("%s: the run grows from %d to %d ranks", found.explain(), size, larger)  # type: ignore[union-attr]
-        return True
-    return False
+    if found is None:
+        return False
+    larger = elastic.fit(found.slots)
+    if larger is None or larger <= size:
+        return False
+    log.info("%s: the run grows from %d to %d ranks", found.explain(), size, larger)
+    return True
 
 
 def planned_stop(elastic: Elastic, results: list[Any], planned: int) -> tuple[int, str | None]:

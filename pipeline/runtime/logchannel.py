@@ -48,9 +48,10 @@ class ChannelServer:
 
     ``advertise`` is the host name ranks connect to (default ``host``; Spark's
     ``spark.driver.host`` where ``host`` is ``spark.driver.bindAddress``). ``on_message`` runs
-    on the connection's thread, so it must be thread-safe; a message it returns (or its
-    :func:`encode` d bytes) is sent back to that connection as the answer to a request. Use as a context manager: leaving it
-    closes the listener and every open connection.
+    on the connection's thread, so it must be thread-safe; a message it returns (a dict, or
+    bytes made by :func:`encode`) is sent back to that connection as the answer to a
+    request. Use as a context manager: leaving it closes the listener and every open
+    connection.
     """
 
     def __init__(
@@ -137,7 +138,7 @@ class ChannelServer:
                     break
                 reply = self._on_message(rank, msg)
                 if reply is not None:
-                    sock.sendall(reply if isinstance(reply, bytes) else _encode(reply))
+                    sock.sendall(reply if isinstance(reply, bytes) else encode(reply))
         finally:
             with self._lock:
                 self._open.discard(sock)
@@ -164,9 +165,6 @@ class _Handler(socketserver.StreamRequestHandler):
 def encode(msg: Message) -> bytes:
     """``msg`` as it travels: one JSON line (an answer the same for many ranks, once)."""
     return (json.dumps(msg, default=str) + "\n").encode()
-
-
-_encode = encode
 
 
 def _read(reader: Any) -> Message | None:
@@ -236,7 +234,7 @@ class ChannelClient:
 
     def send(self, msg: Message) -> None:
         """Send one message; on a socket error the client goes quiet instead of raising."""
-        data = _encode(msg)
+        data = encode(msg)
         with self._lock:
             if not self.usable:
                 return

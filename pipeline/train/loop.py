@@ -143,9 +143,7 @@ class _Trainer:
         self.cfg, self.mode, self.comm, self.device = cfg, mode, comm, ctx.device
         self.rank, self.world_size = comm.rank, comm.world_size
         self.batch_size = cfg.rank_batch(self.world_size)  # the global batch is constant
-        self.stopper = elastic.Stopper(
-            comm, notice, can_grow=self.world_size < cfg.world_sizes()[0]
-        )
+        self.stopper = elastic.Stopper(comm, notice, can_grow=self.world_size < cfg.max_workers)
         self.attempt = distenv.current().attempt
         self.fault = parse_fault()
         engine.seed_everything(cfg.seed)  # identical model initialisation on every rank
