@@ -1,13 +1,15 @@
 """Image ETL, image-shard reading and image bytes on disk.
 
-    python bench/images.py [--images 20000] [--pairs 3] [--repeats 5] [--no-write]
+    python bench/images.py [--images 20000] [--pairs 3] [--repeats 5] [--executors 1,2]
+                           [--no-write]
 
 a. ``run_etl`` of an ``image_folder`` (JPEG tiles of scikit-learn's sample photos, about
-   256×256, 10 class folders → uint8 ``[64, 64, 3]``, ``resize: crop``) on ``local[2]`` vs a
-   single-process Pillow loop over the same files (open → convert RGB → ``ImageOps.fit`` to
-   64×64, bilinear → one ``np.save`` of the stacked array and one of the labels). One
-   SparkSession, warmed by a tiny ETL before the clock; the two alternate, and the headline is
-   the median of the per-pair ratios (target ≥ 1.6×).
+   256×256, 10 class folders → uint8 ``[64, 64, 3]``, ``resize: crop``) on ``local[N]`` for
+   each N of ``--executors`` vs a single-process Pillow loop over the same files (open →
+   convert RGB → ``ImageOps.fit`` to 64×64, bilinear → one ``np.save`` of the stacked array
+   and one of the labels). One SparkSession per N, warmed by a tiny ETL before the clock; the
+   ETL and the loop alternate, and the headline is the median of the per-pair ratios at
+   ``local[2]`` (target ≥ 1.6×); images/s per core at 1 and 2 executors show the scaling.
 b. ``ShardReader`` (rank 0 of 1, batch 256, verify off) over the train split the ETL wrote,
    shuffle on and off, vs ``pq.read_table`` → ``torch.from_numpy`` of the same files,
    alternating in one process (target ≥ 0.8×).
@@ -134,8 +136,8 @@ def run_pillow(raw: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bench_etl(raw: Path, n: int, pairs: int) -> dict[str, object]:
-    spark = spark_session("4g")
+def bench_etl(raw: Path, n: int, pairs: int, cores: int) -> dict[str, object]:
+    spark = spark_session("4g", f"local[{cores}]")
     warm = make_tiles(WORK / "images-warm", 200, seed=1)
     run_etl_once(spark, warm, WORK / "images-warm-out")  # JVM, Python workers, code paths
     run_pillow(warm, WORK / "images-warm-np")
@@ -153,13 +155,13 @@ def bench_etl(raw: Path, n: int, pairs: int) -> dict[str, object]:
         pil_s.append(got["pillow"])
         ratios.append(got["pillow"] / got["etl"])  # = ETL images/s ÷ Pillow images/s
         print(
-            f"pair {p}: ETL {got['etl']:.1f} s ({n / got['etl']:.0f} img/s), Pillow "
+            f"local[{cores}] pair {p}: ETL {got['etl']:.1f} s ({n / got['etl']:.0f} img/s), Pillow "
             f"{got['pillow']:.1f} s ({n / got['pillow']:.0f} img/s), ratio {ratios[-1]:.2f}",
             file=sys.stderr,
             flush=True,
         )
     spark.stop()
-    return {"etl": etl_s, "pillow": pil_s, "ratios": ratios, "phases": phases}
+    return {"etl": etl_s, "pillow": pil_s, "ratios": ratios, "phases": phases, "cores": cores}
 
 
 def _pixels(chunk: Any) -> np.ndarray:
@@ -252,33 +254,45 @@ def bench_bytes(uri: str, sample: int = 1000) -> dict[str, float]:
     }
 
 
-def etl_rows(n: int, policy: str, etl: dict) -> list[str]:  # type: ignore[type-arg]
-    """Section a's table rows and verdict for one decode policy."""
-    ratio = statistics.median(etl["ratios"])
-    etl_rate = [n / s for s in etl["etl"]]
-    pil_rate = [n / s for s in etl["pillow"]]
-    phase_names = list(etl["phases"][0])
-    return [
+def etl_rows(n: int, policy: str, runs: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    """Section a's table rows and verdicts for one decode policy (one run per executor count)."""
+    pil_rate = [n / s for etl in runs for s in etl["pillow"]]
+    lines = [
         f"**decode: {policy}**",
         "",
-        "| path | images/s (median) | min | max | images/s per core | seconds (median) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | images/s (median) | min | max | images/s per core | seconds (median) | ETL / Pillow (pairs) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| Pillow loop, 1 process | {statistics.median(pil_rate):,.0f} | {min(pil_rate):,.0f} | "
         f"{max(pil_rate):,.0f} | {statistics.median(pil_rate):,.0f} | "
-        f"{statistics.median(etl['pillow']):.1f} |",
-        f"| ETL, local[2] | {statistics.median(etl_rate):,.0f} | {min(etl_rate):,.0f} | "
-        f"{max(etl_rate):,.0f} | {statistics.median(etl_rate) / 2:,.0f} | "
-        f"{statistics.median(etl['etl']):.1f} |",
-        "",
-        f"Per-pair ratios: {', '.join(f'{r:.2f}' for r in etl['ratios'])}. "
-        f"**ETL / Pillow = {ratio:.2f}× (target ≥ 1.6×: {'met' if ratio >= 1.6 else 'NOT met'})**. "
-        "ETL phases (s, median): "
-        + ", ".join(
-            f"{k} {statistics.median(p[k] for p in etl['phases']):.1f}" for k in phase_names
-        )
-        + ".",
-        "",
+        f"{statistics.median(n / r for r in pil_rate):.1f} | — |",
     ]
+    for etl in runs:
+        rate, cores = [n / s for s in etl["etl"]], etl["cores"]
+        lines.append(
+            f"| ETL, local[{cores}] | {statistics.median(rate):,.0f} | {min(rate):,.0f} | "
+            f"{max(rate):,.0f} | {statistics.median(rate) / cores:,.0f} | "
+            f"{statistics.median(etl['etl']):.1f} | {statistics.median(etl['ratios']):.2f}× "
+            f"({', '.join(f'{r:.2f}' for r in etl['ratios'])}) |"
+        )
+    lines.append("")
+    for etl in runs:
+        ratio = statistics.median(etl["ratios"])
+        verdict = (
+            f" (target ≥ 1.6×: {'met' if ratio >= 1.6 else 'NOT met'})" if etl["cores"] == 2 else ""
+        )
+        lines.append(
+            f"- local[{etl['cores']}]: **ETL / Pillow = {ratio:.2f}×**{verdict}. Phases (s, "
+            "median): "
+            + ", ".join(
+                f"{k} {statistics.median(p[k] for p in etl['phases']):.1f}"
+                for k in etl["phases"][0]
+            )
+            + "."
+        )
+    by_cores = {etl["cores"]: statistics.median(n / s for s in etl["etl"]) for etl in runs}
+    if 1 in by_cores and 2 in by_cores:
+        lines.append(f"- Scaling: local[2] / local[1] = {by_cores[2] / by_cores[1]:.2f}×.")
+    return [*lines, ""]
 
 
 def report(args: argparse.Namespace, n: int, etls: dict, rd: dict, by: dict, load: tuple) -> str:  # type: ignore[type-arg]
@@ -288,26 +302,26 @@ def report(args: argparse.Namespace, n: int, etls: dict, rd: dict, by: dict, loa
     note = "" if n >= 20000 else f" ({n:,} rather than the default 20,000 files)"
     lines = [
         f"`python bench/images.py --images {n} --pairs {args.pairs} --repeats {args.repeats} "
-        f"--decode {args.decode}`.",
+        f"--decode {args.decode} --executors {args.executors}`.",
         "",
         "### a. Image ETL throughput",
         "",
         f"{n:,} JPEG files{note} of about 256×256 (quality 90; tiles cut at random offsets, "
         "flipped at random, from scikit-learn's `load_sample_images()` photos) in 10 class "
         "folders → uint8 [64, 64, 3], `resize: crop`, bilinear. **ETL**: `run_etl` on "
-        "`local[2]` (`image_folder`: driver listing, files read and decoded in the executors, "
+        "`local[N]` (`image_folder`: driver listing, files read and decoded in the executors, "
         "validation + quarantine, split, per-channel "
-        "statistics, 8 balanced shards per split, manifest), one SparkSession warmed by a "
-        "200-image ETL before the clock. **Pillow**: one Python process, for each file `open → "
+        "statistics, 8 balanced shards per split, manifest), one SparkSession per N warmed by "
+        "a 200-image ETL before the clock. **Pillow**: one Python process, for each file `open → "
         "convert('RGB') → ImageOps.fit((64, 64), BILINEAR)`, then one `np.save` of the stacked "
         "[N, 64, 64, 3] array (and one of the labels). Each decode policy on both sides: "
         "`etl.images.image.decode: fast` in the ETL, `img.draft('RGB', (64, 64))` before "
         "`convert` in the loop (what a Pillow user writes for the same DCT-domain downscale). "
-        f"Alternating (order swapped every pair), {args.pairs} pairs; ratio = ETL images/s ÷ "
-        "Pillow images/s, median of the pairs. Target ≥ 1.6×. Per core: the ETL's figure over "
-        "the 2 cores of `local[2]`, the loop's over its one.",
+        f"Alternating (order swapped every pair), {args.pairs} pairs per N; ratio = ETL images/s "
+        "÷ Pillow images/s, median of the pairs. Target ≥ 1.6× at `local[2]`. Per core: the "
+        "ETL's figure over the N cores of `local[N]`, the loop's over its one.",
         "",
-        *(line for policy, etl in etls.items() for line in etl_rows(n, policy, etl)),
+        *(line for policy, runs in etls.items() for line in etl_rows(n, policy, runs)),
         "",
         "### b. Reader throughput on the image shards",
         "",
@@ -361,14 +375,16 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode", default="exact,fast", help="decode policies, in turn")
+    ap.add_argument("--executors", default="1,2", help="local[N] for each N, in turn")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
     global DECODE  # the policy both sides use (etl_config, run_pillow)
     raw = make_tiles(WORK / f"images-{args.images}", args.images)
     load_before = os.getloadavg()[0]
-    etl = {}
+    etl: dict[str, list[dict[str, object]]] = {}
+    masters = [int(c) for c in args.executors.split(",")]
     for DECODE in args.decode.split(","):
-        etl[DECODE] = bench_etl(raw, args.images, args.pairs)
+        etl[DECODE] = [bench_etl(raw, args.images, args.pairs, cores) for cores in masters]
     uri = str(WORK / "images-etl-out")
     rd = bench_reader(uri, args.repeats)
     by = bench_bytes(uri)
