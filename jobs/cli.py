@@ -161,7 +161,10 @@ def _cmd_etl(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
+    from pipeline.train.registry import get_mode
+
     train = cfg.train
+    get_mode(train.mode)  # an unknown train.mode exits 2 before the Spark session starts
     if args.resume:
         train = dataclasses.replace(train, resume=True)
     spark = spark_session(cfg, under_submit=under_submit)

@@ -34,6 +34,7 @@ from pipeline.core.configbase import ConfigError
 from pipeline.data.shardset import ShardSetError
 from pipeline.train.loop import train_worker
 from pipeline.train.preflight import check_training_inputs
+from pipeline.train.registry import get_mode
 
 __all__ = ["EXIT_STOPPED", "main"]
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, args.overrides).train
+        get_mode(cfg.mode)  # every rank: an unknown train.mode exits 2 here, naming it
         if rank == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
             check_training_inputs(cfg)  # a restart resumes inputs that already passed
     except ConfigError as e:

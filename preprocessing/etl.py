@@ -37,15 +37,12 @@ from preprocessing import manifest as mf
 from preprocessing.config import EtlConfig
 from preprocessing.features import (
     FittedFeatures,
-    FittedText,
+    FittedTensors,
     apply_features,
-    encode_texts,
     fit_features,
     fit_tensors,
-    fit_texts,
-    save_texts,
+    tensor_inputs,
 )
-from preprocessing.features.text import tokenizer_digests
 from preprocessing.read import (
     CORRUPT,
     REASON,
@@ -206,8 +203,8 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     with timer("read_header_fingerprint"):
         raw = read_raw(spark, cfg)
         cfg_dict = to_dict(cfg)
-        digests = tokenizer_digests(cfg)  # a provided tokenizer.json is an input too
-        fp_config = {**cfg_dict, "_tokenizers": digests} if digests else cfg_dict
+        inputs = tensor_inputs(cfg)  # e.g. a provided tokenizer.json is an input too
+        fp_config = {**cfg_dict, **inputs} if inputs else cfg_dict
         fp = mf.fingerprint(raw, cfg, fp_config)
         existing = mf.read_existing(cfg.output)
     if (
@@ -258,16 +255,15 @@ def _build(
     train = ok.filter(F.col(SPLIT) == "train")
     with timer("fit_features"):
         fitted = fit_features(train, cfg)
-        texts = fit_texts(train, cfg)
-        tensors = fit_tensors(train, cfg, {c: t.spec for c, t in texts.items()})
+        tensors = fit_tensors(train, cfg)
     _warn_text_like(cfg, fitted, plan.split_rows("train"))
     features_rel = f"features/{generation}"
     with timer("save_features"):
         fitted.model.write().overwrite().save(storage.join(cfg.output, features_rel))
-        save_texts(texts, storage.join(cfg.output, features_rel))
-    encoded = _encoded(ok, cfg, fitted, classes, plan, texts)
+        tensors.save(storage.join(cfg.output, features_rel))
+    encoded = _encoded(ok, cfg, fitted, classes, plan, tensors)
     dim = fitted.dim if cfg.has_tabular else None
-    columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors)
+    columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors.specs)
     with timer("write_shards"):
         schema = arrow_schema(columns, layout=get_format(cfg.format).tensor_layout)
         splits, truncated = write_shards(encoded, plan, cfg, schema, generation)
@@ -292,7 +288,7 @@ def _build(
         reconciliation=Reconciliation(tally.rows_in, rows_ok, tally.rows_quarantined),
         feature_stats=fitted.stats,
         features_model=features_rel,
-        text={c: {"truncated": n} for c, n in truncated.items()} if texts else None,
+        text={c: {"truncated": n} for c, n in truncated.items()} or None,
         timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
         splits=splits,
     )
@@ -304,11 +300,12 @@ def _encoded(
     fitted: FittedFeatures,
     classes: list[Any] | None,
     plan: ShardPlan,
-    texts: dict[str, FittedText],
+    tensors: FittedTensors,
 ) -> DataFrame:
     """The good rows as shard rows: key, features, tensors, encoded label, shard bucket.
 
-    Text columns become token ids, with their ``_trunc_`` flags (counted by the writers).
+    Each tensor kind encodes its columns (text: token ids, with their ``_trunc_`` flags,
+    counted by the writers).
     """
     used = dict.fromkeys([cfg.key, cfg.label, *cfg.numeric, *cfg.categorical, *cfg.tensor_columns])
     bucketed = with_buckets(ok.select(*used, SPLIT), plan)  # before featurizing: see with_buckets
@@ -320,7 +317,7 @@ def _encoded(
         _encode_label(cfg, classes).alias(LABEL_COLUMN),
         F.col(BUCKET),
     )
-    return encode_texts(rows, texts, count=True)
+    return tensors.encode(rows)
 
 
 TEXT_LIKE_LEVELS = 0.9

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core import storage
 from pipeline.core.configbase import ConfigError, check
 from pipeline.train.config import TrainConfig
+from pipeline.train.registry import get_mode
 from preprocessing.config import EtlConfig
 
 if TYPE_CHECKING:
@@ -144,4 +145,6 @@ def train_section(
     data["dataset"] = dataset
     data["output"] = storage.join(run_dir, "model")
     data["checkpoint"] = {**checkpoint, "dir": storage.join(run_dir, "checkpoints")}
-    return TrainConfig.from_mapping(data)
+    cfg = TrainConfig.from_mapping(data)
+    get_mode(cfg.mode)  # on the driver, when the estimator is made: an unknown train.mode
+    return cfg

@@ -55,8 +55,8 @@ def fit(
     when every one of ``train.max_attempts`` launches failed. With ``train.tracking`` set,
     the finished (or failed) run is logged to MLflow / TensorBoard (:mod:`pipeline.launch.tracking`).
     """
+    mode = get_mode(cfg.mode)  # an unknown train.mode: ConfigError, before anything starts
     with tracked(cfg) as runlog:
-        mode = get_mode(cfg.mode)
         shards = check_training_inputs(cfg, mode)  # refuse unusable inputs before launching
         cfg = resolve_checkpoint_model(resolve_defaults(cfg, shards), shards)
         spark = active_session(spark)

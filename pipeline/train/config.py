@@ -17,7 +17,6 @@ from typing import Any, Literal
 from pipeline.core.compat import canonical_builder
 from pipeline.core.configbase import ConfigError, build, check
 from pipeline.core.outputs import check_output_uri
-from pipeline.train.modetable import mode_names
 from pipeline.train.tuneconfig import FreezeConfig, InitConfig
 from pipeline.train.workers import WorkersConfig
 
@@ -315,7 +314,9 @@ class TrainConfig:
     """Training mode, a name in the mode registry (:mod:`pipeline.train.modes`): ``ddp``
     (DistributedDataParallel), ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and
     optimizer state sharded over the ranks) or ``average`` (map-reduce model averaging, one
-    Spark job per round, no barrier; see ``train.averaging``), or a registered one."""
+    Spark job per round, no barrier; see ``train.averaging``), or a registered one. Checked
+    where the mode is resolved, on the driver before any rank starts (``fit``, the CLI, the
+    estimator): a rank rebuilding this config needs no registration of its own."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
@@ -395,12 +396,6 @@ class TrainConfig:
     """MLflow and TensorBoard logging of the finished run."""
 
     def __post_init__(self) -> None:
-        known = mode_names()
-        check(
-            self.mode in known,
-            "train.mode",
-            f"unknown mode {self.mode!r}; known: {', '.join(map(repr, known))}",
-        )
         check(bool(self.dataset), "train.dataset", "must not be empty")
         check(bool(self.output), "train.output", "must not be empty")
         check_output_uri("train.output", self.output)

@@ -1,9 +1,9 @@
 """The names ``train.mode`` accepts, known without importing a mode: :func:`mode_names`.
 
-:class:`~pipeline.train.config.TrainConfig` checks ``train.mode`` against them, and
-:mod:`pipeline.train.registry` resolves a name to its mode; both import this table, so the
-config does not import the registry (which names the config in its types) and no import
-circle forms. Imports nothing of the project; Spark- and torch-free.
+:mod:`pipeline.train.registry` resolves a name to its mode with this table (and its
+``get_mode`` refuses an unknown name, on the driver, before any rank starts; the config
+itself does not check ``train.mode``, so a rank rebuilding it needs no registration). Imports
+nothing of the project; Spark- and torch-free.
 """
 
 from __future__ import annotations

@@ -15,9 +15,13 @@ A mode is one module and one registry entry. Two kinds exist, told apart by
   round, no process group; the rounds driver lives in :mod:`pipeline.launch.rounds`.
 
 Built-in modes are registered by name and imported on first use: this module imports no
-torch, so a config validates ``train.mode`` against :func:`mode_names` without loading one,
-and the mode's own :meth:`Mode.check_config` runs in the training preflight, on the driver
-before any rank starts (:func:`pipeline.train.preflight.check_training_inputs`). :func:`register_mode` adds another one at run time::
+torch. ``train.mode`` is checked where it is resolved, by :func:`get_mode` on the driver
+before any rank starts (``fit``, ``spark-train train`` / ``run``, the estimator, rank 0 of
+``python -m pipeline.worker``), not when a config is parsed: a rank rebuilding the config
+needs no registration of its own (the driver hands it the mode it resolved). The mode's own
+:meth:`Mode.check_config` runs in the training preflight
+(:func:`pipeline.train.preflight.check_training_inputs`). :func:`register_mode` adds another
+one at run time::
 
     class LocalMode(BarrierMode):            # one process, no process group
         name = "local"

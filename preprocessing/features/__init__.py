@@ -3,12 +3,18 @@
 :mod:`~preprocessing.features.tabular` (numeric + categorical columns) fills the ``features``
 vector, which :mod:`~preprocessing.features.assemble` concatenates and standardizes;
 :mod:`~preprocessing.features.array`, :mod:`~preprocessing.features.image` and
-:mod:`~preprocessing.features.text` (tokenized) are tensor columns of their own, whose normalization :mod:`~preprocessing.features.tensors` fits
+:mod:`~preprocessing.features.text` (tokenized) are tensor kinds: columns of their own, which
+:mod:`~preprocessing.features.tensors` fits, saves and encodes alike
 (:mod:`~preprocessing.features.kind` says what each sort of kind provides).
 """
 
 from preprocessing.features.assemble import FittedFeatures, apply_features, fit_features
-from preprocessing.features.tensors import fit_tensors
+from preprocessing.features.tensors import (
+    TENSOR_KINDS,
+    FittedTensors,
+    fit_tensors,
+    tensor_inputs,
+)
 from preprocessing.features.text import (
     FittedText,
     encode_texts,
@@ -18,7 +24,9 @@ from preprocessing.features.text import (
 )
 
 __all__ = [
+    "TENSOR_KINDS",
     "FittedFeatures",
+    "FittedTensors",
     "FittedText",
     "apply_features",
     "encode_texts",
@@ -27,4 +35,5 @@ __all__ = [
     "fit_texts",
     "load_texts",
     "save_texts",
+    "tensor_inputs",
 ]

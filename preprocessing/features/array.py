@@ -28,7 +28,7 @@ MIN_STD: Final = 1e-6
 """A fitted standard deviation below this is recorded as 1 (array and image columns)."""
 
 
-def _spec(cfg: EtlConfig, column: str) -> ColumnSpec:
+def _spec(cfg: EtlConfig, column: str, fitted: None) -> ColumnSpec:
     return ColumnSpec(column, "float32", tuple(cfg.arrays[column].shape), kind="array")
 
 

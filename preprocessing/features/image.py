@@ -26,7 +26,7 @@ from preprocessing.read.images import image_sums
 __all__ = ["IMAGE"]
 
 
-def _spec(cfg: EtlConfig, column: str) -> ColumnSpec:
+def _spec(cfg: EtlConfig, column: str, fitted: None) -> ColumnSpec:
     return ColumnSpec(column, "uint8", cfg.images[column].shape, kind="image")
 
 

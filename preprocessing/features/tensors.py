@@ -1,15 +1,17 @@
 """The tensor columns of a shard set (arrays, images, texts), fitted on the train split.
 
-Text columns come fitted (their tokenizers: :func:`preprocessing.features.text.fit_texts`).
 Every :class:`~preprocessing.features.kind.TensorKind` of :data:`TENSOR_KINDS` contributes
-its columns; their statistics are computed in one aggregation over the good train rows, and
-the specs come back in ``etl.schema`` order (the order of the shard columns).
+its columns the same way (:func:`fit_tensors`): first each kind's own fit (the text columns'
+tokenizers), then their statistics in one aggregation over the good train rows; the specs
+come back in ``etl.schema`` order (the order of the shard columns), beside each kind's fitted
+state, which :class:`FittedTensors` saves into the feature-model directory and applies to
+the shard rows. :func:`tensor_inputs` are the kinds' additions to the ETL's fingerprint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pyspark.sql import DataFrame
 
@@ -18,30 +20,58 @@ from preprocessing.config import EtlConfig
 from preprocessing.features.array import ARRAY
 from preprocessing.features.image import IMAGE
 from preprocessing.features.kind import TensorKind
+from preprocessing.features.text import TEXT
 
-__all__ = ["TENSOR_KINDS", "fit_tensors"]
+__all__ = ["TENSOR_KINDS", "FittedTensors", "fit_tensors", "tensor_inputs"]
 
-TENSOR_KINDS: tuple[TensorKind, ...] = (ARRAY, IMAGE)
+TENSOR_KINDS: tuple[TensorKind, ...] = (ARRAY, IMAGE, TEXT)
 """The tensor kinds."""
 
 
-def fit_tensors(
-    train: DataFrame, cfg: EtlConfig, texts: Mapping[str, ColumnSpec] | None = None
-) -> tuple[ColumnSpec, ...]:
-    """The spec of every tensor column: arrays / images with their fitted ``normalize``.
+@dataclass(frozen=True)
+class FittedTensors:
+    """The tensor columns fitted on the train split: their specs and each kind's state."""
 
-    ``train`` holds the good rows of the train split, as validation made them; ``texts`` are
-    the text columns' specs, by column.
+    specs: tuple[ColumnSpec, ...]
+    """Every tensor column's spec (``normalize`` fitted), in ``etl.schema`` order."""
+    fitted: dict[str, Any]
+    """Each kind's fitted state (what its ``fit`` returned), by kind name."""
+
+    def save(self, features_dir: str) -> None:
+        """Write every kind's fitted state under ``features_dir`` (after the feature model)."""
+        for kind in TENSOR_KINDS:
+            kind.save(self.fitted[kind.name], features_dir)
+
+    def encode(self, rows: DataFrame) -> DataFrame:
+        """The shard rows with every tensor column as the shards store it (text: token ids)."""
+        for kind in TENSOR_KINDS:
+            rows = kind.encode(rows, self.fitted[kind.name])
+        return rows
+
+
+def tensor_inputs(cfg: EtlConfig) -> dict[str, Any]:
+    """The entries every tensor kind adds to the config fingerprint (none for most configs)."""
+    out: dict[str, Any] = {}
+    for kind in TENSOR_KINDS:
+        out.update(kind.inputs(cfg))
+    return out
+
+
+def fit_tensors(train: DataFrame, cfg: EtlConfig) -> FittedTensors:
+    """Fit every tensor kind: its state, then each column's spec with its ``normalize``.
+
+    ``train`` holds the good rows of the train split, as validation made them.
     """
+    fitted = {kind.name: kind.fit(train, cfg) for kind in TENSOR_KINDS}
     planned = [(kind, c) for kind in TENSOR_KINDS for c in kind.columns(cfg)]
     aggs = [kind.aggregates(cfg, c) for kind, c in planned]
     flat = [a for per_column in aggs for a in per_column]
     row = train.agg(*flat).collect()[0] if flat else []
-    specs: dict[str, ColumnSpec] = dict(texts or {})
+    specs: dict[str, ColumnSpec] = {}
     first = 0
     for (kind, c), per_column in zip(planned, aggs, strict=True):
         values = list(row[first : first + len(per_column)])
         first += len(per_column)
         normalize = kind.normalize(cfg, c, values) if per_column else None
-        specs[c] = replace(kind.spec(cfg, c), normalize=normalize)
-    return tuple(specs[c] for c in cfg.tensor_columns)
+        specs[c] = replace(kind.spec(cfg, c, fitted[kind.name]), normalize=normalize)
+    return FittedTensors(tuple(specs[c] for c in cfg.tensor_columns), fitted)

@@ -10,12 +10,16 @@ order, so the same input and config train the same tokenizer on any cluster. Eit
 bundle's ``features/`` copy carries it), and the column's spec records its vocabulary size,
 pad id and that path.
 
-Encoding (:func:`encode_texts`, in the executors): ``mapInArrow`` batch-encodes each Arrow
+Encoding (:func:`encode_texts`, in the executors, the shard writer's map stage): ``mapInArrow`` batch-encodes each Arrow
 batch (``Tokenizer.encode_batch``, the tokenizer's own special tokens added), keeps the first
 ``max_length`` ids and pads with the pad id; a null value (empty text kept by
 ``empty: keep``) is an all-pad row. With ``count=True`` every text column ``c`` also gets
 ``_trunc_<c>`` (1 where ids were cut), which the shard writer sums per shard. The ETL and
 scoring call the same function with the same saved tokenizer, so they produce the same ids.
+
+:data:`TEXT` is the text :class:`~preprocessing.features.kind.TensorKind`: it fits, saves and
+encodes through these functions, and adds the provided tokenizers' digests
+(:func:`tokenizer_digests`) to the ETL's fingerprint.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from pipeline.core import storage
 from pipeline.core.configbase import ConfigError
 from pipeline.data.columns import ColumnSpec
 from preprocessing.config import TEXT_SAMPLE_CHARS, EtlConfig, TextConfig
+from preprocessing.features.kind import TensorKind
 from preprocessing.shards import TRUNCATED_PREFIX
 
 __all__ = [
     "PAD",
+    "TEXT",
     "FittedText",
     "encode_ids",
     "encode_texts",
@@ -267,3 +273,27 @@ def encode_texts(
         fields += [T.StructField(TRUNCATED_PREFIX + c, T.ByteType(), False) for c in texts]
     plain = {c: (t.tokenizer_json, t.max_length, t.pad_id) for c, t in texts.items()}
     return df.mapInArrow(_encoder(plain, count), T.StructType(fields))
+
+
+def _spec(cfg: EtlConfig, column: str, fitted: Mapping[str, FittedText]) -> ColumnSpec:
+    return fitted[column].spec
+
+
+def _inputs(cfg: EtlConfig) -> dict[str, Any]:
+    digests = tokenizer_digests(cfg)  # a provided tokenizer.json is an input too
+    return {"_tokenizers": digests} if digests else {}
+
+
+TEXT = TensorKind(
+    name="text",
+    columns=lambda cfg: [c for c in cfg.schema if c in cfg.texts],
+    spec=_spec,
+    aggregates=lambda cfg, column: [],  # not normalized: ids
+    normalize=lambda cfg, column, values: None,
+    fit=fit_texts,
+    save=save_texts,
+    encode=lambda df, fitted: encode_texts(df, fitted, count=True),
+    inputs=_inputs,
+)
+"""The text kind (:data:`~preprocessing.features.tensors.TENSOR_KINDS`): its fitted state is
+:func:`fit_texts`' ``{column: FittedText}``."""

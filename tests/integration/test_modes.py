@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import yaml
 
 from pipeline import evaluate, fit
-from pipeline.core.configbase import ConfigError
+from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.train.config import TrainConfig
 from pipeline.train.registry import BarrierMode, get_mode, mode_names, register_mode, registered
 from tests.integration.test_training import _assert_same_weights, _cfg, _untimed, _weights
@@ -62,9 +63,11 @@ def test_mode_checks_run_before_launch(spark: Any, tmp_path: Path) -> None:
     assert e.value.key == "train.num_workers" and "without a process group" in str(e.value)
 
 
-def test_the_registry_names_what_it_knows() -> None:
+def test_the_registry_names_what_it_knows(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, str(tmp_path / "no-set"), mode="horovod")  # parses: see below
+    # fit resolves the mode first: no shard set opened, no session, no tracking run
     with pytest.raises(ConfigError, match=r"unknown mode 'horovod'; known: 'ddp', 'fsdp'") as e:
-        TrainConfig.from_mapping({"mode": "horovod"})
+        fit(cfg, spark=None)
     assert e.value.key == "train.mode"
     with pytest.raises(ConfigError, match="known:"):
         get_mode("horovod")
@@ -76,3 +79,52 @@ def test_the_registry_names_what_it_knows() -> None:
 
         register_mode(Odd())
     assert [get_mode(n).name for n in ("ddp", "fsdp", "average")] == ["ddp", "fsdp", "average"]
+
+
+def test_a_custom_mode_name_parses_where_it_is_not_registered() -> None:
+    """A rank rebuilds the config from plain data before (or without) registering the mode:
+    the name is checked where it is resolved (``get_mode``, on the driver), not on parsing."""
+    assert "local-test" not in mode_names()
+    cfg = TrainConfig.from_mapping({"mode": "local-test"})
+    assert cfg.mode == "local-test" and "local-test" not in mode_names()
+    assert TrainConfig.from_mapping(to_dict(cfg)) == cfg
+
+
+def _train_config_file(tmp_path: Path, mode: str) -> Path:
+    path = tmp_path / "c.yaml"
+    section = {"dataset": str(tmp_path / "set"), "output": str(tmp_path / "m"), "mode": mode}
+    path.write_text(yaml.safe_dump({"train": section}))
+    return path
+
+
+def test_the_cli_and_the_worker_refuse_an_unknown_mode_before_starting(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs import cli
+    from pipeline import worker
+
+    def no_session(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a Spark session was started for an unknown train.mode")
+
+    monkeypatch.setattr(cli, "spark_session", no_session)
+    config = _train_config_file(tmp_path, "horovod")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "'train.mode'" in err and "unknown mode 'horovod'; known: 'ddp'" in err, err
+    for rank in ("0", "1"):  # every rank of plain torchrun, before joining a process group
+        monkeypatch.setenv("RANK", rank)
+        assert worker.main(["--config", str(config)]) == 2
+        assert "unknown mode 'horovod'" in capsys.readouterr().err
+
+
+def test_the_estimator_refuses_an_unknown_mode_when_made(tmp_path: Path) -> None:
+    from pipeline.estimator.sections import train_section
+
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="unknown mode 'horovod'") as e:
+        train_section({"mode": "horovod"}, task=None, run_dir=run_dir, dataset=run_dir)
+    assert e.value.key == "train.mode"
+    with registered(LocalMode()):
+        made = train_section({"mode": "local-test"}, task=None, run_dir=run_dir, dataset=run_dir)
+    assert made.mode == "local-test"

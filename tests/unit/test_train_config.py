@@ -83,7 +83,6 @@ def test_unknown_keys_are_named(data: dict[str, Any], key: str) -> None:
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"mode": "horovod"}, "train.mode"),
         ({"task": "ranking"}, "train.task"),
         ({"epochs": 0}, "train.epochs"),
         ({"epochs": "5"}, "train.epochs"),
