@@ -283,10 +283,11 @@ def test_text_model_defaults_reach_tfidf_logistic_regression(
     spark: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The built-in ``text`` model, its args and the optimizer left at their defaults, is
-    within 5 points of TF-IDF + logistic regression (scikit-learn) on the same splits.
+    within 3 points of TF-IDF + logistic regression (scikit-learn) on the same splits.
 
-    Measured over ``train.seed`` 0–3 (20 epochs): 0.864–0.884 against 0.904, 2.0–4.0 points
-    below (the 0.1.0 defaults: 0.686). The bound leaves a point for another seed's order.
+    Measured over ``train.seed`` 0–3 (20 epochs): 0.893–0.899 against 0.904, 0.5–1.2 points
+    below (seeds 4–7: 0.891–0.916; without the bag's token dropout, seeds 0–3: 0.867–0.883;
+    the 0.1.0 defaults: 0.686). The bound leaves 1.7 points for another seed's order.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -341,4 +342,4 @@ def test_text_model_defaults_reach_tfidf_logistic_regression(
     predicted = linear.predict(tfidf.transform([text[k] for k in keys["test"]]))
     baseline = float(np.mean(predicted == np.array([label[k] for k in keys["test"]])))
     print(f"text defaults: test accuracy {accuracy:.3f}, TF-IDF + LR {baseline:.3f}")
-    assert accuracy >= baseline - 0.05, (accuracy, baseline)
+    assert accuracy >= baseline - 0.03, (accuracy, baseline)

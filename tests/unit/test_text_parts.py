@@ -98,3 +98,41 @@ def test_text_columns_need_a_builder_with_vocab() -> None:
             inputs={"r": ("int32", (8,))},
             vocab={"r": (20, 0)},
         )
+
+
+def _bag(**args: Any) -> torch.nn.Module:
+    return build_model(
+        "pipeline.train.models:text",
+        input_shape=(6,),
+        num_outputs=3,
+        args={"dim": 8, **args},
+        vocab={"r": (50, 0)},
+    )
+
+
+def test_token_dropout_trains_only_and_keeps_the_weights_of_earlier_bundles() -> None:
+    torch.manual_seed(0)
+    default, off = _bag(), _bag(token_dropout=0.0)
+    encoder = default[0].parts[0]
+    assert encoder.token_dropout == 0.5  # the bag's default
+    assert _bag(encoder="transformer", heads=2, layers=1)[0].parts[0].token_dropout == 0.0
+    # a bundle written before the argument (same args, no token_dropout) loads unchanged
+    assert {k: v.shape for k, v in default.state_dict().items()} == {
+        k: v.shape for k, v in off.state_dict().items()
+    }
+    off.load_state_dict(default.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 0, 0, 0, 0, 0], [0] * 6])
+    torch.testing.assert_close(default.eval()(ids), off.eval()(ids))
+
+    default.train()
+    dropped = encoder._drop_tokens(torch.arange(1, 4001).reshape(2, 2000))
+    assert 0.45 < (dropped == 0).float().mean() < 0.55  # about half, padding in their place
+    assert ((dropped == 0) | (dropped == torch.arange(1, 4001).reshape(2, 2000))).all()
+    for _ in range(20):  # a text never loses its last token; padding stays padding
+        assert encoder._drop_tokens(ids[1:]).tolist() == ids[1:].tolist()
+    assert not torch.equal(default(ids.repeat(50, 1)), off.train()(ids.repeat(50, 1)))
+
+
+def test_token_dropout_is_checked() -> None:
+    with pytest.raises(BuilderError, match=r"token_dropout must be in \[0, 1\), got 1.0"):
+        _bag(token_dropout=1.0)
