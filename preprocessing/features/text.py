@@ -5,7 +5,8 @@ Fitting (:func:`fit_texts`, on the driver): a column with ``tokenizer`` set load
 bounded sample of the good train rows — the ``sample_rows`` rows with the smallest seeded hash
 of the key (``etl.split.seed``), each cut to its first
 :data:`~preprocessing.config.TEXT_SAMPLE_CHARS` characters, gathered to the driver in that
-order, so the same input and config train the same tokenizer on any cluster. Either way
+order, so the same input and config train the same tokenizer (byte for byte, same ids) on any
+cluster and in any run. Either way
 (:func:`save_texts`) the tokenizer is saved as ``text/<column>.json`` in the shard set's feature-model directory (a
 bundle's ``features/`` copy carries it), and the column's spec records its vocabulary size,
 pad id and that path.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -128,28 +130,61 @@ def _load(column: str, text: TextConfig) -> tuple[Tokenizer, int]:
     return tok, _pad_id(tok, key, text.tokenizer)
 
 
-def _train(texts: list[str], text: TextConfig) -> Tokenizer:
-    """A BPE / WordPiece tokenizer trained on ``texts`` (``[PAD]`` = 0, ``[UNK]`` = 1)."""
-    special = [PAD, UNK]
-    tok: Tokenizer
-    trainer: trainers.Trainer
-    if text.algorithm == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=UNK))
-        trainer = trainers.BpeTrainer(
-            vocab_size=text.vocab_size, special_tokens=special, show_progress=False
-        )
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token=UNK))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=text.vocab_size, special_tokens=special, show_progress=False
-        )
+def _untrained(text: TextConfig) -> Tokenizer:
+    """An empty BPE / WordPiece tokenizer: NFKC (+ lowercase), split on whitespace/punctuation."""
+    model = (
+        models.BPE(unk_token=UNK) if text.algorithm == "bpe" else models.WordPiece(unk_token=UNK)
+    )
+    tok = Tokenizer(model)
     steps: list[normalizers.Normalizer] = [normalizers.NFKC()]
     if text.lowercase:
         steps.append(normalizers.Lowercase())
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainer, length=len(texts))
     return tok
+
+
+def _continuations(texts: list[str], text: TextConfig) -> list[str]:
+    """The ``##c`` tokens WordPiece training starts from (each char seen inside a word), sorted.
+
+    A training run with no merges (vocabulary size 1) gives exactly that set.
+    """
+    tok = _untrained(text)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=1, special_tokens=[PAD, UNK], show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return sorted(t for t in tok.get_vocab() if t.startswith("##") and len(t) == 3)
+
+
+def _train(texts: list[str], text: TextConfig) -> Tokenizer:
+    """A BPE / WordPiece tokenizer trained on ``texts`` (``[PAD]`` = 0, ``[UNK]`` = 1).
+
+    Deterministic: the same ``texts`` give the same JSON in any process. The WordPiece
+    trainer numbers the ``##c`` tokens in hash-map order (random per process), and merges
+    that tie on count go to the lower ids, so its vocabulary and ids would vary from run to
+    run; here the ``##c`` tokens are given to it up front, sorted (:func:`_continuations`),
+    as extra special tokens, which it keeps in the vocabulary with ids 2, 3, ... in that
+    order. They are then dropped from the added (special) tokens, so ``##c`` in the input is
+    not matched as one. The BPE trainer's ids are deterministic already.
+    """
+    special = [PAD, UNK]
+    tok = _untrained(text)
+    if text.algorithm == "bpe":
+        bpe = trainers.BpeTrainer(
+            vocab_size=text.vocab_size, special_tokens=special, show_progress=False
+        )
+        tok.train_from_iterator(texts, bpe, length=len(texts))
+        return tok
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=text.vocab_size,
+        special_tokens=special + _continuations(texts, text),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] in special]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _sample(train: DataFrame, cfg: EtlConfig, column: str) -> list[str]:
