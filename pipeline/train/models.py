@@ -25,9 +25,10 @@ Built in:
   columns (the tabular vector) flattened, concatenated, then an MLP head;
 * :func:`text` — token-id column(s) through an embedding bag (the mean of the non-pad
   tokens' embeddings, half of them left out at random in training: a fast baseline) or a
-  small Transformer encoder (masked mean of its outputs), plus the other columns (the tabular vector) flattened, then an MLP head. Text
-  columns need a builder with a ``vocab`` parameter (``{column: (vocab_size, pad_id)}``),
-  since the ids are indices, not numbers, and their width may change per batch.
+  small Transformer encoder (masked mean of its outputs), plus the other columns (the
+  tabular vector) flattened, then an MLP head. Text columns need a builder with a ``vocab``
+  parameter (``{column: (vocab_size, pad_id)}``), since the ids are indices, not numbers,
+  and their width may change per batch.
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ bounded sample of the good train rows — the ``sample_rows`` rows with the smal
 of the key (``etl.split.seed``), each cut to its first
 :data:`~preprocessing.config.TEXT_SAMPLE_CHARS` characters, gathered to the driver in that
 order, so the same input and config train the same tokenizer (byte for byte, same ids) on any
-cluster and in any run. Either way
-(:func:`save_texts`) the tokenizer is saved as ``text/<column>.json`` in the shard set's feature-model directory (a
-bundle's ``features/`` copy carries it), and the column's spec records its vocabulary size,
-pad id and that path.
+cluster and in any run. Either way (:func:`save_texts`) the tokenizer is saved as
+``text/<column>.json`` in the shard set's feature-model directory (a bundle's ``features/``
+copy carries it), and the column's spec records its vocabulary size, pad id and that path.
 
-Encoding (:func:`encode_texts`, in the executors, the shard writer's map stage): ``mapInArrow`` batch-encodes each Arrow
+Encoding (:func:`encode_texts`, in the executors, the shard writer's map stage):
+``mapInArrow`` batch-encodes each Arrow
 batch (``Tokenizer.encode_batch``, the tokenizer's own special tokens added), keeps the first
 ``max_length`` ids and pads with the pad id; a null value (empty text kept by
 ``empty: keep``) is an all-pad row. With ``count=True`` every text column ``c`` also gets
