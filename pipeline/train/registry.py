@@ -16,7 +16,7 @@ A mode is one module and one registry entry. Two kinds exist, told apart by
 
 Built-in modes are registered by name and imported on first use: this module imports no
 torch. ``train.mode`` is checked where it is resolved, by :func:`get_mode` on the driver
-before any rank starts (``fit``, ``spark-train train`` / ``run``, the estimator, rank 0 of
+before any rank starts (``fit``, ``spark-train train`` / ``run``, the estimator, every rank of
 ``python -m pipeline.worker``), not when a config is parsed: a rank rebuilding the config
 needs no registration of its own (the driver hands it the mode it resolved). The mode's own
 :meth:`Mode.check_config` runs in the training preflight
