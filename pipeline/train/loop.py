@@ -171,6 +171,8 @@ class _Trainer:
         # Progress through the run; replaced by a checkpoint's values on resume.
         self.epoch = 0
         self.micro = 0  # micro-batches of the current epoch already consumed
+        # (batch size, rows per rank, steps) of the epoch or segment being trained
+        self._segment = (self.train_reader.batch_size, 0, 0)
         self.history: list[dict[str, Any]] = []
         self.epoch_seconds = 0.0  # training time in the current epoch before a resume
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -410,6 +412,9 @@ class _Trainer:
         batch of that many rows would give.
         """
         reader = self.train_reader
+        # The reader moves on to the next epoch's shape before it yields an epoch's last batch,
+        # and after a resize the rest of an epoch is a segment of another shape: take it now.
+        self._segment = (reader.batch_size, reader.rows_per_rank, reader.steps_per_epoch)
         total, accum = reader.steps_per_epoch, self.cfg.grad_accum_steps
         for batch in reader:
             group_start = self.micro - self.micro % accum
@@ -420,8 +425,11 @@ class _Trainer:
             yield x, y, self.micro == group_end, y.shape[0] / rows if rows else 0.0
 
     def _rows(self, first: int, end: int) -> int:
-        """Rows in micro-batches ``[first, end)`` of an epoch (only the last one is short)."""
-        size, per_rank = self.train_reader.batch_size, self.train_reader.rows_per_rank
+        """Rows in micro-batches ``[first, end)`` of the epoch (or segment) being trained.
+
+        Its shape as its micro-batches started; only the last micro-batch is short.
+        """
+        size, per_rank, _ = self._segment
         return min(end * size, per_rank) - min(first * size, per_rank)
 
     def _train_epoch(self, start: float) -> float:
@@ -476,7 +484,7 @@ class _Trainer:
         report(
             epoch=self.epoch,
             step=self.micro,
-            steps=self.train_reader.steps_per_epoch,
+            steps=self._segment[2],
             samples_per_s=self._rows(0, self.micro)
             * self.world_size
             / max(time.perf_counter() - start, 1e-9),
@@ -488,7 +496,7 @@ class _Trainer:
         """The finished epoch (loss over all ranks), from rank 0."""
         if self.rank != 0:
             return
-        steps = self.train_reader.steps_per_epoch
+        steps = self._segment[2]
         report(
             epoch=self.epoch,
             step=steps,

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -260,3 +261,36 @@ def test_malformed_segments_are_named(uri: str, segments: object, match: str) ->
     state = {"epoch": 0, "batches_in_epoch": 0, "world_size": 2, "batch_size": 6, "seed": SEED}
     with reader(uri, 0, 2, 6) as r, pytest.raises(ValueError, match=match):
         r.load_state_dict(state | {"segments": segments})
+
+
+# -- the training loop's weights over a segment -------------------------------------------------
+def test_the_loop_weighs_a_segment_s_last_micro_batches_by_the_segment_s_rows(uri: str) -> None:
+    """Every optimizer step's micro-batch weights sum to 1, the segment's last step too.
+
+    After 3 ranks read 3 batches of 4, 2 ranks share the 216 rows left: 108 each, 21 batches
+    of 5 and one of 3. The reader takes the next epoch's shape (126 rows per rank) before it
+    yields an epoch's last batch; the loop weighs that batch by the segment it belongs to.
+    """
+    from pipeline.train.loop import _Trainer
+
+    _, state = run(uri, [(3, 4, 3)])
+    groups: list[list[tuple[int, float]]] = [[]]
+    with reader(uri, 0, 2, 5) as r:
+        r.load_state_dict(state, elastic=True)
+        stub = SimpleNamespace(
+            train_reader=r,
+            cfg=SimpleNamespace(grad_accum_steps=2),
+            micro=0,
+            inputs=SimpleNamespace(prepare=lambda batch, device: (batch.features, batch.labels)),
+            device=torch.device("cpu"),
+        )
+        stub._rows = lambda first, end: _Trainer._rows(stub, first, end)  # type: ignore[arg-type]
+        for _, y, ends, weight in _Trainer._micro_batches(stub):  # type: ignore[arg-type]
+            groups[-1].append((len(y), weight))
+            if ends:
+                groups.append([])
+    assert groups.pop() == []
+    assert [n for g in groups for n, _ in g] == [5] * 21 + [3]
+    for group in groups:
+        assert sum(w for _, w in group) == pytest.approx(1.0), group
+    assert groups[-1] == [(5, pytest.approx(5 / 8)), (3, pytest.approx(3 / 8))]
