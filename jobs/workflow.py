@@ -30,7 +30,15 @@ from jobs.stages import run_etl_stage, run_train_stage, spark_session
 from pipeline.config import Config, ConfigError
 from pipeline.data.manifest import Manifest
 
-__all__ = ["FORCEABLE", "STAGES", "etl_counts", "exit_status", "parse_force", "run_workflow"]
+__all__ = [
+    "FORCEABLE",
+    "STAGES",
+    "check_run_config",
+    "etl_counts",
+    "exit_status",
+    "parse_force",
+    "run_workflow",
+]
 
 STAGES = ("etl", "train", "evaluate")
 FORCEABLE = ("etl", "train")
@@ -95,9 +103,7 @@ def _run_stages(
     etl, train = cfg.etl, cfg.train
     if args.resume:
         train = dataclasses.replace(train, resume=True)
-    if train.dataset != etl.output:
-        raise ConfigError("train.dataset", f"is {train.dataset!r} but etl.output is {etl.output!r}")
-    _check_train_section(cfg)
+    check_run_config(cfg)
     summary.doc["outputs"] = {"shard_set": etl.output, "bundle": train.output}
     spark = spark_session(cfg, under_submit=under_submit)
     summary.doc["spark"] = {  # the runtime conf answers on classic and Connect sessions
@@ -112,12 +118,19 @@ def _run_stages(
     print(f"model bundle: {train.output}")
 
 
-def _check_train_section(cfg: Config) -> None:
-    """What can be checked of the train section before the ETL writes its shard set."""
+def check_run_config(cfg: Config) -> None:
+    """The checks of a run's config that need no Spark and no shard set.
+
+    ``run`` and ``demo`` call it first, before Spark starts and the ETL writes its shard set;
+    ``ConfigError`` naming the key otherwise.
+    """
     from pipeline.train.preflight import check_train_config  # lazy: loads torch
 
-    check_train_config(cfg.train)
-    etl_task, train_task = cfg.etl.resolved_task, cfg.train.task
+    train, etl = cfg.train, cfg.etl
+    if train.dataset != etl.output:
+        raise ConfigError("train.dataset", f"is {train.dataset!r} but etl.output is {etl.output!r}")
+    check_train_config(train)
+    etl_task, train_task = etl.resolved_task, train.task
     if train_task is not None and train_task != etl_task:
         raise ConfigError(
             "train.task",

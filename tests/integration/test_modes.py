@@ -19,6 +19,7 @@ from pipeline import evaluate, fit
 from pipeline.core.configbase import ConfigError, to_dict
 from pipeline.train.config import TrainConfig
 from pipeline.train.registry import BarrierMode, get_mode, mode_names, register_mode, registered
+from tests.configs import pipeline_config
 from tests.integration.test_training import _assert_same_weights, _cfg, _untimed, _weights
 from tests.shards import make_shardset
 
@@ -116,6 +117,13 @@ def test_the_cli_and_the_worker_refuse_an_unknown_mode_before_starting(
         monkeypatch.setenv("RANK", rank)
         assert worker.main(["--config", str(config)]) == 2
         assert "unknown mode 'horovod'" in capsys.readouterr().err
+    # demo: before its Spark session and before it writes sample data
+    raw, where = tmp_path / "raw", tmp_path / "demo"
+    where.mkdir()
+    demo = pipeline_config(where, raw, mode="horovod")
+    assert cli.main(["demo", "--config", str(demo), "--rows", "100"]) == 2
+    assert "unknown mode 'horovod'" in capsys.readouterr().err
+    assert not raw.exists()
 
 
 def test_the_estimator_refuses_an_unknown_mode_when_made(tmp_path: Path) -> None:
