@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from jobs.clierrors import (
     EXIT_OK,
@@ -28,7 +29,7 @@ from jobs.clierrors import (
 )
 from jobs.runsummary import read_summary
 from jobs.stages import run_etl_stage, run_train_stage, spark_session
-from jobs.workflow import FORCEABLE, check_run_config, parse_force, run_workflow
+from jobs.workflow import FORCEABLE, parse_force, run_workflow
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.core import storage
 from preprocessing.config import INPUT_FORMATS
@@ -212,14 +213,15 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
 def _cmd_demo(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
     from preprocessing.make_data import make_data
 
-    check_run_config(cfg)  # a config mistake exits 2 before Spark starts and data is written
     raw = cfg.etl.input.path
-    spark = spark_session(cfg, under_submit=under_submit)
-    fs, path = storage.resolve(raw)
-    if "etl" in args.force or not storage.exists(fs, path):
-        make_data(spark, args.rows, raw, seed=0)
-        print(f"wrote {args.rows} rows of sample data to {raw}")
-    return _cmd_run(args, cfg, under_submit)
+
+    def sample_data(spark: Any) -> None:  # after the run's config checks: a mistake writes none
+        fs, path = storage.resolve(raw)
+        if "etl" in args.force or not storage.exists(fs, path):
+            make_data(spark, args.rows, raw, seed=0)
+            print(f"wrote {args.rows} rows of sample data to {raw}")
+
+    return run_workflow(args, cfg, under_submit, prepare=sample_data)
 
 
 def _cmd_inspect(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:

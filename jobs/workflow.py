@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from jobs.clierrors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, UsageError
@@ -33,7 +34,6 @@ from pipeline.data.manifest import Manifest
 __all__ = [
     "FORCEABLE",
     "STAGES",
-    "check_run_config",
     "etl_counts",
     "exit_status",
     "parse_force",
@@ -70,8 +70,18 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_RUNTIME
 
 
-def run_workflow(args: argparse.Namespace, cfg: Config, under_submit: bool) -> int:
-    """Run the stages, print what each did, and write the run summary (also on failure)."""
+def run_workflow(
+    args: argparse.Namespace,
+    cfg: Config,
+    under_submit: bool,
+    *,
+    prepare: Callable[[Any], None] | None = None,
+) -> int:
+    """Run the stages, print what each did, and write the run summary (also on failure).
+
+    ``prepare(spark)`` runs after the config's checks and the session start, before the ETL
+    (``demo`` writes its sample data there).
+    """
     summary = RunSummary(
         "run",
         STAGES,
@@ -83,7 +93,7 @@ def run_workflow(args: argparse.Namespace, cfg: Config, under_submit: bool) -> i
     try:
         if summary.path is None:
             summary.path = default_summary_path(cfg.train.output)
-        _run_stages(summary, args, cfg, under_submit)
+        _run_stages(summary, args, cfg, under_submit, prepare)
     except BaseException as exc:
         summary.finish(exit_status(exc), exc)
         if summary.path is not None:
@@ -98,12 +108,16 @@ def run_workflow(args: argparse.Namespace, cfg: Config, under_submit: bool) -> i
 
 
 def _run_stages(
-    summary: RunSummary, args: argparse.Namespace, cfg: Config, under_submit: bool
+    summary: RunSummary,
+    args: argparse.Namespace,
+    cfg: Config,
+    under_submit: bool,
+    prepare: Callable[[Any], None] | None,
 ) -> None:
     etl, train = cfg.etl, cfg.train
     if args.resume:
         train = dataclasses.replace(train, resume=True)
-    check_run_config(cfg)
+    _check_run_config(cfg)
     summary.doc["outputs"] = {"shard_set": etl.output, "bundle": train.output}
     spark = spark_session(cfg, under_submit=under_submit)
     summary.doc["spark"] = {  # the runtime conf answers on classic and Connect sessions
@@ -112,17 +126,18 @@ def _run_stages(
         "app_id": spark.conf.get("spark.app.id", None),
         "remote": cfg.spark.remote,
     }
+    if prepare is not None:
+        prepare(spark)
     _etl_stage(summary, spark, etl, force="etl" in args.force)
     _train_stage(summary, spark, train, force="train" in args.force)
     _evaluate_stage(summary, train.output, etl.output)
     print(f"model bundle: {train.output}")
 
 
-def check_run_config(cfg: Config) -> None:
+def _check_run_config(cfg: Config) -> None:
     """The checks of a run's config that need no Spark and no shard set.
 
-    ``run`` and ``demo`` call it first, before Spark starts and the ETL writes its shard set;
-    ``ConfigError`` naming the key otherwise.
+    Made first, before Spark starts and the ETL writes: ``ConfigError`` naming the key.
     """
     from pipeline.train.preflight import check_train_config  # lazy: loads torch
 
