@@ -6,7 +6,10 @@ of each row of the batch, which identifies the row in :func:`tests.shards.make_s
 data — to ``<record_dir>/a<attempt>-r<rank>.jsonl``. ``args.hold`` (``{attempt: n}``) makes
 every rank of that launch attempt wait, before its forward number ``n + 1``, until the file
 ``<record_dir>/go-<attempt>`` exists: the test then knows where training stands while it
-kills or adds a worker (bounded by ``HOLD_S``). Evaluation forwards are not recorded.
+kills or adds a worker (bounded by ``HOLD_S``). A waiting rank says so in
+``<record_dir>/held-a<attempt>-r<rank>`` (:func:`held`): its records alone are complete as
+soon as the forward before the hold ran, before that step's backward and checkpoint.
+Evaluation forwards are not recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from pipeline.train.models import mlp
 
-__all__ = ["HOLD_S", "recording_mlp", "records"]
+__all__ = ["HOLD_S", "held", "recording_mlp", "records"]
 
 HOLD_S = 300.0
 
@@ -40,6 +43,7 @@ class _Recording(nn.Module):
         if self.training and x.device.type != "meta":  # (the driver's check runs on meta)
             attempt = os.environ.get("SPARK_TRAIN_ATTEMPT", "0")
             if self._hold.get(attempt) == self._count:
+                (self._dir / f"held-a{attempt}-r{os.environ['RANK']}").touch()
                 self._wait(self._dir / f"go-{attempt}")
             line = {"world": int(os.environ["WORLD_SIZE"]), "first": x[:, 0].tolist()}
             path = self._dir / f"a{attempt}-r{os.environ['RANK']}.jsonl"
@@ -77,3 +81,8 @@ def records(record_dir: Path, attempt: int) -> dict[int, list[dict[str, Any]]]:
         rank = int(path.stem.split("-r")[1])
         out[rank] = [json.loads(line) for line in path.read_text().splitlines()]
     return out
+
+
+def held(record_dir: Path, attempt: int) -> set[int]:
+    """The ranks of attempt ``attempt`` waiting at their hold (or past it)."""
+    return {int(p.name.split("-r")[1]) for p in record_dir.glob(f"held-a{attempt}-r*")}

@@ -38,7 +38,7 @@ from tests.integration.test_standalone import (
     _signal,
     standalone_cluster,
 )
-from tests.recording import records
+from tests.recording import held, records
 from tests.reliability.faultkit import poll_until
 from tests.shards import make_shardset, read_split
 
@@ -84,7 +84,12 @@ def _config(tmp: Path, dataset: str, mode: str, record_dir: Path) -> Path:
 
 def _held(record_dir: Path, attempt: int, ranks: int) -> bool:
     found = records(record_dir, attempt)
-    return len(found) == ranks and all(len(v) >= HOLD_AFTER for v in found.values())
+    waiting = held(record_dir, attempt)  # past the step (and checkpoint) before the hold
+    return (
+        len(found) == ranks
+        and waiting == set(found)
+        and all(len(v) >= HOLD_AFTER for v in found.values())
+    )
 
 
 def _registered(cluster: Standalone, worker: str) -> bool:
