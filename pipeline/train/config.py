@@ -340,6 +340,11 @@ class TrainConfig:
     """Rows per micro-batch per worker (with a ``num_workers`` range: per worker at ``max``
     workers; the global batch stays ``batch_size × max`` at every world size)."""
 
+    drop_last: bool = False
+    """Drop each rank's partial last batch of an epoch (as ``DataLoader(drop_last=True)``).
+    The preflight refuses a model with BatchNorm layers whose last batch would hold 1 row,
+    naming this key."""
+
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer."""
 

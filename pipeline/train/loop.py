@@ -216,7 +216,7 @@ class _Trainer:
             batch_size=self.batch_size,
             seed=self.cfg.seed,
             shuffle=shuffle,
-            drop_last=False,
+            drop_last=self.cfg.drop_last,
             verify=self.cfg.verify,
             pin_memory=self.device.type == "cuda",  # async host→device copies in to_model
         )

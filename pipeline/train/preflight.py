@@ -14,7 +14,8 @@ runs before any of that and raises an error that names the file, split or key:
   sha256 for ``auto`` under 1 GiB / ``full``, size for ``size``, nothing for ``none``) and
   holds the manifest's row count (as its format counts them: a Parquet footer, a TFRecord
   scan; :mod:`pipeline.data.formats`);
-* the train split has at least one row per rank.
+* the train split has at least one row per rank (with ``train.drop_last``, a batch), and a
+  model with BatchNorm layers no 1-row last batch.
 
 The sha256 pass reads the train and val splits once on the driver (about 1 s per GiB); ranks
 verify the shards they read again, which catches a file replaced after this check.
@@ -126,7 +127,53 @@ def check_training_data(
             f"{workers} ranks (each rank needs at least one row); lower "
             "train.num_workers or check the ETL's quarantine",
         )
+    if cfg.drop_last:
+        for rows, batch in _rank_rows(cfg, shards, workers):
+            if rows < batch:
+                raise ConfigError(
+                    "train.drop_last",
+                    f"a rank reads {rows} training row(s) per epoch, fewer than its batch of "
+                    f"{batch}: with drop_last it would train on nothing; lower "
+                    "train.batch_size or set train.drop_last: false",
+                )
     mode.check_data(cfg, shards)
+
+
+def _rank_rows(
+    cfg: TrainConfig, shards: ShardSet, workers: int | None = None
+) -> list[tuple[int, int]]:
+    """(training rows per epoch, rows per batch) of each rank at each world size it may run at.
+
+    A rank reads ``rows // world_size`` rows (:mod:`pipeline.data.reader`); ``average`` with
+    ``partition: shards`` reads its own shard files. ``workers`` fixes the world size.
+    """
+    train = shards.split("train")
+    if cfg.mode == "average" and cfg.averaging.partition == "shards":
+        n = cfg.max_workers
+        return [(sum(s.rows for s in train.shards[i::n]), cfg.batch_size) for i in range(n)]
+    sizes = cfg.world_sizes() if workers is None else (workers,)
+    return [(train.rows // w, cfg.rank_batch(w)) for w in sizes]
+
+
+def _check_batch_norm(cfg: TrainConfig, shards: ShardSet, model: Any) -> None:
+    """Refuse a BatchNorm model whose last batch of an epoch would hold one row.
+
+    BatchNorm cannot normalize a single row in training (torch raises "Expected more than 1
+    value per channel" at the end of the first epoch); ``train.drop_last`` skips that batch.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if cfg.drop_last or not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return
+    for rows, batch in _rank_rows(cfg, shards):
+        if rows % batch == 1:
+            raise ConfigError(
+                "train.drop_last",
+                f"{cfg.model.builder} has BatchNorm layers, and a rank's last batch of each "
+                f"epoch would hold 1 row ({rows} rows per rank, train.batch_size {batch}), "
+                "which BatchNorm cannot train on: set train.drop_last: true or change "
+                "train.batch_size",
+            )
 
 
 def resolve_defaults(cfg: TrainConfig, shards: ShardSet) -> TrainConfig:
@@ -279,9 +326,17 @@ def check_model(cfg: TrainConfig, shards: ShardSet) -> None:
             f"fails on a batch of the shard set's columns: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}",
         ) from e
+    _check_batch_norm(cfg, shards, model)
     finetune.param_groups(model, cfg.optimizer)  # train.optimizer.lr_multipliers match
     if cfg.init.uri is not None:
         finetune.check_init(cfg.init, model)  # the keys and shapes fit; logs the summary
+    _check_outputs(cfg, shards, out)
+
+
+def _check_outputs(cfg: TrainConfig, shards: ShardSet, out: Any) -> None:
+    """The model's output for a 2-row batch has the task's shape."""
+    import torch
+
     outputs = 1 if cfg.task == "regression" else len(shards.classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -325,12 +325,16 @@ def test_a_raising_rank_reaches_the_driver_with_its_traceback(
 
 
 @pytest.mark.spark
-def test_uneven_and_empty_shards_give_equal_steps(spark: Any, tmp_path: Path) -> None:
-    # 132 train rows: 66 per rank whatever the shards, 5 batches of 16; 1 val row: none per rank.
+@pytest.mark.parametrize(("drop_last", "batches"), [(False, 5), (True, 4)])
+def test_uneven_and_empty_shards_give_equal_steps(
+    spark: Any, tmp_path: Path, drop_last: bool, batches: int
+) -> None:
+    # 132 train rows: 66 per rank whatever the shards, 4 batches of 16 and one of 2 (dropped
+    # with train.drop_last); 1 val row: none per rank.
     uri = make_shardset(tmp_path / "set", rows_per_shard={"train": [37, 0, 5, 0, 90], "val": [1]})
-    cfg = _cfg(tmp_path, uri, epochs=2, batch_size=16, timeout_s=30)
+    cfg = _cfg(tmp_path, uri, epochs=2, batch_size=16, timeout_s=30, drop_last=drop_last)
     result = fit(cfg, spark, show_progress=False)
-    assert result.steps == 2 * 5
+    assert result.steps == 2 * batches
     assert result.final["val_loss"] is None and result.final["val_accuracy"] is None
 
 

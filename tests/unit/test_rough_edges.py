@@ -72,6 +72,28 @@ def test_a_model_that_fits_passes_the_preflight(tmp_path: Path) -> None:
     check_training_inputs(cfg)
 
 
+def batch_norm_net(*, input_shape: Any, num_outputs: int) -> Any:
+    """A user builder with a BatchNorm layer (64 features)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, num_outputs))
+
+
+def test_a_one_row_last_batch_for_batch_norm_is_refused_naming_drop_last(tmp_path: Path) -> None:
+    # 64 train rows, 2 ranks: 32 rows each; batches of 31 leave a last batch of 1 row.
+    model = {"builder": "tests.unit.test_rough_edges:batch_norm_net"}
+    with pytest.raises(ConfigError) as e:
+        check_training_inputs(_train(tmp_path, model=model, batch_size=31))
+    assert e.value.key == "train.drop_last", str(e.value)
+    assert "BatchNorm" in str(e.value) and "32 rows per rank" in str(e.value)
+    check_training_inputs(_train(tmp_path / "a", model=model, batch_size=31, drop_last=True))
+    check_training_inputs(_train(tmp_path / "b", model=model, batch_size=8))
+    check_training_inputs(_train(tmp_path / "c", batch_size=31))  # the MLP has no BatchNorm
+    with pytest.raises(ConfigError, match="fewer than its batch of 40") as e:
+        check_training_inputs(_train(tmp_path / "d", batch_size=40, drop_last=True))
+    assert e.value.key == "train.drop_last"
+
+
 def test_an_unsupported_type_lists_the_supported_ones() -> None:
     with pytest.raises(ConfigError) as e:
         EtlConfig.from_mapping(

@@ -406,7 +406,7 @@ def _train_reader(cfg: TrainConfig, shards: ShardSet, worker: int) -> ShardReade
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         shuffle=True,
-        drop_last=False,
+        drop_last=cfg.drop_last,
         verify=cfg.verify,
     )
 
