@@ -1,11 +1,11 @@
 """Fine-tuning end to end through ``spark-train run`` (in-process, on the session's local[2]).
 
-* Images: a torchvision ResNet-18 trained briefly on scikit-learn's digits (in the test, on
-  CPU), saved as safetensors, then fine-tuned on JPEG tiles of scikit-learn's two sample
-  photos with its backbone frozen and a new head (``train.init.skip: [fc.*]``): the frozen
-  weights end bitwise as loaded, the head trained, the bundle records the source's sha256,
-  and after 2 epochs its test accuracy beats the same model trained from scratch for 2
-  epochs. Scoring the tiles with the bundle works as for any model.
+* Images: a torchvision ResNet-18 trained briefly on other tiles of scikit-learn's two
+  sample photos (in the test, on CPU, to a related task), saved as safetensors, then
+  fine-tuned on JPEG tiles of those photos with its backbone frozen and a new head
+  (``train.init.skip: [fc.*]``): the frozen weights end bitwise as loaded, the head trained,
+  the bundle records the source's sha256, and after 2 epochs its test accuracy beats the
+  same model trained from scratch for 2 epochs by a margin. Scoring the tiles with the bundle works as for any model.
 * Text: a tiny Hugging Face BERT built from a config with a WordPiece ``tokenizer.json``
   trained by ``tokenizers``, saved with ``save_pretrained``; fine-tuned on make-data's
   ``review`` column through the ETL with that tokenizer (``hf:AutoModelForSequenceClassification``,
@@ -42,17 +42,30 @@ FROZEN = ["conv1.*", "bn1.*", "layer*"]
 
 
 def _pretrain_resnet(path: Path) -> dict[str, torch.Tensor]:
-    """ResNet-18 with 10 outputs, 16 steps on the digits (as RGB, 32×32); saved."""
+    """ResNet-18 with 10 outputs, 16 steps on other tiles of the same two photos; saved.
+
+    The pretraining task is which photo and which of 5 horizontal bands a tile comes from (a
+    related task on the same domain, as ImageNet is for photos): its features tell the photos
+    apart, so a new head on the frozen backbone learns the 2-photo task in 2 epochs whatever
+    the split, while the same model from scratch has seen ~150 tiles.
+    """
     import torch.nn.functional as F
     import torchvision
+    from sklearn.datasets import load_sample_images
 
-    from tests.images import digits_pixels
-
-    images, labels = digits_pixels()
-    x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
-    x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear").repeat(1, 3, 1, 1)
-    x = (x - x.mean()) / x.std()
-    y = torch.from_numpy(labels)
+    rng = np.random.default_rng(5)
+    photos = load_sample_images().images
+    tiles, labels = [], []
+    for _ in range(1024):
+        p = int(rng.integers(0, len(photos)))
+        height, width = photos[p].shape[0] - 40, photos[p].shape[1] - 40
+        y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+        tiles.append(photos[p][y : y + 40, x : x + 40])
+        labels.append(p * 5 + y * 5 // height)
+    images = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float().div(255.0)
+    images = F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", antialias=True)
+    mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True)
+    x, y = (images - mean) / std, torch.tensor(labels)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -103,6 +116,7 @@ def _image_config(tmp: Path, name: str, train: dict[str, Any]) -> Path:
             "dataset": str(tmp / "shards"),
             "model": {"builder": "torchvision:resnet18"},
             "num_workers": 2, "epochs": 2, "batch_size": 8,
+            "drop_last": True,  # BatchNorm: the split may leave a rank a 1-row last batch
             "optimizer": {"name": "adamw", "lr": 0.01},
             "lr_schedule": {"name": "constant"},
             "checkpoint": {"dir": str(tmp / f"ckpt-{name}"), "every_steps": 0, "keep": 1},
@@ -116,7 +130,7 @@ def _image_config(tmp: Path, name: str, train: dict[str, Any]) -> Path:
 
 
 def test_resnet18_fine_tuned_with_frozen_backbone_beats_scratch(spark: Any, tmp_path: Path) -> None:
-    init = tmp_path / "resnet18-digits.safetensors"
+    init = tmp_path / "resnet18-tiles.safetensors"
     started = time.perf_counter()
     pretrained = _pretrain_resnet(init)
     _photo_tiles(tmp_path / "tiles")
@@ -148,7 +162,8 @@ def test_resnet18_fine_tuned_with_frozen_backbone_beats_scratch(spark: Any, tmp_
     test_rows = ShardSet.open(str(tmp_path / "shards")).split("test").rows
     print(f"test accuracy after 2 epochs ({test_rows} tiles): fine-tuned {fine_acc:.3f}, "
           f"from scratch {scratch_acc:.3f}")  # fmt: skip
-    assert fine_acc > scratch_acc, (fine_acc, scratch_acc)
+    # Measured over 3 splits (the keys hold tmp_path): fine-tuned 0.80-0.98, scratch 0.35-0.49.
+    assert fine_acc > scratch_acc + 0.15, (fine_acc, scratch_acc)
 
     from pipeline.serve import score as scoring
 
