@@ -11,8 +11,8 @@ The result equals what Spark ML's ``Imputer`` / ``StringIndexer`` / ``OneHotEnco
 standard deviations up to rounding), from two passes over the train rows instead of one per
 estimator:
 
-* one aggregation: per numeric column its count, mean and sample variance of the values
-  present and the imputation value — the median is ``percentile_approx(c, 0.5, 1000)``,
+* one aggregation of the numeric columns unpivoted (one group per column): per column its
+  count, mean and sample variance of the values present and the imputation value — the median is ``percentile_approx(c, 0.5, 1000)``,
   which is what ``Imputer`` computes (``approxQuantile`` with its default relative error
   0.001: the value's rank is within 0.1 % of the row count of the true median's);
 * one count of every categorical level (a ``posexplode`` and a ``groupBy``); labels ordered
@@ -55,31 +55,45 @@ def _idx(c: str) -> str:
 def _numeric_stats(
     train: DataFrame, cfg: EtlConfig
 ) -> tuple[int, dict[str, tuple[int, float, float, float]]]:
-    """Train row count and, per numeric column: (values, mean, M2, imputation value)."""
-    aggs = [F.count(F.lit(1)).alias("n")]
-    for i, c in enumerate(cfg.numeric):
-        x = F.col(c)
-        fill = (
-            F.percentile_approx(x, 0.5, MEDIAN_ACCURACY)
-            if cfg.impute_strategy == "median"
-            else F.avg(x)
+    """Train row count and, per numeric column: (values, mean, M2, imputation value).
+
+    One ``groupBy`` over the columns unpivoted (a ``posexplode`` of the numeric values, one
+    group per column), not one aggregation with four functions per column: Spark plans and
+    generates code per aggregate function, so on 500 columns the wide form took 8-25 s for 200
+    rows and ran out of a 1 GiB heap on 100,000 (measured: 100,000 × 500, 49-92 s wide vs
+    25-30 s unpivoted; 1 M × 12, 4.3-5.6 s vs 3.9-4.6 s).
+    """
+    if not cfg.numeric:
+        return train.count(), {}
+    fill = (
+        F.percentile_approx("x", 0.5, MEDIAN_ACCURACY)
+        if cfg.impute_strategy == "median"
+        else F.avg("x")
+    )
+    values = F.array(*[F.col(c).cast("double") for c in cfg.numeric])
+    rows = (
+        train.select(F.posexplode(values).alias("i", "x"))
+        .groupBy("i")
+        .agg(
+            F.count(F.lit(1)).alias("n"),
+            F.count("x").alias("k"),
+            F.avg("x").alias("m"),
+            F.var_samp("x").alias("v"),
+            fill.alias("f"),
         )
-        aggs += [
-            F.count(x).alias(f"k{i}"),
-            F.avg(x).alias(f"m{i}"),
-            F.var_samp(x).alias(f"v{i}"),
-            fill.alias(f"f{i}"),
-        ]
-    row = train.agg(*aggs).collect()[0]
+        .collect()
+    )
+    by_index = {int(r["i"]): r for r in rows}
     out = {}
     for i, c in enumerate(cfg.numeric):
-        k = int(row[f"k{i}"])
-        if k == 0:
+        row = by_index.get(i)
+        k = 0 if row is None else int(row["k"])
+        if row is None or k == 0:
             raise ValueError(f"numeric column {c!r} has no value in the train split to fit on")
-        var = row[f"v{i}"]
+        var = row["v"]
         m2 = float(var) * (k - 1) if k > 1 and var is not None else 0.0
-        out[c] = (k, float(row[f"m{i}"]), m2, float(row[f"f{i}"]))
-    return int(row["n"]), out
+        out[c] = (k, float(row["m"]), m2, float(row["f"]))
+    return int(rows[0]["n"]), out
 
 
 def _level_counts(train: DataFrame, columns: tuple[str, ...]) -> dict[str, dict[str, int]]:
