@@ -12,9 +12,10 @@ standard deviations up to rounding), from two passes over the train rows instead
 estimator:
 
 * one aggregation of the numeric columns unpivoted (one group per column): per column its
-  count, mean and sample variance of the values present and the imputation value — the median is ``percentile_approx(c, 0.5, 1000)``,
-  which is what ``Imputer`` computes (``approxQuantile`` with its default relative error
-  0.001: the value's rank is within 0.1 % of the row count of the true median's);
+  count, mean and sample variance of the values present and the imputation value — the
+  median is ``percentile_approx(c, 0.5, 1000)``, which is what ``Imputer`` computes
+  (``approxQuantile`` with its default relative error 0.001: the value's rank is within
+  0.1 % of the row count of the true median's);
 * one count of every categorical level (a ``posexplode`` and a ``groupBy``); labels ordered
   as ``StringIndexer`` orders them: by count, descending, ties by label in code-point order
   (Spark compares the UTF-8 bytes).
