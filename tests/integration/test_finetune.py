@@ -5,7 +5,9 @@
   fine-tuned on JPEG tiles of those photos with its backbone frozen and a new head
   (``train.init.skip: [fc.*]``): the frozen weights end bitwise as loaded, the head trained,
   the bundle records the source's sha256, and after 2 epochs its test accuracy beats the
-  same model trained from scratch for 2 epochs by a margin. Scoring the tiles with the bundle works as for any model.
+  same model trained from scratch for 2 epochs by a margin (``train.drop_last``: the split
+  may leave a rank a 1-row last batch, which BatchNorm cannot train on). Scoring the tiles
+  with the bundle works as for any model.
 * Text: a tiny Hugging Face BERT built from a config with a WordPiece ``tokenizer.json``
   trained by ``tokenizers``, saved with ``save_pretrained``; fine-tuned on make-data's
   ``review`` column through the ETL with that tokenizer (``hf:AutoModelForSequenceClassification``,
