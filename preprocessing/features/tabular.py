@@ -88,10 +88,9 @@ def _numeric_stats(
     out = {}
     for i, c in enumerate(cfg.numeric):
         row = by_index.get(i)
-        k = 0 if row is None else int(row["k"])
-        if row is None or k == 0:
+        if row is None or row["k"] == 0:
             raise ValueError(f"numeric column {c!r} has no value in the train split to fit on")
-        var = row["v"]
+        k, var = int(row["k"]), row["v"]
         m2 = float(var) * (k - 1) if k > 1 and var is not None else 0.0
         out[c] = (k, float(row["m"]), m2, float(row["f"]))
     return int(rows[0]["n"]), out
