@@ -129,3 +129,20 @@ def test_fit_equals_spark_ml_and_both_models_apply(
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
     assert np.allclose(ours[:, :3].mean(axis=0)[[0, 2]], 0.0, atol=0.2)
     assert (ours[:, 1] == 0.0).all()  # the constant column scales to 0, as StandardScaler does
+
+
+def test_a_numeric_column_without_values_in_train_is_named(spark: Any, tmp_path: Path) -> None:
+    cfg = EtlConfig.from_mapping(
+        {
+            "input": {"path": str(tmp_path / "unused"), "format": "csv"},
+            "schema": {"f0": "double", "f1": "double", "i": "long", "label": "int"},
+            "key": "i",
+            "label": "label",
+            "numeric": ["f0", "f1"],
+            "output": str(tmp_path / "out"),
+        }
+    )
+    rows = [{"f0": float(i), "f1": None, "i": i} for i in range(20)]
+    train = spark.createDataFrame(rows, "f0 double, f1 double, i long")
+    with pytest.raises(ValueError, match="numeric column 'f1' has no value in the train split"):
+        fit_features(train, cfg)
