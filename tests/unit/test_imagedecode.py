@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from preprocessing.read.imagedecode import ImageSpec, decode_image, draft_size
+from preprocessing.read.imagedecode import ImageSpec, decode_column, decode_image, draft_size
 
 
 def _jpeg(pixels: np.ndarray, orientation: int | None = None) -> bytes:
@@ -79,3 +80,25 @@ def test_fast_leaves_small_images_and_other_formats_exact() -> None:
     Image.fromarray(big).save(buf, "PNG")
     png = buf.getvalue()
     np.testing.assert_array_equal(decode_image(png, spec), _pillow(png, (64, 64), "crop"))
+
+
+@pytest.mark.parametrize("channels", ["RGB", "L"])
+def test_a_batch_holds_each_good_rows_pixels_and_their_exact_channel_sums(channels: str) -> None:
+    spec = ImageSpec(64, 64, channels)
+    tiles = _tiles(256)[:4]
+    values = pa.array([tiles[0], None, b"not an image", *tiles[1:]], pa.binary())
+    pixels, sums, reasons = decode_column(values, spec)
+    assert reasons.to_pylist() == [None, None, "image_invalid", None, None, None]
+    good = {0: tiles[0], 3: tiles[1], 4: tiles[2], 5: tiles[3]}
+    assert (
+        pixels.is_valid().to_pylist()
+        == sums.is_valid().to_pylist()
+        == [i in good for i in range(6)]
+    )
+    c = spec.shape[-1]
+    for i, data in good.items():
+        want = decode_image(data, spec)
+        assert pixels[i].as_py() == want.tobytes()
+        x = want.reshape(-1, c).astype(np.float64)  # the float64 sums the statistics stand for
+        expected = [*(x.sum(axis=0) / 255.0), *((x * x).sum(axis=0) / 65025.0)]
+        assert sums[i].as_py() == expected  # exactly: integer sums, scaled once
