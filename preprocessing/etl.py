@@ -1,13 +1,21 @@
 """The ETL stage: raw table → validated, split, featurized, balanced shards + manifest.
 
-Passes over the data: one read that is validated (images decoded), split and cached; one
-aggregation that counts everything the manifest and the balance plan need (rows by split,
-reason, column, input partition and — for classification — label); the quarantine write;
-on the cached train split, the tabular statistics (one aggregation and one count of the
-categorical levels), one aggregation for the array / image statistics and, per text column
-without a given tokenizer, one bounded sample gathered to train it; one shuffle that writes
-the shards, tokenizing text columns in its map stage. The manifest is committed last; old
-generations are deleted only after the commit.
+Passes over the data: one read that is validated, split and cached; one aggregation that
+counts everything the manifest and the balance plan need (rows by split, reason, column,
+input partition and — for classification — label); the quarantine write; on the cached
+train split, the tabular statistics (one aggregation and one count of the categorical
+levels), one aggregation for the array statistics and, per text column without a given
+tokenizer, one bounded sample gathered to train it; one shuffle that writes the shards,
+tokenizing text columns in its map stage. The manifest is committed last; old generations
+are deleted only after the commit.
+
+Images are decoded once, by the shard writers (:mod:`preprocessing.shards`): the cache and
+the shuffle carry each image's path or encoded bytes, and the pixels go from Pillow straight
+into the shard. That needs every image to decode, as the balance plan is made first. When one
+does not, the writers' output is removed and the ETL runs again decoding during validation
+(:func:`~preprocessing.read.validation.validate`), where the row is quarantined before the
+plan is made; a shard set whose last build quarantined an image that way is rebuilt that way
+from the start. Both placements give the same shards and manifest.
 """
 
 from __future__ import annotations
@@ -43,19 +51,23 @@ from preprocessing.features import (
     fit_tensors,
     tensor_inputs,
 )
+from preprocessing.features.image import image_normalize
 from preprocessing.read import (
     CORRUPT,
     REASON,
     REASON_COLUMN,
     SOURCE,
+    RawInput,
     quarantined_columns,
     read_raw,
     validate,
 )
-from preprocessing.read.images import ARROW_BATCH_ROWS
+from preprocessing.read.imagedecode import IMAGE_REASONS
+from preprocessing.read.images import ARROW_BATCH_ROWS, image_spec
 from preprocessing.shards import (
     BUCKET,
     SPLIT,
+    ImagesFailedToDecode,
     ShardPlan,
     assign_split,
     shard_columns,
@@ -217,12 +229,9 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     conf = dict(_ETL_SQL_CONF)
     if cfg.images:
         conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = ARROW_BATCH_ROWS
+    build = _Build(spark, cfg, generation, cfg_dict, fp, timer)
     with _sql_conf(spark, conf):
-        validated = assign_split(validate(raw, cfg), cfg).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            manifest = _build(spark, validated, cfg, generation, cfg_dict, fp, timer)
-        finally:
-            validated.unpersist()
+        manifest = _build_shards(build, raw, _decode_in_writers(cfg, existing))
     with timer("commit"):
         mf.commit_manifest(cfg.output, manifest)
     with timer("cleanup"):
@@ -233,15 +242,68 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     )
 
 
-def _build(
-    spark: SparkSession,
-    validated: DataFrame,
-    cfg: EtlConfig,
-    generation: str,
-    cfg_dict: dict[str, Any],
-    fp: dict[str, str],
-    timer: _PhaseTimer,
-) -> Manifest:
+@dataclass(frozen=True)
+class _Build:
+    """What every attempt at building one generation of the shard set shares."""
+
+    spark: SparkSession
+    cfg: EtlConfig
+    generation: str
+    cfg_dict: dict[str, Any]
+    fp: dict[str, str]
+    timer: _PhaseTimer
+
+
+def _decode_in_writers(cfg: EtlConfig, existing: dict[str, Any] | None) -> bool:
+    """Decode the images in the shard writers (see the module docstring).
+
+    Not when the last build of this output quarantined an image for what decoding found: it
+    would most likely fail again, so the images are decoded during validation from the start.
+    """
+    if not cfg.images:
+        return False
+    by_reason = (existing or {}).get("quarantine", {}).get("by_reason", {})
+    return not any(r in by_reason for r in IMAGE_REASONS)
+
+
+@contextmanager
+def _validated(build: _Build, raw: RawInput, *, decode_images: bool) -> Iterator[DataFrame]:
+    """The validated, split input, cached for the block."""
+    validated = assign_split(validate(raw, build.cfg, decode_images=decode_images), build.cfg)
+    validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        yield validated
+    finally:
+        validated.unpersist()
+
+
+def _build_shards(build: _Build, raw: RawInput, in_writers: bool) -> Manifest:
+    """Build with the images decoded in the writers (``in_writers``) or during validation."""
+    if build.cfg.images:
+        where = "the shard writers" if in_writers else "validation (the last build quarantined one)"
+        log.info("decoding the images of %s in %s", build.cfg.input.path, where)
+    if in_writers:
+        started = time.perf_counter()
+        try:
+            with _validated(build, raw, decode_images=False) as validated:
+                return _build(build, validated, in_writers=True)
+        except ImagesFailedToDecode as failed:
+            log.warning(
+                "%d image(s) of %s did not decode in the shard writers; nothing they wrote is "
+                "kept. Decoding the images during validation instead, which quarantines those "
+                "rows (the next build of %s does so from the start)",
+                failed.count,
+                build.cfg.input.path,
+                build.cfg.output,
+            )
+            spent = round(time.perf_counter() - started, 3)
+            build.timer.seconds["images_failed_in_writers"] = spent
+    with _validated(build, raw, decode_images=True) as validated:
+        return _build(build, validated, in_writers=False)
+
+
+def _build(build: _Build, validated: DataFrame, in_writers: bool) -> Manifest:
+    cfg, timer, generation = build.cfg, build.timer, build.generation
     with timer("read_validate_count"):
         tally = _tally(validated, cfg)
     quarantine_rel = f"quarantine/{generation}"
@@ -253,9 +315,10 @@ def _build(
     _check_trainable(cfg, tally, plan, storage.join(cfg.output, quarantine_rel))
     ok = validated.filter(F.col(REASON).isNull())
     train = ok.filter(F.col(SPLIT) == "train")
+    later = list(cfg.images) if in_writers else []
     with timer("fit_features"):
         fitted = fit_features(train, cfg)
-        tensors = fit_tensors(train, cfg)
+        tensors = fit_tensors(train, cfg, later)
     _warn_text_like(cfg, fitted, plan.split_rows("train"))
     features_rel = f"features/{generation}"
     with timer("save_features"):
@@ -266,15 +329,20 @@ def _build(
     columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors.specs)
     with timer("write_shards"):
         schema = arrow_schema(columns, layout=get_format(cfg.format).tensor_layout)
-        splits, truncated = write_shards(encoded, plan, cfg, schema, generation)
+        images = {c: image_spec(cfg, c) for c in later}
+        written = write_shards(encoded, plan, cfg, schema, generation, images)
+    if later:  # the image statistics the writers summed
+        sums = written.train_image_sums
+        tensors = tensors.with_normalize({c: image_normalize(cfg, c, sums[c]) for c in later})
+        columns = shard_columns(dim, cfg.dtype(cfg.key), cfg.resolved_task, tensors.specs)
     rows_ok = sum(plan.split_rows(s) for s in SPLITS)
     if rows_ok + tally.rows_quarantined != tally.rows_in:  # pragma: no cover - invariant
         raise AssertionError("reconciliation failed: rows_ok + rows_quarantined != rows_in")
     return mf.build_manifest(
         generation=generation,
-        config=redact(cfg_dict, "etl"),
+        config=redact(build.cfg_dict, "etl"),
         file_format=cfg.format,
-        fingerprint=fp,
+        fingerprint=build.fp,
         schema=[c.to_manifest() for c in columns],
         feature_names=fitted.names,
         label=Label(cfg.label, cfg.resolved_task, None if classes is None else tuple(classes)),
@@ -288,9 +356,9 @@ def _build(
         reconciliation=Reconciliation(tally.rows_in, rows_ok, tally.rows_quarantined),
         feature_stats=fitted.stats,
         features_model=features_rel,
-        text={c: {"truncated": n} for c, n in truncated.items()} or None,
+        text={c: {"truncated": n} for c, n in written.truncated.items()} or None,
         timings_s=dict(timer.seconds),  # up to here; EtlResult.timings_s has all phases
-        splits=splits,
+        splits=written.splits,
     )
 
 

@@ -21,6 +21,16 @@ rows, bytes, sha256) and the driver checks every count against the plan before a
 committed. Columns named ``_trunc_<column>`` (text columns whose ids were cut,
 :mod:`preprocessing.features.text`) are not stored: each writer sums them, and
 :func:`write_shards` returns the sums per split.
+
+Images can be decoded here rather than during validation (``images``): the rows then carry
+each image's path / URI or encoded bytes through the shuffle, and the writer decodes them
+(:func:`~preprocessing.read.imagedecode.decode_column`) straight into the shard, summing the
+train rows' channel sums for the statistics. The decoded pixels never enter the JVM — no
+columnar cache, shuffle, sort or Arrow conversion of them. The balance plan was made
+before decoding, so an image that fails to decode cannot simply be left out: the writer
+stops, and :func:`write_shards` removes every file written and raises
+:class:`ImagesFailedToDecode` (the ETL then decodes during validation, where the row is
+quarantined before the plan is made).
 """
 
 from __future__ import annotations
@@ -43,12 +53,15 @@ from pipeline.data.columns import ColumnSpec
 from pipeline.data.formats import DEFAULT_FORMAT, ShardFormat, ShardWriter, get_format
 from pipeline.data.shardset import FEATURES_COLUMN, KEY_COLUMN, LABEL_COLUMN, SPLITS, ShardInfo
 from preprocessing.config import EtlConfig, is_integral
+from preprocessing.read.imagedecode import ImageSpec, decode_column
 
 __all__ = [
     "BUCKET",
     "SPLIT",
     "TRUNCATED_PREFIX",
+    "ImagesFailedToDecode",
     "ShardPlan",
+    "WrittenShards",
     "assign_split",
     "shard_columns",
     "with_buckets",
@@ -199,9 +212,40 @@ _RESULT_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("counted", pa.string()),  # JSON {column: rows} of the _trunc_ columns
+        ("image_sums", pa.string()),  # JSON {column: [rows, Σx per channel, Σx² per channel]}
+        ("bad_images", pa.int64()),  # images that failed to decode (the writer then stopped)
     ]
 )
 TRUNCATED_PREFIX = "_trunc_"
+
+
+class ImagesFailedToDecode(RuntimeError):
+    """Shard writers met images that do not decode; nothing they wrote was kept."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} image(s) failed to decode in the shard writers")
+        self.count = count
+
+
+def _decode_images(
+    batch: pa.RecordBatch, images: Mapping[str, ImageSpec]
+) -> tuple[pa.RecordBatch, dict[str, np.ndarray], int]:
+    """``batch`` with each image column decoded to pixels, the sums, the failures.
+
+    The sums are per image column its rows' int64 ``[rows, 2·C]`` channel sums; with any
+    failure the batch is not to be written.
+    """
+    arrays, names = list(batch.columns), batch.schema.names
+    sums: dict[str, np.ndarray] = {}
+    bad = 0
+    for column, spec in images.items():
+        i = names.index(column)
+        pixels, per_row, _ = decode_column(arrays[i], spec)
+        bad += pixels.null_count
+        arrays[i] = pixels
+        width = 2 * spec.shape[-1]
+        sums[column] = np.asarray(per_row.flatten(), np.int64).reshape(-1, width)
+    return pa.RecordBatch.from_arrays(arrays, names=names), sums, bad
 
 
 def write_empty_shard(
@@ -212,57 +256,133 @@ def write_empty_shard(
     return written.bytes, written.sha256
 
 
+class _TaskShards:
+    """The shards one writer task holds open, with the sums it reports for each."""
+
+    def __init__(
+        self,
+        root_uri: str,
+        generation: str,
+        layout: tuple[int, int],
+        schema: pa.Schema,
+        fmt: ShardFormat,
+    ) -> None:
+        self.fs, self.root = storage.resolve(root_uri)
+        self.generation, self.schema, self.fmt = generation, schema, fmt
+        self.num_shards, self.row_group_rows = layout
+        self.token = uuid.uuid4().hex[:12]
+        self.files: dict[int, ShardWriter] = {}
+        self.counted: dict[int, dict[str, int]] = {}  # bucket → text column → rows cut
+        self.image_sums: dict[int, dict[str, np.ndarray]] = {}  # bucket → column → [rows, Σ…]
+
+    def add(self, batch: pa.RecordBatch, sums: Mapping[str, np.ndarray]) -> None:
+        """Append ``batch``'s rows to their buckets' shards.
+
+        ``sums``: per image column, its rows' channel sums (int64 ``[rows, 2·C]``).
+        """
+        buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
+        flags = [n for n in batch.schema.names if n.startswith(TRUNCATED_PREFIX)]
+        for b in (int(b) for b in np.unique(buckets)):
+            mask = buckets == b
+            rows = batch.filter(pa.array(mask))
+            cut = self.counted.setdefault(b, {})
+            for n in flags:
+                column = n.removeprefix(TRUNCATED_PREFIX)
+                total = int(np.sum(rows.column(n).to_numpy(zero_copy_only=False)))
+                cut[column] = cut.get(column, 0) + total
+            for column, per_row in sums.items():
+                add = np.concatenate([[mask.sum()], per_row[mask].sum(axis=0, dtype=np.int64)])
+                kept = self.image_sums.setdefault(b, {})
+                kept[column] = kept[column] + add if column in kept else add
+            self._open(b).add(to_shard_batch(_binary_as_lists(rows, self.schema), self.schema))
+
+    def _open(self, bucket: int) -> ShardWriter:
+        if bucket not in self.files:
+            split, shard = SPLITS[bucket // self.num_shards], bucket % self.num_shards
+            rel = shard_relpath(split, shard, self.generation, self.fmt.name)
+            name = f".tmp-{self.token}-{rel.replace('/', '-')}"
+            self.fs.create_dir(storage.join(self.root, split), recursive=True)
+            path = storage.join(self.root, split, name)
+            self.files[bucket] = self.fmt.open_writer(
+                self.fs, path, self.schema, self.row_group_rows
+            )
+        return self.files[bucket]
+
+    def result(self, bad: int) -> pa.RecordBatch:
+        """One row per shard written (closed): bucket, file, rows, bytes, sha256, sums.
+
+        With ``bad`` images, a row of bucket -1 says so even when no shard was opened.
+        """
+        out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
+        rows: list[tuple[Any, ...]] = []
+        for b, f in sorted(self.files.items()):
+            written = f.close()
+            images = {c: v.tolist() for c, v in self.image_sums.get(b, {}).items()}
+            counted = json.dumps(self.counted.get(b, {}))
+            rows.append((b, f.path, *written, counted, json.dumps(images), bad))
+        if bad and not rows:
+            rows.append((-1, "", 0, 0, "", "{}", "{}", bad))
+        for values in rows:
+            for k, v in zip(_RESULT_SCHEMA.names, values, strict=True):
+                out[k].append(v)
+        return pa.RecordBatch.from_pydict(out, schema=_RESULT_SCHEMA)
+
+
 def _shard_writer(
     root_uri: str,
     generation: str,
-    num_shards: int,
-    row_group_rows: int,
+    layout: tuple[int, int],
     schema: pa.Schema,
     fmt: ShardFormat,
+    images: Mapping[str, ImageSpec],
 ) -> Any:
+    """The writer tasks' function; ``layout``: (shards per split, rows per row group)."""
+
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        fs, root = storage.resolve(root_uri)
-        files: dict[int, ShardWriter] = {}
-        counted: dict[int, dict[str, int]] = {}
-        token = uuid.uuid4().hex[:12]
+        shards = _TaskShards(root_uri, generation, layout, schema, fmt)
+        bad = 0
         for batch in batches:
-            buckets = batch.column(BUCKET).to_numpy(zero_copy_only=False)
-            flags = [n for n in batch.schema.names if n.startswith(TRUNCATED_PREFIX)]
-            for b in np.unique(buckets):
-                rows = batch.filter(pa.array(buckets == b))
-                sums = counted.setdefault(int(b), {})
-                for n in flags:
-                    column = n.removeprefix(TRUNCATED_PREFIX)
-                    total = int(np.sum(rows.column(n).to_numpy(zero_copy_only=False)))
-                    sums[column] = sums.get(column, 0) + total
-                if int(b) not in files:
-                    split, shard = SPLITS[int(b) // num_shards], int(b) % num_shards
-                    rel = shard_relpath(split, shard, generation, fmt.name)
-                    name = f".tmp-{token}-{rel.replace('/', '-')}"
-                    fs.create_dir(storage.join(root, split), recursive=True)
-                    path = storage.join(root, split, name)
-                    files[int(b)] = fmt.open_writer(fs, path, schema, row_group_rows)
-                files[int(b)].add(to_shard_batch(_binary_as_lists(rows, schema), schema))
-        out: dict[str, list[Any]] = {k: [] for k in _RESULT_SCHEMA.names}
-        for b, f in sorted(files.items()):
-            rows, size, digest = f.close()
-            values = (b, f.path, rows, size, digest, json.dumps(counted.get(b, {})))
-            for k, v in zip(_RESULT_SCHEMA.names, values, strict=True):
-                out[k].append(v)
-        yield pa.RecordBatch.from_pydict(out, schema=_RESULT_SCHEMA)
+            if bad:  # nothing more is kept: the ETL decodes during validation instead
+                continue
+            sums: dict[str, np.ndarray] = {}
+            if images:
+                batch, sums, bad = _decode_images(batch, images)
+            if not bad:
+                shards.add(batch, sums)
+        yield shards.result(bad)
 
     return write
 
 
+@dataclass(frozen=True)
+class WrittenShards:
+    """What :func:`write_shards` wrote."""
+
+    splits: dict[str, list[ShardInfo]]
+    """The manifest entries of each split's shards."""
+    truncated: dict[str, dict[str, int]]
+    """Per ``_trunc_`` flagged (text) column, its rows cut per split."""
+    train_image_sums: dict[str, list[int]]
+    """Per image column the writers decoded: ``[rows, Σx per channel…, Σx² per channel…]``
+    over the train split (the input of its ``normalize``)."""
+
+
 def write_shards(
-    df: DataFrame, plan: ShardPlan, cfg: EtlConfig, schema: pa.Schema, generation: str
-) -> tuple[dict[str, list[ShardInfo]], dict[str, dict[str, int]]]:
+    df: DataFrame,
+    plan: ShardPlan,
+    cfg: EtlConfig,
+    schema: pa.Schema,
+    generation: str,
+    images: Mapping[str, ImageSpec] | None = None,
+) -> WrittenShards:
     """Write every split as exactly ``num_shards`` balanced files.
 
     ``df`` holds good rows with the columns of ``schema`` (``key``, ``features``, tensor
-    columns, ``label``; image pixels as ``binary``), the ``_bucket`` that
-    :func:`with_buckets` assigned according to ``plan`` and any ``_trunc_<column>`` flags.
-    Returns the manifest entries per split and, per flagged column, its sum per split.
+    columns, ``label``; image pixels as ``binary``, or — the columns of ``images`` — what
+    the writers decode: bytes or a path / URI), the ``_bucket`` that :func:`with_buckets`
+    assigned according to ``plan`` and any ``_trunc_<column>`` flags. Raises
+    :class:`ImagesFailedToDecode`, having removed what the writers wrote, when an image of
+    ``images`` does not decode.
     """
     k = cfg.num_shards
     flags = [c for c in df.columns if c.startswith(TRUNCATED_PREFIX)]
@@ -274,15 +394,42 @@ def write_shards(
         F.col(BUCKET), order
     )
     fmt = get_format(cfg.format)
-    writer = _shard_writer(cfg.output, generation, k, cfg.row_group_rows, schema, fmt)
+    layout = (k, cfg.row_group_rows)
+    writer = _shard_writer(cfg.output, generation, layout, schema, fmt, dict(images or {}))
     results = shuffled.mapInArrow(writer, from_arrow_schema(_RESULT_SCHEMA)).collect()
     fs, root = storage.resolve(cfg.output)
-    written = {int(r["bucket"]): r for r in results}
-    out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    bad = sum(int(r["bad_images"]) for r in results)
+    if bad:
+        for r in results:
+            if r["tmp_path"]:
+                fs.delete_file(r["tmp_path"])
+        raise ImagesFailedToDecode(bad)
     counts = {c.removeprefix(TRUNCATED_PREFIX): dict.fromkeys(SPLITS, 0) for c in flags}
+    sums: dict[str, np.ndarray] = {}
     for result in results:
+        split = SPLITS[int(result["bucket"]) // k]
         for column, n in json.loads(result["counted"]).items():
-            counts[column][SPLITS[int(result["bucket"]) // k]] += int(n)
+            counts[column][split] += int(n)
+        for column, values in json.loads(result["image_sums"]).items():
+            if split == "train":
+                add = np.asarray(values, np.int64)
+                sums[column] = sums[column] + add if column in sums else add
+    splits = _place(fs, root, {int(r["bucket"]): r for r in results}, plan, cfg, schema, generation)
+    return WrittenShards(splits, counts, {c: v.tolist() for c, v in sums.items()})
+
+
+def _place(
+    fs: Any,
+    root: str,
+    written: Mapping[int, Any],
+    plan: ShardPlan,
+    cfg: EtlConfig,
+    schema: pa.Schema,
+    generation: str,
+) -> dict[str, list[ShardInfo]]:
+    """Move each written shard to its name (or write an empty one), checking its rows."""
+    k = cfg.num_shards
+    out: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
     for split in SPLITS:
         for shard in range(k):
             rel = shard_relpath(split, shard, generation, cfg.format)
@@ -303,4 +450,4 @@ def write_shards(
                     "during the ETL?)"
                 )
             out[split].append(ShardInfo(path=rel, rows=rows, bytes=size, sha256=digest))
-    return out, counts
+    return out

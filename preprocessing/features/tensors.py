@@ -10,6 +10,7 @@ the shard rows. :func:`tensor_inputs` are the kinds' additions to the ETL's fing
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +43,13 @@ class FittedTensors:
         for kind in TENSOR_KINDS:
             kind.save(self.fitted[kind.name], features_dir)
 
+    def with_normalize(self, entries: Mapping[str, dict[str, Any]]) -> FittedTensors:
+        """The same, with the ``normalize`` of the columns of ``entries`` set (fitted later)."""
+        specs = tuple(
+            replace(s, normalize=entries[s.name]) if s.name in entries else s for s in self.specs
+        )
+        return FittedTensors(specs, self.fitted)
+
     def encode(self, rows: DataFrame) -> DataFrame:
         """The shard rows with every tensor column as the shards store it (text: token ids)."""
         for kind in TENSOR_KINDS:
@@ -57,14 +65,16 @@ def tensor_inputs(cfg: EtlConfig) -> dict[str, Any]:
     return out
 
 
-def fit_tensors(train: DataFrame, cfg: EtlConfig) -> FittedTensors:
+def fit_tensors(train: DataFrame, cfg: EtlConfig, later: Collection[str] = ()) -> FittedTensors:
     """Fit every tensor kind: its state, then each column's spec with its ``normalize``.
 
-    ``train`` holds the good rows of the train split, as validation made them.
+    ``train`` holds the good rows of the train split, as validation made them. The columns
+    of ``later`` get no ``normalize`` here: their statistics come afterwards (the images the
+    shard writers decode, :meth:`FittedTensors.with_normalize`).
     """
     fitted = {kind.name: kind.fit(train, cfg) for kind in TENSOR_KINDS}
     planned = [(kind, c) for kind in TENSOR_KINDS for c in kind.columns(cfg)]
-    aggs = [kind.aggregates(cfg, c) for kind, c in planned]
+    aggs = [[] if c in later else kind.aggregates(cfg, c) for kind, c in planned]
     flat = [a for per_column in aggs for a in per_column]
     row = train.agg(*flat).collect()[0] if flat else []
     specs: dict[str, ColumnSpec] = {}

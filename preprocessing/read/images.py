@@ -17,8 +17,8 @@ decoding on every core).
 
 :func:`decode_images` decodes every image column of a DataFrame with Pillow in
 ``mapInArrow`` (Arrow batches, no pandas, no per-row UDF): for each column ``c`` it adds
-``_img_<c>`` (the uint8 ``[H, W, C]`` pixels as ``binary``), ``_isum_<c>`` (per-channel sums
-of ``x / 255`` and of its square, for the train statistics) and ``_ierr_<c>`` (the reason of
+``_img_<c>`` (the uint8 ``[H, W, C]`` pixels as ``binary``), ``_isum_<c>`` (per-channel integer
+sums of ``x`` and of ``x²``, for the train statistics) and ``_ierr_<c>`` (the reason of
 a bad image, :data:`~preprocessing.read.imagedecode.IMAGE_REASONS`). The partitioning and
 row order of the input are kept (the shard plan counts rows per input partition).
 """
@@ -163,7 +163,7 @@ def decode_images(
     for c in specs:
         fields += [
             T.StructField(image_pixels(c), T.BinaryType(), True),
-            T.StructField(image_sums(c), T.ArrayType(T.DoubleType(), True), True),
+            T.StructField(image_sums(c), T.ArrayType(T.LongType(), True), True),
             T.StructField(image_error(c), T.StringType(), True),
         ]
     return df.mapInArrow(_decoder(specs, dict(sources), keep), T.StructType(fields))

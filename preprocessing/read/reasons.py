@@ -5,7 +5,8 @@ The ETL writes a rejected row to ``quarantine/`` with its reason (``_reason``) a
 those tables by code, so a code never changes. :mod:`preprocessing.read.validation` (and
 :mod:`~preprocessing.read.arrays`, :mod:`~preprocessing.read.imagedecode`) take their codes
 from here; :data:`REASONS` is in priority order (the first that applies wins; the array, image
-and text checks run column by column, in ``etl.schema`` order). The README's list is
+and text checks run column by column, in ``etl.schema`` order, and what decoding the images
+finds comes after all of them). The README's list is
 generated from it (``python -m jobs.reasonsref --write README.md``, part of ``make docs``).
 
 Spark-free: the image decoder imports it in the Python workers.
@@ -149,12 +150,13 @@ REASONS: Final = (
     ARRAY_MISSING,
     ARRAY_INVALID,
     IMAGE_MISSING,
-    IMAGE_UNREADABLE,
-    IMAGE_INVALID,
-    IMAGE_TOO_LARGE,
     TEXT_MISSING,
     TEXT_TOO_LONG,
     TEXT_INVALID,
+    IMAGE_UNREADABLE,
+    IMAGE_INVALID,
+    IMAGE_TOO_LARGE,
 )
 """Every reason, in priority order (a key that does not parse, ``value_invalid``, comes right
-after ``key_missing``)."""
+after ``key_missing``). What decoding an image finds comes last: the ETL may decode the
+images in the shard writers, after every other check has passed."""

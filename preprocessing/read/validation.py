@@ -7,13 +7,16 @@ a bad value be quarantined with the column it came from, instead of Spark silent
 Each row gets ``_reason`` (null when the row is good) and ``_reason_column``: the first
 reason of :data:`preprocessing.read.reasons.REASONS` (the table of codes, in priority order)
 that applies; the key and label checks first, then the tabular features, then the array,
-image and text checks column by column in ``etl.schema`` order.
+image (missing) and text checks column by column in ``etl.schema`` order, and last what
+decoding the images finds (unreadable, invalid, too large), column by column.
 
 A text column holds a string of any content; a JSON number or object in its place is read as
 its JSON text (Spark's JSON reader), and a typed input's number is cast to its decimal text,
-as for any string column. Array, image and text checks come last, in ``etl.schema`` order. Images are decoded (with Pillow,
-in the executors: :mod:`preprocessing.read.images`) before the checks run, so a row's
-pixels are computed once and kept with it.
+as for any string column. Images are decoded with Pillow in the executors
+(:mod:`preprocessing.read.images`), once per row: here, before the checks run, or — the ETL's
+choice, ``decode_images=False`` — by the shard writers, after every other check has passed
+(which is why the decode reasons rank last: the two placements quarantine the same rows with
+the same reasons).
 
 With ``missing: impute`` (the default) null / NaN / ±inf numeric values become null here and
 are imputed later with the train-split statistic.
@@ -65,8 +68,11 @@ def _finite_sql(x: str) -> str:
     return f"(NOT isnan({x}) AND abs({x}) != {sql_double(float('inf'))})"
 
 
-def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
+def validate(raw: RawInput, cfg: EtlConfig, *, decode_images: bool = True) -> DataFrame:
     """Typed declared columns + ``_reason`` / ``_reason_column`` + what quarantine keeps.
+
+    ``decode_images=False`` leaves each image column as read (its bytes, or the path / URI to
+    read) and checks only that it is there: the decode reasons are left to the shard writers.
 
     Output columns: every declared column with its declared type, ``_reason``,
     ``_reason_column`` and ``_quarantined``: null on good rows; on quarantined rows a struct
@@ -79,7 +85,7 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     index of the first failing check), and reason, column and raw values derive from the code.
     Spark keeps the projections apart because their outputs are referenced many times.
     """
-    df, checks = _coded(raw, cfg, list(cfg.schema), targets=True)
+    df, checks = _coded(raw, cfg, list(cfg.schema), targets=True, decode=decode_images)
     fields = [
         f"'{RAW_PREFIX}{i}', " + (quote(c) if cfg.dtype(c) == "binary" else f"CAST({quote(c)} AS STRING)")
         for i, c in enumerate(cfg.schema)
@@ -87,7 +93,7 @@ def validate(raw: RawInput, cfg: EtlConfig) -> DataFrame:
     fields += [f"'{SOURCE}', {quote(SOURCE)}", f"'{CORRUPT}', {quote(CORRUPT)}"]
     kept = f"CASE WHEN {quote(_CODE)} IS NOT NULL THEN named_struct({', '.join(fields)}) END"
     return df.select(
-        *_clean(cfg, list(cfg.schema)),
+        *_clean(cfg, list(cfg.schema), decoded=decode_images),
         *_reasons(checks),
         F.expr(kept).alias(QUARANTINED),
     )
@@ -116,31 +122,31 @@ def validate_features(
     array and image reasons included; null on good rows).
     """
     features = [*cfg.numeric, *cfg.categorical, *cfg.tensor_columns]
-    df, checks = _coded(raw, cfg, features, targets=False)
+    df, checks = _coded(raw, cfg, features, targets=False, decode=True)
     return df.select(
         *[F.col(c).alias(keep_prefix + c) for c in keep],
-        *_clean(cfg, features),
+        *_clean(cfg, features, decoded=True),
         *_reasons(checks),
     )
 
 
 def _coded(
-    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool
+    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool, decode: bool
 ) -> tuple[DataFrame, list[tuple[Column, str, str]]]:
     """``raw.df`` + ``_typed_<c>`` for ``columns`` + ``_reason_code`` (index of the first failed check).
 
-    Image columns are decoded from their raw column when it holds bytes (no typed copy travels
-    to the Python workers); for the ETL (``targets``) the bytes of rows that pass every check
-    come back null, as only quarantined rows keep them.
+    With ``decode``, image columns are decoded from their raw column when it holds bytes (no
+    typed copy travels to the Python workers); for the ETL (``targets``) the bytes of rows
+    that pass every check come back null, as only quarantined rows keep them.
     """
     df = raw.df
-    images = {c: c if cfg.dtype(c) == "binary" else _TYPED + c for c in cfg.images if c in columns}
+    images = {c: _image_source(cfg, c) for c in cfg.images if c in columns}
     typed = [c for c in columns if images.get(c) != c]
     df = df.select(
         "*", *[_typed(df, c, cfg.dtype(c), raw.trimmed).alias(_TYPED + c) for c in typed]
     )
-    checks = _checks(raw, cfg, columns, targets=targets)
-    if images:
+    checks = _checks(raw, cfg, columns, targets=targets, decoded=decode)
+    if images and decode:
         keep = None
         if targets:
             early = [F.when(cond, F.lit(True)) for cond, _, c in checks if c not in images]
@@ -151,17 +157,30 @@ def _coded(
     return df.withColumn(_CODE, code), checks
 
 
-def _clean(cfg: EtlConfig, columns: list[str]) -> list[Column]:
+def _image_source(cfg: EtlConfig, column: str) -> str:
+    """The column the decoder reads image ``column`` from.
+
+    As read when declared ``binary`` (bytes, or an ``image_folder``'s URI), else its typed
+    string (a path; blank → null).
+    """
+    return column if cfg.dtype(column) == "binary" else _TYPED + column
+
+
+def _clean(cfg: EtlConfig, columns: list[str], *, decoded: bool) -> list[Column]:
     """The typed ``columns`` under their own names; numeric NaN / ±inf become null.
 
     An array column is ``array<float>``; an image column holds its decoded pixels (binary),
-    followed by its channel sums (``_isum_<c>``).
+    followed by its channel sums (``_isum_<c>``), or — not ``decoded`` — what the decoder
+    will read (bytes, or a path / URI).
     """
     tensors = (*cfg.arrays, *cfg.images)
     out = [F.col(_TYPED + c).alias(c) for c in columns if c not in (*cfg.numeric, *tensors)]
     out += [F.col(_TYPED + c).cast("array<float>").alias(c) for c in columns if c in cfg.arrays]
     for c in (c for c in columns if c in cfg.images):
-        out += [F.col(image_pixels(c)).alias(c), F.col(image_sums(c))]
+        if decoded:
+            out += [F.col(image_pixels(c)).alias(c), F.col(image_sums(c))]
+        else:
+            out.append(F.col(_image_source(cfg, c)).alias(c))
     out += [_finite_or_null(_TYPED + c).alias(c) for c in cfg.numeric if c in columns]
     return out
 
@@ -194,7 +213,7 @@ def _lookup(code: Column, values: list[str | None]) -> Column:
 
 
 def _checks(
-    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool
+    raw: RawInput, cfg: EtlConfig, columns: list[str], *, targets: bool, decoded: bool
 ) -> list[tuple[Column, str, str]]:
     """``(condition, reason, column)`` in priority order, over raw and ``_typed_`` columns.
 
@@ -233,27 +252,29 @@ def _checks(
         if cfg.missing == "quarantine":
             checks.append((F.expr(f"{x} IS NOT NULL AND NOT {finite}"), R.VALUE_NOT_FINITE.code, c))
             checks.append((F.expr(f"{x} IS NULL"), R.VALUE_MISSING.code, c))
-    checks += _tensor_checks(raw, cfg, columns)
+    checks += _tensor_checks(raw, cfg, columns, decoded=decoded)
     return checks
 
 
 def _tensor_checks(
-    raw: RawInput, cfg: EtlConfig, columns: list[str]
+    raw: RawInput, cfg: EtlConfig, columns: list[str], *, decoded: bool
 ) -> list[tuple[Column, str, str]]:
-    """The checks of the array and image columns among ``columns``, in schema order."""
+    """The checks of the array, image and text columns among ``columns``, in schema order.
+
+    Then, ``decoded``, the image decode reasons, column by column.
+    """
     out: list[tuple[Column, str, str]] = []
+    decode: list[tuple[Column, str, str]] = []
     for c in columns:
         if c in cfg.arrays:
             text = isinstance(raw.df.schema[c].dataType, T.StringType)
             out += array_checks(cfg, c, F.col(c), F.col(_TYPED + c), text=text)
-        elif c in cfg.images:
-            # no pixels and no reason: the decoder got a null (a blank path is unreadable)
-            missing = F.col(image_pixels(c)).isNull() & F.col(image_error(c)).isNull()
-            out.append((missing, R.IMAGE_MISSING.code, c))
-            out += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
+        elif c in cfg.images:  # nothing to decode (a blank binary-declared path is unreadable)
+            out.append((F.col(_image_source(cfg, c)).isNull(), R.IMAGE_MISSING.code, c))
+            decode += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
         elif c in cfg.texts:
             out += _text_checks(cfg, c, F.col(_TYPED + c))
-    return out
+    return out + (decode if decoded else [])
 
 
 def _text_checks(cfg: EtlConfig, column: str, typed: Column) -> list[tuple[Column, str, str]]:

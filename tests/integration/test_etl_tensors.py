@@ -7,6 +7,7 @@ categorical columns, and a Spark ML vector column.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 
 from pipeline.core.configbase import ConfigError
 from pipeline.data.columns import arrow_schema
-from pipeline.data.shardset import ShardSet
+from pipeline.data.shardset import SPLITS, ShardSet
 from preprocessing.config import EtlConfig
 from preprocessing.etl import run_etl
 from tests import images
@@ -241,3 +242,35 @@ def test_a_missing_image_folder_is_a_config_error(spark: Any, tmp_path: Path) ->
     with pytest.raises(ConfigError, match="does not exist") as e:
         run_etl(spark, cfg)
     assert e.value.key == "etl.input.path"
+
+
+def test_images_decoded_in_the_writers_or_during_validation_give_the_same_shard_set(
+    spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writers decode; an image that fails there sends the build back to validation."""
+    images.write_digits(tmp_path / "digits", limit=400)
+    image = {"size": [8, 8], "channels": "L"}
+    caplog.set_level(logging.INFO, logger="preprocessing.etl")
+    cfg = folder_config(tmp_path / "digits", tmp_path / "a", **image)
+    in_writers = run_etl(spark, cfg)
+    assert "in the shard writers" in caplog.text
+    assert "images_failed_in_writers" not in in_writers.timings_s
+    corrupt = tmp_path / "digits" / "3" / "corrupt.png"
+    corrupt.write_bytes(next((tmp_path / "digits" / "3").iterdir()).read_bytes()[:60])
+    cfg = folder_config(tmp_path / "digits", tmp_path / "b", **image)
+    failed = run_etl(spark, cfg)  # the writers meet the truncated PNG: validation decodes
+    assert failed.timings_s["images_failed_in_writers"] > 0
+    assert failed.manifest["quarantine"]["by_reason"] == {"image_invalid": 1}
+    leftovers = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []  # what the writers had written is gone
+    corrupt.unlink()
+    caplog.clear()
+    again = run_etl(spark, cfg)  # the last build quarantined an image: validation decodes
+    assert "in validation (the last build quarantined one)" in caplog.text
+    assert "images_failed_in_writers" not in again.timings_s
+    a, b = ShardSet.open(in_writers.output), ShardSet.open(again.output)
+    assert a.manifest["schema"] == b.manifest["schema"]  # the image statistics too
+    assert a.manifest["reconciliation"] == b.manifest["reconciliation"]
+    for split in SPLITS:
+        got = [(s.rows, s.sha256) for s in b.splits[split].shards]
+        assert [(s.rows, s.sha256) for s in a.splits[split].shards] == got, split

@@ -24,12 +24,12 @@ CODES = [
     "array_missing",
     "array_invalid",
     "image_missing",
-    "image_unreadable",
-    "image_invalid",
-    "image_too_large",
     "text_missing",
     "text_too_long",
     "text_invalid",
+    "image_unreadable",  # what decoding finds ranks last (after 0.2.0: decoded by the writers)
+    "image_invalid",
+    "image_too_large",
 ]
 
 
