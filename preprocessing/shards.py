@@ -232,8 +232,8 @@ def _decode_images(
 ) -> tuple[pa.RecordBatch, dict[str, np.ndarray], int]:
     """``batch`` with each image column decoded to pixels, the sums, the failures.
 
-    The sums are per image column its rows' int64 ``[rows, 2·C]`` channel sums; with any
-    failure the batch is not to be written.
+    The sums: per image column, the int64 ``[rows, 2·C]`` channel sums of the rows that
+    decoded. With any failure the batch is not to be written.
     """
     arrays, names = list(batch.columns), batch.schema.names
     sums: dict[str, np.ndarray] = {}

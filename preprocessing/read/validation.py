@@ -269,7 +269,7 @@ def _tensor_checks(
         if c in cfg.arrays:
             text = isinstance(raw.df.schema[c].dataType, T.StringType)
             out += array_checks(cfg, c, F.col(c), F.col(_TYPED + c), text=text)
-        elif c in cfg.images:  # nothing to decode (a blank binary-declared path is unreadable)
+        elif c in cfg.images:  # missing: no value to decode (a blank path is read: unreadable)
             out.append((F.col(_image_source(cfg, c)).isNull(), R.IMAGE_MISSING.code, c))
             decode += [(F.col(image_error(c)) == F.lit(r), r, c) for r in IMAGE_REASONS]
         elif c in cfg.texts:
