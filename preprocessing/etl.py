@@ -15,7 +15,8 @@ into the shard. That needs every image to decode, as the balance plan is made fi
 does not, the writers' output is removed and the ETL runs again decoding during validation
 (:func:`~preprocessing.read.validation.validate`), where the row is quarantined before the
 plan is made; a shard set whose last build quarantined an image that way is rebuilt that way
-from the start. Both placements give the same shards and manifest.
+from the start. Both placements give the same shards, byte for byte, and the same schema,
+statistics and counts in the manifest.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
     conf = dict(_ETL_SQL_CONF)
     if cfg.images:
         conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = ARROW_BATCH_ROWS
-    build = _Build(spark, cfg, generation, cfg_dict, fp, timer)
+    build = _Build(cfg, generation, cfg_dict, fp, timer)
     with _sql_conf(spark, conf):
         manifest = _build_shards(build, raw, _decode_in_writers(cfg, existing))
     with timer("commit"):
@@ -246,7 +247,6 @@ def run_etl(spark: SparkSession, cfg: EtlConfig, *, force: bool = False) -> EtlR
 class _Build:
     """What every attempt at building one generation of the shard set shares."""
 
-    spark: SparkSession
     cfg: EtlConfig
     generation: str
     cfg_dict: dict[str, Any]

@@ -256,6 +256,11 @@ def write_empty_shard(
     return written.bytes, written.sha256
 
 
+def _accumulate(totals: dict[str, np.ndarray], column: str, add: np.ndarray) -> None:
+    """``totals[column] += add`` (int64 sums; ``add`` starts the entry)."""
+    totals[column] = totals[column] + add if column in totals else add
+
+
 class _TaskShards:
     """The shards one writer task holds open, with the sums it reports for each."""
 
@@ -292,8 +297,7 @@ class _TaskShards:
                 cut[column] = cut.get(column, 0) + total
             for column, per_row in sums.items():
                 add = np.concatenate([[mask.sum()], per_row[mask].sum(axis=0, dtype=np.int64)])
-                kept = self.image_sums.setdefault(b, {})
-                kept[column] = kept[column] + add if column in kept else add
+                _accumulate(self.image_sums.setdefault(b, {}), column, add)
             self._open(b).add(to_shard_batch(_binary_as_lists(rows, self.schema), self.schema))
 
     def _open(self, bucket: int) -> ShardWriter:
@@ -412,8 +416,7 @@ def write_shards(
             counts[column][split] += int(n)
         for column, values in json.loads(result["image_sums"]).items():
             if split == "train":
-                add = np.asarray(values, np.int64)
-                sums[column] = sums[column] + add if column in sums else add
+                _accumulate(sums, column, np.asarray(values, np.int64))
     splits = _place(fs, root, {int(r["bucket"]): r for r in results}, plan, cfg, schema, generation)
     return WrittenShards(splits, counts, {c: v.tolist() for c, v in sums.items()})
 
